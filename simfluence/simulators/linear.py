@@ -1,0 +1,305 @@
+"""Simfluence-Linear, Simfluence-Additive and the time-aware extension, as one estimator family.
+
+The paper's model (Guu et al. 2023), one independent simulator per test example z::
+
+    L_t(z) = alpha_t(z) * L_{t-1}(z) + beta_t(z)
+    alpha_t = sum_{i in c_t} A_i(z)          beta_t = sum_{i in c_t} B_i(z)
+
+fitted by ridge regression on teacher-forced transitions of the training runs (the observed
+``L_{t-1}`` is the regressor). ``SimfluenceLinear()`` with default arguments is exactly that model.
+
+The paper's model has no notion of time, yet learning-rate warm-up and decay make the same batch act
+differently at step 10 and at step 500, and its ridge penalty pulls ``alpha`` towards 0 ("forget
+everything") where the truth is close to 1. The general form, of which the paper's is a special case::
+
+    alpha_t = alpha_center + w_t * sum_{i in c_t} A_i + a_step(t)
+    beta_t  =                w_t * sum_{i in c_t} B_i + b_step(t)
+
+- ``alpha_center=1`` shrinks alpha towards 1 (keep the loss) instead of 0;
+- ``step_terms=True`` adds per-step terms ``a_step, b_step`` shared across runs (they capture the
+  average dynamics of the schedule; the example effects then explain how curricula differ);
+- ``lr_scaled=True`` sets ``w_t = lr_t / mean(lr)``: an example's effect scales with the step's
+  learning rate, as a gradient step does;
+- ``batch_mean=True`` sets ``w_t = 1 / |c_t|`` (mean over the batch instead of the paper's sum).
+
+``SimfluenceAdditive`` is ``alpha = 1``: ``L_t = L_{t-1} + sum B_i``, order-free.
+
+Ridge strength ``lam="auto"`` is chosen on validation runs carved out of the training runs (the last
+``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit uses all training runs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from simfluence.curriculum import Curriculum
+from simfluence.design import FeatureSpec, build_transitions, step_features
+from simfluence.errors import SimfluenceError
+from simfluence.runlog import RunSet
+from simfluence.simulators.base import Simulator, as_curricula, as_initial, register, rollout_runs
+from simfluence.solvers import n_params, solve_ridge
+
+DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+_SIM_CHUNK_BYTES = 128 * 2**20
+
+
+@register
+class SimfluenceLinear(Simulator):
+    """Simfluence-Linear and its time-aware variants (see the module docstring for the model).
+
+    Parameters
+    ----------
+    lam : ridge strength on the example effects A, B, or ``"auto"`` (chosen on validation runs).
+    multiplicative : learn per-example multiplicative effects A (False: additive model).
+    alpha_center : value alpha is shrunk towards: 0 (the paper) or 1 (keep the previous loss).
+    step_terms : add per-step terms shared across runs.
+    lr_scaled : scale example effects by the step's learning rate relative to the mean.
+    batch_mean : average effects over the batch instead of summing (for varying batch sizes).
+    step_lam_ratio : ridge strength of the step terms relative to ``lam``.
+    lam_grid : candidate strengths for ``lam="auto"``.
+    val_fraction : share of the training runs held out to choose ``lam`` (at least one run).
+    solver : ``"auto"``, ``"direct"`` or ``"cg"`` (see :mod:`simfluence.solvers`).
+    tol, max_iter : conjugate-gradient tolerance and iteration cap.
+
+    Attributes
+    ----------
+    A_, B_ : (n_pool, n_test) multiplicative and additive effect of each pool example.
+    step_alpha_, step_beta_ : (n_step_terms, n_test) per-step terms (zero rows when unused).
+    lam_ : the ridge strength used.
+    validation_mse_ : {lam: validation all-steps MSE} when ``lam="auto"``.
+    lr_schedule_ : (n_steps_fit,) mean learning rate per step in the training runs (NaN if unknown).
+    """
+
+    kind = "linear"
+    _fitted_arrays = ("A_", "B_", "step_alpha_", "step_beta_", "lr_schedule_")
+
+    def __init__(
+        self,
+        lam: float | str = "auto",
+        multiplicative: bool = True,
+        alpha_center: float = 0.0,
+        step_terms: bool = False,
+        lr_scaled: bool = False,
+        batch_mean: bool = False,
+        step_lam_ratio: float = 1.0,
+        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
+        val_fraction: float = 0.2,
+        solver: str = "auto",
+        tol: float = 1e-8,
+        max_iter: int = 5000,
+    ) -> None:
+        self.lam = lam
+        self.multiplicative = multiplicative
+        self.alpha_center = alpha_center
+        self.step_terms = step_terms
+        self.lr_scaled = lr_scaled
+        self.batch_mean = batch_mean
+        self.step_lam_ratio = step_lam_ratio
+        self.lam_grid = tuple(float(v) for v in lam_grid)
+        self.val_fraction = val_fraction
+        self.solver = solver
+        self.tol = tol
+        self.max_iter = max_iter
+
+    # ----------------------------------------------------------------------------------- fitting
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> SimfluenceLinear:
+        """Fit A, B (and step terms) on the runs at positions ``runs`` (default: all); returns self."""
+        runs = list(range(len(runset))) if runs is None else [int(i) for i in runs]
+        if not runs:
+            raise SimfluenceError("no runs to fit on")
+        start = time.perf_counter()
+        self._prepare(runset, runs)
+        if self.lam == "auto":
+            lam, self.validation_mse_ = self._choose_lam(runset, runs)
+        else:
+            lam, self.validation_mse_ = float(self.lam), {}
+            if lam <= 0:
+                raise SimfluenceError(f"lam must be > 0, got {lam}")
+        self._fit_fixed(runset, runs, lam)
+        self.lam_ = lam
+        self.fit_seconds_ = time.perf_counter() - start
+        self.fitted_ = True
+        return self
+
+    def _prepare(self, runset: RunSet, runs: list[int]) -> None:
+        """Fix the feature layout (horizon, learning-rate reference) from the training runs."""
+        chosen = [runset[i] for i in runs]
+        self.n_pool_ = runset.n_pool
+        self.n_test_ = runset.n_test
+        horizon = max(run.n_steps for run in chosen)
+        schedule = np.full((len(chosen), horizon), np.nan)
+        for row, run in enumerate(chosen):
+            schedule[row, : run.n_steps] = run.learning_rates
+        known = np.isfinite(schedule)
+        counts = known.sum(axis=0)
+        self.lr_schedule_ = np.divide(
+            np.where(known, schedule, 0.0).sum(axis=0), counts, out=np.full(horizon, np.nan), where=counts > 0
+        )
+        self.lr_reference_ = None
+        if self.lr_scaled:
+            if not known.any():
+                raise SimfluenceError("lr_scaled=True needs learning rates logged in the training runs")
+            self.lr_reference_ = float(np.nanmean(self.lr_schedule_))
+            if not self.lr_reference_ > 0:
+                raise SimfluenceError("lr_scaled=True needs positive learning rates")
+        self.n_step_terms_ = horizon if self.step_terms else 0
+
+    def _spec(self) -> FeatureSpec:
+        return FeatureSpec(self.n_pool_, self.n_step_terms_, self.lr_reference_, self.batch_mean)
+
+    def _penalty(self, lam: float) -> np.ndarray:
+        spec = self._spec()
+        per_feature = np.concatenate(
+            [np.full(spec.n_pool, lam), np.full(spec.n_step_terms, lam * self.step_lam_ratio)]
+        )
+        return np.tile(per_feature, 2) if self.multiplicative else per_feature
+
+    def _fit_fixed(self, runset: RunSet, runs: list[int], lam: float, x0: np.ndarray | None = None) -> np.ndarray:
+        transitions = build_transitions(runset, self._spec(), runs)
+        target = transitions.next - self.alpha_center * transitions.prev
+        theta, self.solve_info_ = solve_ridge(
+            transitions.features, transitions.prev, target, self._penalty(lam),
+            multiplicative=self.multiplicative, solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
+        )
+        self._set_theta(theta)
+        return theta
+
+    def _set_theta(self, theta: np.ndarray) -> None:
+        n_features = self._spec().n_features
+        n_pool = self.n_pool_
+        if self.multiplicative:
+            mult, add = theta[:n_features], theta[n_features:]
+        else:
+            mult, add = np.zeros_like(theta), theta
+        self.A_, self.B_ = mult[:n_pool], add[:n_pool]
+        self.step_alpha_, self.step_beta_ = mult[n_pool:], add[n_pool:]
+
+    def _choose_lam(self, runset: RunSet, runs: list[int]) -> tuple[float, dict[float, float]]:
+        """Pick lam by rolled-out all-steps MSE on the last ``val_fraction`` of the training runs."""
+        if len(runs) < 2:
+            raise SimfluenceError("lam='auto' needs at least 2 training runs (one is held out for validation)")
+        n_val = min(len(runs) - 1, max(1, round(self.val_fraction * len(runs))))
+        fit_runs, val_runs = runs[:-n_val], runs[-n_val:]
+        scores: dict[float, float] = {}
+        theta = None
+        size = n_params(self._spec().n_features, self.multiplicative)
+        for lam in sorted(self.lam_grid, reverse=True):  # strong to weak: each warm-starts the next
+            theta = self._fit_fixed(runset, fit_runs, lam, x0=theta if theta is not None and
+                                    theta.shape[0] == size else None)
+            self.fitted_ = True
+            scores[lam] = validation_mse(self, runset, val_runs)
+        finite = {lam: score for lam, score in scores.items() if np.isfinite(score)}
+        if not finite:
+            raise SimfluenceError("every lam in lam_grid gave a non-finite validation error")
+        return min(finite, key=finite.get), scores
+
+    # ----------------------------------------------------------------------------------- simulation
+    def simulate(
+        self,
+        curricula: Curriculum | Sequence[Curriculum],
+        initial_losses: np.ndarray,
+        learning_rates: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        self.check_fitted()
+        curricula = as_curricula(curricula)
+        n_test = self.A_.shape[1]
+        initial = as_initial(initial_losses, len(curricula), n_test)
+        lengths = np.array([cur.n_steps for cur in curricula], dtype=np.int64)
+        horizon = int(lengths.max(initial=0))
+        if self.lr_scaled and learning_rates is None:
+            learning_rates = [self._default_schedule(cur.n_steps) for cur in curricula]
+        mult = np.vstack([self.A_, self.step_alpha_])
+        add = np.vstack([self.B_, self.step_beta_])
+        out = np.empty((len(curricula), horizon + 1, n_test))
+        chunk = max(1, _SIM_CHUNK_BYTES // (16 * max(horizon, 1) * n_test))
+        for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
+            hi = min(len(curricula), lo + chunk)
+            rows = step_features(
+                curricula[lo:hi], self._spec(), None if learning_rates is None else learning_rates[lo:hi],
+                n_steps=horizon,
+            )
+            alpha = np.asarray(rows @ mult).reshape(hi - lo, horizon, n_test) + self.alpha_center
+            beta = np.asarray(rows @ add).reshape(hi - lo, horizon, n_test)
+            ended = np.arange(1, horizon + 1)[None, :] > lengths[lo:hi, None]  # hold after the end
+            alpha[ended] = 1.0
+            beta[ended] = 0.0
+            out[lo:hi] = unroll(alpha, beta, initial[lo:hi])
+        return out
+
+    def _default_schedule(self, n_steps: int) -> np.ndarray:
+        schedule = self.lr_schedule_
+        index = np.minimum(np.arange(n_steps), schedule.size - 1)
+        return schedule[index]
+
+    # ----------------------------------------------------------------------------------- persistence
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "n_pool_": self.n_pool_,
+            "n_test_": self.n_test_,
+            "n_step_terms_": self.n_step_terms_,
+            "lr_reference_": self.lr_reference_,
+            "lam_": self.lam_,
+        }
+
+
+def unroll(alpha: np.ndarray, beta: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """Run ``L_t = alpha_t * L_{t-1} + beta_t``.
+
+    Parameters
+    ----------
+    alpha, beta : (n_curricula, T, n_test).
+    initial : (n_curricula, n_test).
+
+    Returns
+    -------
+    (n_curricula, T + 1, n_test) trajectories, index 0 = ``initial``.
+    """
+    n_cur, horizon, n_test = alpha.shape
+    out = np.empty((n_cur, horizon + 1, n_test))
+    out[:, 0] = initial
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
+        for t in range(horizon):  # the recurrence is sequential in t; all curricula and tests at once
+            out[:, t + 1] = alpha[:, t] * out[:, t] + beta[:, t]
+    return out
+
+
+@register
+class SimfluenceAdditive(SimfluenceLinear):
+    """Simfluence-Additive: ``L_t = L_{t-1} + sum_{i in c_t} B_i`` (alpha fixed at 1, order-free).
+
+    Parameters are those of :class:`SimfluenceLinear` that apply to an additive model.
+    """
+
+    kind = "additive"
+
+    def __init__(
+        self,
+        lam: float | str = "auto",
+        step_terms: bool = False,
+        lr_scaled: bool = False,
+        batch_mean: bool = False,
+        step_lam_ratio: float = 1.0,
+        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
+        val_fraction: float = 0.2,
+        solver: str = "auto",
+        tol: float = 1e-8,
+        max_iter: int = 5000,
+    ) -> None:
+        super().__init__(
+            lam=lam, multiplicative=False, alpha_center=1.0, step_terms=step_terms, lr_scaled=lr_scaled,
+            batch_mean=batch_mean, step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction,
+            solver=solver, tol=tol, max_iter=max_iter,
+        )
+
+
+def validation_mse(simulator: Simulator, runset: RunSet, runs: Sequence[int]) -> float:
+    """All-steps MSE (logged steps >= 1) of ``simulator`` rolled out over ``runs`` from their observed L_0."""
+    predicted, actual, mask = rollout_runs(simulator, runset, runs)
+    mask = mask.copy()
+    mask[:, 0] = False
+    with np.errstate(over="ignore", invalid="ignore"):
+        errors = (predicted - np.nan_to_num(actual))[mask] ** 2
+    return float(errors.mean()) if errors.size else float("nan")
