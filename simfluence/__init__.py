@@ -1,1 +1,61 @@
-"""simfluence."""
+"""simfluence: training data attribution by simulating training runs.
+
+Log training runs (which pool examples formed each batch, and the losses of fixed test examples),
+fit a training-run simulator to them, and predict every test example's loss curve for any
+counterfactual curriculum::
+
+    from simfluence import RunSet, SimfluenceLinear, evaluate
+
+    runset = RunSet.load("runs/digits-mini")
+    sim = SimfluenceLinear().fit(runset, runs=range(40))
+    curves = sim.simulate(runset[45].curriculum.remove([3, 17]), runset[45].initial_losses)
+"""
+from __future__ import annotations
+
+from simfluence.curriculum import Curriculum, random_curricula, random_subset, shuffled_epochs
+from simfluence.errors import (
+    CurriculumError,
+    ImportTableError,
+    ModelFileError,
+    NotFittedError,
+    RunLogError,
+    SimfluenceError,
+)
+from simfluence.evaluation import Evaluation, evaluate
+from simfluence.metrics import trajectory_metrics
+from simfluence.runlog import Run, RunLogger, RunSet
+from simfluence.simulators import (
+    METHODS,
+    MeanCurve,
+    SimfluenceAdditive,
+    SimfluenceLinear,
+    load_simulator,
+    make_simulator,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Curriculum",
+    "CurriculumError",
+    "Evaluation",
+    "ImportTableError",
+    "MeanCurve",
+    "ModelFileError",
+    "NotFittedError",
+    "Run",
+    "RunLogError",
+    "RunLogger",
+    "RunSet",
+    "SimfluenceAdditive",
+    "SimfluenceError",
+    "SimfluenceLinear",
+    "evaluate",
+    "load_simulator",
+    "make_simulator",
+    "random_curricula",
+    "random_subset",
+    "shuffled_epochs",
+    "trajectory_metrics",
+]

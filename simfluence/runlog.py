@@ -55,8 +55,14 @@ _FILES = {
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders embedded numbers numerically (``run-2`` before ``run-10``)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+    """Sort key that orders embedded numbers numerically (``run-2`` before ``run-10``).
+
+    Names equal but for leading zeros (``run-2``, ``run-02``) are ordered by the plain string, so the order
+    never depends on the order the names came in.
+    """
+    parts = re.split(r"(\d+)", name)  # odd positions hold the runs of digits
+    key = tuple((0, int(part), "") if index % 2 else (1, 0, part) for index, part in enumerate(parts))
+    return key, name
 
 
 def check_run_name(name: str) -> str:
@@ -66,6 +72,14 @@ def check_run_name(name: str) -> str:
             f"invalid run name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def _check_json(value: Any, what: str) -> None:
+    """Raise ``RunLogError`` unless ``value`` can be written as strict JSON (no NaN, no numpy scalars)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise RunLogError(f"{what} cannot be written as JSON: {err}") from None
 
 
 def _json_ids(ids: Iterable[Any], what: str) -> list:
@@ -396,27 +410,14 @@ class RunSet:
         include_incomplete : keep runs whose logger never closed (their committed prefix).
         """
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise RunLogError(f"{str(path)!r} is not a run set: {MANIFEST} not found")
-        manifest = _read_json(manifest_path)
-        if manifest.get("format") != FORMAT_NAME:
-            raise RunLogError(f"{str(manifest_path)!r}: not a {FORMAT_NAME} manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise RunLogError(
-                f"{str(manifest_path)!r}: format version {manifest.get('version')!r} is not supported "
-                f"(this simfluence reads version {FORMAT_VERSION})"
-            )
-        for key in ("n_pool", "pool_ids", "test_ids"):
-            if key not in manifest:
-                raise RunLogError(f"{str(manifest_path)!r}: missing key {key!r}")
+        manifest = _read_manifest(path)
         runs_dir = path / RUNS_DIR
         runs = []
         if runs_dir.is_dir():
             for run_dir in sorted(runs_dir.iterdir(), key=lambda p: natural_key(p.name)):
                 if not run_dir.is_dir() or run_dir.name.startswith("."):
                     continue
-                run = read_run(run_dir, n_test=len(manifest["test_ids"]))
+                run = _read_run(run_dir, n_test=len(manifest["test_ids"]), check_n_test=True)
                 if run.complete or include_incomplete:
                     runs.append(run)
         try:
@@ -433,11 +434,39 @@ class RunSet:
             raise RunLogError(f"{str(path)!r}: {err}") from None
 
 
+def _read_manifest(path: Path) -> dict:
+    """Read and check ``path/manifest.json``: format name, version and the types of the keys readers use."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise RunLogError(f"{str(path)!r} is not a run set: {MANIFEST} not found")
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != FORMAT_NAME:
+        raise RunLogError(f"{str(manifest_path)!r}: not a {FORMAT_NAME} manifest")
+    version = manifest.get("version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise RunLogError(
+            f"{str(manifest_path)!r}: format version {version!r} is not supported "
+            f"(this simfluence reads version {FORMAT_VERSION})"
+        )
+    for key in ("n_pool", "pool_ids", "test_ids"):
+        if key not in manifest:
+            raise RunLogError(f"{str(manifest_path)!r}: missing key {key!r}")
+    n_pool = manifest["n_pool"]
+    if isinstance(n_pool, bool) or not isinstance(n_pool, int) or n_pool < 0:
+        raise RunLogError(f"{str(manifest_path)!r}: n_pool must be an integer >= 0, got {n_pool!r}")
+    for key in ("pool_ids", "test_ids"):
+        if not isinstance(manifest[key], list):
+            raise RunLogError(f"{str(manifest_path)!r}: {key} must be a list, got {type(manifest[key]).__name__}")
+    if not isinstance(manifest.get("metadata") or {}, dict):
+        raise RunLogError(f"{str(manifest_path)!r}: metadata must be a JSON object")
+    return manifest
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunLogError(f"{str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise RunLogError(f"{str(path)!r}: expected a JSON object")
@@ -463,18 +492,28 @@ def _read_array(run_dir: Path, key: str, count: int, n_cols: int | None = None) 
 
 
 def read_run(run_dir: str | os.PathLike, n_test: int) -> Run:
-    """Read one run folder (only the counts committed in its ``run.json``)."""
-    run_dir = Path(run_dir)
+    """Read one run folder (only the counts committed in its ``run.json``), with ``n_test`` loss columns."""
+    return _read_run(Path(run_dir), n_test, check_n_test=False)
+
+
+def _read_run(run_dir: Path, n_test: int, check_n_test: bool) -> Run:
+    """``read_run``; with ``check_n_test`` the run's own ``n_test`` must match the manifest's."""
     info_path = run_dir / RUN_JSON
     if not info_path.is_file():
         raise RunLogError(f"{str(run_dir)!r}: {RUN_JSON} not found (not a run folder?)")
     info = _read_json(info_path)
-    try:
-        n_steps = int(info["n_steps"])
-        n_entries = int(info["n_entries"])
-        n_logged = int(info["n_logged"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise RunLogError(f"{str(info_path)!r}: missing or bad count {err}") from None
+    counts = {}
+    for key in ("n_steps", "n_entries", "n_logged"):
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RunLogError(f"{str(info_path)!r}: {key} must be an integer >= 0, got {value!r}")
+        counts[key] = value
+    n_steps, n_entries, n_logged = counts["n_steps"], counts["n_entries"], counts["n_logged"]
+    if check_n_test and "n_test" in info and info["n_test"] != n_test:
+        raise RunLogError(
+            f"{str(info_path)!r}: the run logged {info['n_test']!r} test losses per step, "
+            f"the manifest lists {n_test} test ids"
+        )
     batch_sizes = np.asarray(_read_array(run_dir, "batch_sizes", n_steps))
     if np.any(batch_sizes < 0) or int(batch_sizes.sum()) != n_entries:
         raise RunLogError(f"{str(run_dir)!r}: batch sizes do not add up to {n_entries} entries")
@@ -484,8 +523,12 @@ def read_run(run_dir: str | os.PathLike, n_test: int) -> Run:
         curriculum = Curriculum(offsets, ids)
     except CurriculumError as err:
         raise RunLogError(f"{str(run_dir)!r}: {err}") from None
+    try:
+        name = check_run_name(info.get("name", run_dir.name))
+    except RunLogError as err:
+        raise RunLogError(f"{str(info_path)!r}: {err}") from None
     return Run(
-        name=check_run_name(info.get("name", run_dir.name)),
+        name=name,
         curriculum=curriculum,
         logged_steps=np.asarray(_read_array(run_dir, "logged_steps", n_logged)),
         losses=_read_array(run_dir, "losses", n_logged, n_test),

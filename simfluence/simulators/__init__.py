@@ -21,7 +21,7 @@ METHODS: dict[str, Callable[..., Simulator]] = {
     # alpha shrunk towards 1 instead of 0, otherwise the paper's model
     "linear_res": lambda **kw: SimfluenceLinear(alpha_center=1.0, **kw),
     # the time-aware extension: per-step terms shared across runs, effects scaled by the learning rate
-    "linear_step": lambda **kw: SimfluenceLinear(alpha_center=1.0, step_terms=True, lr_scaled=True, **kw),
+    "linear_step": lambda **kw: SimfluenceLinear(alpha_center=1.0, step_terms=True, lr_scaled="auto", **kw),
 }
 DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step")
 

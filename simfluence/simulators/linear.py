@@ -56,7 +56,8 @@ class SimfluenceLinear(Simulator):
     multiplicative : learn per-example multiplicative effects A (False: additive model).
     alpha_center : value alpha is shrunk towards: 0 (the paper) or 1 (keep the previous loss).
     step_terms : add per-step terms shared across runs.
-    lr_scaled : scale example effects by the step's learning rate relative to the mean.
+    lr_scaled : scale example effects by the step's learning rate relative to the mean (``"auto"``: when
+        every training step's learning rate is logged).
     batch_mean : average effects over the batch instead of summing (for varying batch sizes).
     step_lam_ratio : ridge strength of the step terms relative to ``lam``.
     lam_grid : candidate strengths for ``lam="auto"``.
@@ -82,7 +83,7 @@ class SimfluenceLinear(Simulator):
         multiplicative: bool = True,
         alpha_center: float = 0.0,
         step_terms: bool = False,
-        lr_scaled: bool = False,
+        lr_scaled: bool | str = False,
         batch_mean: bool = False,
         step_lam_ratio: float = 1.0,
         lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
@@ -139,7 +140,10 @@ class SimfluenceLinear(Simulator):
             np.where(known, schedule, 0.0).sum(axis=0), counts, out=np.full(horizon, np.nan), where=counts > 0
         )
         self.lr_reference_ = None
-        if self.lr_scaled:
+        use_lr = self.lr_scaled
+        if use_lr == "auto":
+            use_lr = bool(known.all()) and bool(np.all(schedule[known] > 0))
+        if use_lr:
             if not known.any():
                 raise SimfluenceError("lr_scaled=True needs learning rates logged in the training runs")
             self.lr_reference_ = float(np.nanmean(self.lr_schedule_))
@@ -209,7 +213,7 @@ class SimfluenceLinear(Simulator):
         initial = as_initial(initial_losses, len(curricula), n_test)
         lengths = np.array([cur.n_steps for cur in curricula], dtype=np.int64)
         horizon = int(lengths.max(initial=0))
-        if self.lr_scaled and learning_rates is None:
+        if self.lr_reference_ is not None and learning_rates is None:
             learning_rates = [self._default_schedule(cur.n_steps) for cur in curricula]
         mult = np.vstack([self.A_, self.step_alpha_])
         add = np.vstack([self.B_, self.step_beta_])

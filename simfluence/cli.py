@@ -1,0 +1,200 @@
+"""The ``simfluence`` command line: a thin layer over the library.
+
+Each command parses its options, calls the library, prints a table and writes files atomically. Errors
+the user can cause (a malformed log, an unknown id, a bad option) become one ``simfluence: error: ...``
+line on stderr and exit status 2, with no traceback and nothing half-written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from simfluence._io import atomic_write_bytes, atomic_write_json
+from simfluence.errors import SimfluenceError
+
+
+def _fail(message: str) -> None:
+    raise click.exceptions.Exit(_print_error(message))
+
+
+def _print_error(message: str) -> int:
+    click.echo(f"simfluence: error: {message}", err=True)
+    return 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="simfluence")
+def cli() -> None:
+    """Training data attribution by simulating training runs (Simfluence)."""
+
+
+# ------------------------------------------------------------------------------------------ import
+@cli.command("import")
+@click.argument("curriculum", type=click.Path(exists=True, dir_okay=False))
+@click.argument("losses", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder at --out.")
+def import_command(curriculum: str, losses: str, out: str, overwrite: bool) -> None:
+    """Import long-form tables (CSV, JSONL or Parquet) into a run set.
+
+    CURRICULUM has columns run, step, example (one row per batch entry, steps from 1); LOSSES has
+    columns run, step, test, loss (step 0 = initial loss).
+    """
+    from simfluence.importers import import_tables
+
+    runset = import_tables(curriculum, losses, out=out, overwrite=overwrite)
+    click.echo(
+        f"imported {len(runset)} runs, pool {runset.n_pool}, {runset.n_test} test examples -> {out}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ info
+@cli.command("info")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+def info_command(runset_dir: str) -> None:
+    """Summarise a run set: sizes, steps, logging, learning rates."""
+    from simfluence.runlog import RunSet
+
+    runset = RunSet.load(runset_dir)
+    click.echo(repr(runset))
+    if len(runset):
+        steps = np.array([run.n_steps for run in runset])
+        logged = np.array([len(run.logged_steps) for run in runset])
+        incomplete = [run.name for run in runset if not run.complete]
+        click.echo(f"steps per run: {steps.min()}..{steps.max()}; logged steps per run: {logged.min()}..{logged.max()}")
+        click.echo(f"runs: {runset.run_names[0]} .. {runset.run_names[-1]}")
+        has_lr = all(np.isfinite(run.learning_rates).all() for run in runset)
+        click.echo(f"learning rates logged: {'yes' if has_lr else 'no (or partly)'}")
+        if incomplete:
+            click.echo(f"incomplete runs: {', '.join(incomplete)}")
+
+
+# ------------------------------------------------------------------------------------------ fit
+def _parse_lam(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'auto'") from None
+
+
+@cli.command("fit")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", default="linear_step", show_default=True, help="Simulator (see `evaluate --help`).")
+@click.option("--lam", default=None, help="Ridge strength, or 'auto' (chosen on validation runs).")
+@click.option("--holdout", default=0, show_default=True, help="Leave the last K runs out of fitting.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+def fit_command(runset_dir: str, method: str, lam: str | None, holdout: int, out: str) -> None:
+    """Fit a simulator to a run set and save it."""
+    from simfluence.evaluation import split_runs
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import make_simulator
+
+    runset = RunSet.load(runset_dir)
+    params = {} if lam is None or method == "mean_curve" else {"lam": _parse_lam(lam)}
+    simulator = make_simulator(method, **params)
+    train = split_runs(len(runset), holdout)[0] if holdout else list(range(len(runset)))
+    simulator.fit(runset, runs=train)
+    simulator.save(out)
+    chosen = getattr(simulator, "lam_", None)
+    extra = f", lam={chosen:g}" if chosen is not None else ""
+    click.echo(f"fitted {method} on {len(train)} runs{extra} -> {out}")
+
+
+# ------------------------------------------------------------------------------------------ simulate
+@cli.command("simulate")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_name", required=True, help="Run whose curriculum and initial losses to use.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write step, test, predicted, actual as CSV.")
+def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None) -> None:
+    """Simulate a logged run's curriculum with a saved model and compare with the real losses."""
+    import pandas as pd
+
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import load_simulator, rollout_runs
+
+    simulator = load_simulator(model)
+    runset = RunSet.load(runset_dir)
+    index = runset.run_names.index(runset[run_name].name)
+    predicted, actual, mask = rollout_runs(simulator, runset, [index])
+    predicted, actual, mask = predicted[0], actual[0], mask[0]
+    steps = np.flatnonzero(mask)
+    show = np.unique(np.linspace(0, steps.size - 1, min(steps.size, 6)).round().astype(int))
+    click.echo(f"run {run_name}: mean test loss, simulated vs logged")
+    click.echo(f"{'step':>6} {'simulated':>10} {'logged':>10}")
+    for step in steps[show]:
+        click.echo(f"{step:>6} {predicted[step].mean():>10.4f} {actual[step].mean():>10.4f}")
+    if out:
+        grid_steps, grid_tests = np.meshgrid(np.arange(predicted.shape[0]), np.arange(predicted.shape[1]),
+                                             indexing="ij")
+        frame = pd.DataFrame({
+            "step": grid_steps.ravel(),
+            "test": np.asarray(runset.test_ids, dtype=object)[grid_tests.ravel()],
+            "predicted": predicted.ravel(),
+            "actual": actual.ravel(),
+        })
+        atomic_write_bytes(out, frame.to_csv(index=False).encode())
+        click.echo(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+@cli.command("evaluate")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--holdout", default=8, show_default=True, help="Score on the last K runs, fit on the rest.")
+@click.option("--methods", default=None,
+              help="Comma-separated methods (default mean_curve,additive,linear,linear_step). "
+                   "Available: mean_curve, additive, linear, linear_res, linear_step.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
+def evaluate_command(runset_dir: str, holdout: int, methods: str | None, json_out: str | None) -> None:
+    """Fit every method on all but the last K runs and score it on those K."""
+    from simfluence.evaluation import evaluate, metrics_json, parse_methods
+    from simfluence.metrics import format_table
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import DEFAULT_METHODS
+
+    names = parse_methods(methods) if methods else list(DEFAULT_METHODS)
+    runset = RunSet.load(runset_dir)
+    result = evaluate(runset, names, holdout=holdout, progress=True)
+    click.echo(f"fit on {len(result.train_runs)} runs, scored on {len(result.heldout_runs)} held-out runs")
+    click.echo(format_table(result.metrics))
+    if json_out:
+        atomic_write_json(json_out, metrics_json(result.metrics))
+        click.echo(f"wrote {json_out}")
+
+
+# ------------------------------------------------------------------------------------------ demo
+@cli.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the run set and metrics.json.")
+def demo_command(out: str) -> None:
+    """Generate a run set, fit every method, score it on held-out runs, print the table."""
+    from simfluence.demo import run_demo
+
+    run_demo(Path(out), echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning library errors into one stderr line and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="simfluence", standalone_mode=False)
+    except click.exceptions.Exit as exit_:
+        return int(exit_.exit_code)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        return _print_error("aborted")
+    except SimfluenceError as err:
+        return _print_error(str(err))
+    except OSError as err:
+        return _print_error(f"{type(err).__name__}: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Score simulators on held-out runs: fit on the first runs of a run set, roll out the last ones.
+
+Every method (learned simulators and the baselines) is fitted on the same training runs and scored on
+the same held-out runs with the same metrics (:mod:`simfluence.metrics`), rolling out each held-out
+curriculum from its observed initial losses. Held-out runs are never used for fitting or choosing
+hyper-parameters: ``lam="auto"`` carves its validation runs out of the training runs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from simfluence.errors import SimfluenceError
+from simfluence.metrics import trajectory_metrics
+from simfluence.runlog import RunSet
+from simfluence.simulators import DEFAULT_METHODS, Simulator, make_simulator, rollout_runs
+
+
+@dataclass
+class Evaluation:
+    """Results of :func:`evaluate`.
+
+    Attributes
+    ----------
+    metrics : {method: {metric: value, ..., "fit_seconds": s}}.
+    train_runs, heldout_runs : run names used for fitting and for scoring.
+    simulators : {method: fitted simulator}.
+    predicted : {method: (n_heldout, T + 1, n_test) rolled-out trajectories}.
+    actual : (n_heldout, T + 1, n_test) logged losses (NaN where not logged).
+    mask : (n_heldout, T + 1) True where logged.
+    """
+
+    metrics: dict[str, dict[str, float]]
+    train_runs: list[str]
+    heldout_runs: list[str]
+    simulators: dict[str, Simulator] = field(default_factory=dict)
+    predicted: dict[str, np.ndarray] = field(default_factory=dict)
+    actual: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def best(self, metric: str = "all_mse") -> str:
+        """Method with the lowest value of an error metric (highest for a ``rho_*`` metric)."""
+        sign = -1.0 if metric.startswith("rho") else 1.0
+        scored = {name: sign * m[metric] for name, m in self.metrics.items() if np.isfinite(m[metric])}
+        if not scored:
+            raise SimfluenceError(f"no method has a finite {metric}")
+        return min(scored, key=scored.get)
+
+
+def split_runs(n_runs: int, holdout: int) -> tuple[list[int], list[int]]:
+    """Positions of training runs (all but the last ``holdout``) and held-out runs (the last ``holdout``)."""
+    if not 1 <= holdout < n_runs:
+        raise SimfluenceError(f"--holdout must be between 1 and {n_runs - 1} for a run set of {n_runs} runs")
+    return list(range(n_runs - holdout)), list(range(n_runs - holdout, n_runs))
+
+
+def evaluate(
+    runset: RunSet,
+    methods: Iterable[str] = DEFAULT_METHODS,
+    holdout: int = 8,
+    params: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Fit every method on all but the last ``holdout`` runs and score it on those runs.
+
+    Parameters
+    ----------
+    runset : the logged runs (in run-set order; the last ``holdout`` are held out).
+    methods : method names (see ``simfluence.simulators.METHODS``).
+    holdout : number of held-out runs.
+    params : optional extra hyper-parameters per method, e.g. ``{"linear": {"lam": 1.0}}``.
+    progress : show a progress bar over methods.
+    """
+    methods = list(methods)
+    if not methods:
+        raise SimfluenceError("no methods to evaluate")
+    simulators = {name: make_simulator(name, **(params or {}).get(name, {})) for name in methods}
+    train, heldout = split_runs(len(runset), holdout)
+    result = Evaluation(
+        metrics={},
+        train_runs=[runset[i].name for i in train],
+        heldout_runs=[runset[i].name for i in heldout],
+    )
+    for name in tqdm(methods, desc="fit + evaluate", disable=not progress, leave=False):
+        simulator = simulators[name]
+        start = time.perf_counter()
+        simulator.fit(runset, runs=train)
+        fit_seconds = time.perf_counter() - start
+        predicted, actual, mask = rollout_runs(simulator, runset, heldout)
+        scores = trajectory_metrics(predicted, actual, mask=mask)
+        scores["fit_seconds"] = fit_seconds
+        result.metrics[name] = scores
+        result.simulators[name] = simulator
+        result.predicted[name] = predicted
+        result.actual, result.mask = actual, mask
+    return result
+
+
+def metrics_json(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Metrics with NaN/inf as None, ready for strict JSON."""
+    return {
+        method: {key: (float(value) if np.isfinite(value) else None) for key, value in scores.items()}
+        for method, scores in metrics.items()
+    }
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """``"a,b"`` or a list into a list of method names (checked)."""
+    from simfluence.simulators import METHODS
+
+    names = [part.strip() for part in (text.split(",") if isinstance(text, str) else text) if part.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise SimfluenceError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names

@@ -1,0 +1,153 @@
+"""Simulators recover known models, simulate consistently and round-trip through save/load."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simfluence.curriculum import Curriculum, random_curricula
+from simfluence.errors import ModelFileError, NotFittedError, SimfluenceError
+from simfluence.runlog import Run, RunSet
+from simfluence.simulators import (
+    MeanCurve,
+    SimfluenceAdditive,
+    SimfluenceLinear,
+    load_simulator,
+    make_simulator,
+    rollout_runs,
+)
+from simfluence.synthetic import known_linear_runset
+
+
+@pytest.fixture(scope="module")
+def linear_runs():
+    return known_linear_runset(n_pool=30, n_test=5, n_runs=12, n_steps=40, batch_size=4, seed=1)
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_linear_fit_recovers_known_effects(linear_runs, solver):
+    runset, A, B = linear_runs
+    sim = SimfluenceLinear(lam=1e-10, solver=solver, tol=1e-13).fit(runset)
+    np.testing.assert_allclose(sim.A_, A, rtol=1e-4, atol=1e-4 * np.abs(A).max())
+    np.testing.assert_allclose(sim.B_, B, rtol=1e-4, atol=1e-4 * np.abs(B).max())
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_additive_fit_recovers_known_effects(solver):
+    runset, _, B = known_linear_runset(n_pool=30, n_test=5, n_runs=12, n_steps=40, multiplicative=False, seed=2)
+    sim = SimfluenceAdditive(lam=1e-10, solver=solver, tol=1e-13).fit(runset)
+    np.testing.assert_allclose(sim.B_, B, rtol=1e-4, atol=1e-4 * np.abs(B).max())
+    assert np.all(sim.A_ == 0)
+
+
+def _extended_runset(seed=3, n_runs=16, n_pool=20, n_test=3, n_steps=25, batch=3):
+    """Runs from the time-aware model: alpha_t = 1 + w_t sum A + a_t, beta_t = w_t sum B + b_t."""
+    rng = np.random.default_rng(seed)
+    A = rng.uniform(-0.01, 0.01, (n_pool, n_test))
+    B = rng.uniform(-0.02, 0.01, (n_pool, n_test))
+    a = rng.uniform(-0.02, 0.0, (n_steps, n_test))
+    b = rng.uniform(-0.01, 0.01, (n_steps, n_test))
+    lrs = np.concatenate([np.linspace(0.2, 1.0, 5), np.linspace(1.0, 0.1, n_steps - 5)])
+    curricula = random_curricula(n_runs, n_pool, batch, n_steps, subset_size=12, seed=rng)
+    initial = rng.uniform(1, 2, n_test)
+    runs = []
+    for index, cur in enumerate(curricula):
+        counts = cur.to_csr(n_pool).toarray() * (lrs / lrs.mean())[:, None]
+        losses = [initial]
+        for t in range(n_steps):
+            alpha = 1 + counts[t] @ A + a[t]
+            losses.append(alpha * losses[-1] + counts[t] @ B + b[t])
+        runs.append(Run(f"run-{index}", cur, np.arange(n_steps + 1), np.array(losses), learning_rates=lrs))
+    return RunSet(runs, n_pool=n_pool, test_ids=range(n_test))
+
+
+def test_time_aware_extension_reproduces_runs_it_never_saw():
+    runset = _extended_runset()
+    train, heldout = list(range(12)), list(range(12, 16))
+    sim = make_simulator("linear_step", lam=1e-9, step_lam_ratio=1.0, tol=1e-13).fit(runset, runs=train)
+    predicted, actual, _ = rollout_runs(sim, runset, heldout)
+    np.testing.assert_allclose(predicted, actual, rtol=1e-5)
+    paper = SimfluenceLinear(lam=1e-9).fit(runset, runs=train)
+    paper_pred, _, _ = rollout_runs(paper, runset, heldout)
+    assert np.abs(paper_pred - actual).max() > 100 * np.abs(predicted - actual).max()
+
+
+def test_simulate_equals_the_recurrence(linear_runs):
+    runset, A, B = linear_runs
+    sim = SimfluenceLinear(lam=1.0).fit(runset)
+    cur = runset[0].curriculum
+    initial = runset[0].initial_losses
+    expected = [initial]
+    for batch in cur.batches():
+        expected.append(sim.A_[batch].sum(0) * expected[-1] + sim.B_[batch].sum(0))
+    np.testing.assert_allclose(sim.simulate(cur, initial)[0], np.array(expected), rtol=1e-12)
+
+
+def test_simulate_batches_curricula_and_holds_after_the_end(linear_runs):
+    runset, _, _ = linear_runs
+    sim = SimfluenceLinear(lam=1.0).fit(runset)
+    long, short = runset[0].curriculum, runset[1].curriculum.truncate(10)
+    initial = np.stack([runset[0].initial_losses, runset[1].initial_losses])
+    both = sim.simulate([long, short], initial)
+    assert both.shape == (2, 41, 5)
+    np.testing.assert_allclose(both[0], sim.simulate(long, initial[0])[0])
+    np.testing.assert_allclose(both[1, :11], sim.simulate(short, initial[1])[0])
+    np.testing.assert_allclose(both[1, 11:], np.broadcast_to(both[1, 10], (30, 5)))
+
+
+def test_lam_auto_is_chosen_on_training_runs_only(linear_runs):
+    runset, _, _ = linear_runs
+    sim = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(runset, runs=range(10))
+    assert set(sim.validation_mse_) == {1e-3, 1e-1, 10.0}
+    assert sim.lam_ == min(sim.validation_mse_, key=sim.validation_mse_.get)
+    # changing the runs outside the training set must not change the fit
+    other = runset.select(list(range(10)))
+    again = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(other)
+    np.testing.assert_allclose(sim.A_, again.A_)
+
+
+def test_mean_curve_predicts_the_average_change():
+    cur = Curriculum.from_batches([[0], [1]], n_pool=2)
+    runs = [
+        Run("a", cur, [0, 1, 2], [[1.0], [0.8], [0.5]]),
+        Run("b", cur, [0, 2], [[1.0], [0.7]]),  # step 1 not logged
+    ]
+    sim = MeanCurve().fit(RunSet(runs, n_pool=2))
+    np.testing.assert_allclose(sim.mean_change_[:, 0], [0.0, -0.2, -0.4])
+    np.testing.assert_allclose(sim.simulate(cur, [2.0])[0, :, 0], [2.0, 1.8, 1.6])
+
+
+@pytest.mark.parametrize("name", ["mean_curve", "additive", "linear", "linear_res", "linear_step"])
+def test_save_load_round_trip(linear_runs, tmp_path, name):
+    runset, _, _ = linear_runs
+    params = {} if name == "mean_curve" else {"lam": 0.5}
+    sim = make_simulator(name, **params).fit(runset)
+    path = sim.save(tmp_path / "model.npz")
+    loaded = load_simulator(path)
+    assert type(loaded) is type(sim) and loaded.get_params() == sim.get_params()
+    cur, initial = runset[3].curriculum, runset[3].initial_losses
+    np.testing.assert_array_equal(loaded.simulate(cur, initial), sim.simulate(cur, initial))
+    with np.load(path, allow_pickle=False) as data:  # readable without pickle
+        assert "meta_json" in data.files
+
+
+def test_errors_are_clear(linear_runs, tmp_path):
+    runset, _, _ = linear_runs
+    with pytest.raises(NotFittedError):
+        SimfluenceLinear().simulate(runset[0].curriculum, runset[0].initial_losses)
+    with pytest.raises(ModelFileError, match="no such simulator file"):
+        load_simulator(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ModelFileError, match="junk.npz"):
+        load_simulator(tmp_path / "junk.npz")
+    sim = SimfluenceLinear(lam=1.0).fit(runset)
+    with pytest.raises(SimfluenceError, match="initial_losses has shape"):
+        sim.simulate(runset[0].curriculum, np.ones(3))
+    with pytest.raises(SimfluenceError, match="unknown method"):
+        make_simulator("nope")
+    with pytest.raises(SimfluenceError, match="lam must be > 0"):
+        SimfluenceLinear(lam=0.0).fit(runset)
+
+
+def test_repr_shows_changed_hyper_parameters():
+    assert repr(SimfluenceLinear(lam=2.0)) == "SimfluenceLinear(lam=2.0)"
+    assert repr(MeanCurve()) == "MeanCurve()"
