@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,6 +363,7 @@ class RunSet:
         if test_ids is None:
             raise RunLogError("RunSet.create needs test_ids (a list of ids or a count)")
         empty = cls([], n_pool=n_pool, pool_ids=pool_ids, test_ids=test_ids, metadata=metadata, path=path)
+        _check_json(empty.metadata, "run set metadata")
         if (path / MANIFEST).exists():
             if not exist_ok:
                 raise RunLogError(f"{str(path)!r} already holds a run set (use exist_ok=True to reuse it)")
@@ -384,19 +385,32 @@ class RunSet:
         path = Path(path)
         if path.exists() and not overwrite:
             raise RunLogError(f"{str(path)!r} already exists (pass overwrite=True to replace it)")
+        _check_json(self.metadata, "run set metadata")
+        for run in self.runs:
+            _check_json(run.metadata, f"metadata of run {run.name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = _hidden_dir(path.parent, path.name, ".tmp")
+        old = None
         try:
             (tmp / RUNS_DIR).mkdir()
             atomic_write_json(tmp / MANIFEST, self.manifest())
             for run in self.runs:
                 _write_run(tmp / RUNS_DIR / run.name, run, self.n_test)
+            # Swap by renames only: ``path`` holds the old run set or the new one, never half of one (the old
+            # one is deleted only once the new one is in place).
             if path.exists():
-                shutil.rmtree(path)
+                old = _hidden_dir(path.parent, path.name, ".old")
+                os.replace(path, old / path.name)
             os.replace(tmp, path)
         except BaseException:
+            if old is not None and not path.exists():
+                os.replace(old / path.name, path)
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         self.path = path
         return path
 
@@ -432,6 +446,25 @@ class RunSet:
             )
         except RunLogError as err:
             raise RunLogError(f"{str(path)!r}: {err}") from None
+
+
+def _hidden_dir(parent: Path, name: str, suffix: str) -> Path:
+    """Make a fresh hidden folder ``parent/.name.<random><suffix>`` (mode from the umask, unlike mkdtemp)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = parent / f".{name}.{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder by first renaming it to a hidden name, so an interrupted delete leaves no half folder."""
+    trash = _hidden_dir(path.parent, path.name, ".old")
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -612,28 +645,34 @@ class RunLogger:
     ) -> None:
         self.runset_path = Path(runset_path)
         self.name = check_run_name(name)
-        manifest_path = self.runset_path / MANIFEST
-        if not manifest_path.is_file():
+        if not (self.runset_path / MANIFEST).is_file():
             raise RunLogError(f"{str(self.runset_path)!r} is not a run set (create it with RunSet.create)")
-        manifest = _read_json(manifest_path)
-        self.n_pool = int(manifest["n_pool"])
-        self.n_test = len(manifest["test_ids"])
+        manifest = _read_manifest(self.runset_path)
+        self.n_pool = manifest["n_pool"]
+        self.test_ids = manifest["test_ids"]
+        self.n_test = len(self.test_ids)
         self.metadata = dict(metadata or {})
-        json.dumps(self.metadata, allow_nan=False)  # fail now, not at the first step
+        _check_json(self.metadata, f"metadata of run {self.name!r}")  # fail now, not at the first step
         self.fsync = fsync
         self.run_dir = self.runset_path / RUNS_DIR / self.name
         if self.run_dir.exists():
             if not overwrite:
                 raise RunLogError(f"run {self.name!r} already exists in {str(self.runset_path)!r}")
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True)
+            _remove_tree(self.run_dir)
         self.n_steps = 0
         self.n_entries = 0
         self.n_logged = 0
         self._last_logged = -1
-        self._closed = False
+        self._closed = True  # until the files are open
+        # The run folder appears complete with its first run.json (readers skip hidden folders), so a crash
+        # here never leaves a run folder that makes the run set unreadable.
+        staging = _hidden_dir(self.run_dir.parent, self.name, ".tmp")
+        for filename, _ in _FILES.values():
+            (staging / filename).touch()
+        atomic_write_json(staging / RUN_JSON, self._info("running"), fsync=self.fsync)
+        os.replace(staging, self.run_dir)
         self._handles = {key: open(self.run_dir / filename, "ab") for key, (filename, _) in _FILES.items()}
-        self._commit()
+        self._closed = False
 
     # -------------------------------------------------------------------------------------- logging
     @property
@@ -663,7 +702,12 @@ class RunLogger:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_pool):
             bad = int(ids[(ids < 0) | (ids >= self.n_pool)][0])
             raise RunLogError(f"run {self.name!r}, step {step}: pool id {bad} outside 0..{self.n_pool - 1}")
-        lr = np.nan if learning_rate is None else float(learning_rate)
+        try:
+            lr = np.nan if learning_rate is None else float(learning_rate)
+        except (TypeError, ValueError):
+            raise RunLogError(
+                f"run {self.name!r}, step {step}: learning rate {learning_rate!r} is not a number"
+            ) from None
         loss_row = None if losses is None else self._check_losses(losses, step)
         self._append("batch_ids", ids)
         self._append("batch_sizes", np.array([ids.size]))
@@ -716,7 +760,9 @@ class RunLogger:
             )
         if not np.isfinite(row).all():
             bad = int(np.flatnonzero(~np.isfinite(row))[0])
-            raise RunLogError(f"run {self.name!r}, step {step}: loss of test #{bad} is {row[bad]}")
+            raise RunLogError(
+                f"run {self.name!r}, step {step}: loss of test {self.test_ids[bad]!r} (column {bad}) is {row[bad]}"
+            )
         if step <= self._last_logged:
             raise RunLogError(f"run {self.name!r}: losses of step {step} already logged")
         return row
@@ -738,6 +784,8 @@ class RunLogger:
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
-        info = _run_info(self.name, False, self.n_steps, self.n_entries, self.n_logged, self.n_test,
+        atomic_write_json(self.run_dir / RUN_JSON, self._info(status), fsync=self.fsync)
+
+    def _info(self, status: str) -> dict:
+        return _run_info(self.name, False, self.n_steps, self.n_entries, self.n_logged, self.n_test,
                          self.metadata, status=status)
-        atomic_write_json(self.run_dir / RUN_JSON, info, fsync=self.fsync)

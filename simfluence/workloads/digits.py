@@ -1,0 +1,183 @@
+"""The built-in ``digits`` workload: a small MLP trained on scikit-learn's bundled 8x8 digit images.
+
+It needs no download (``sklearn.datasets.load_digits`` ships with scikit-learn) and trains in milliseconds
+per run, so it is the reference workload for tests, examples and benchmarks. :func:`digits_task` builds the
+:class:`~simfluence.workloads.generator.Task`: a disjoint pool / test split of the 1,797 images, features
+standardised with the pool's statistics, optionally a fraction of the pool labels flipped to a wrong class
+(the "noisy" examples an attribution method should find), a 64-64-10 ReLU MLP, SGD with momentum or Adam,
+and a warm-up + cosine learning-rate schedule. :func:`generate_digits` draws random-subset curricula and
+trains one run per curriculum with :func:`~simfluence.workloads.generator.generate_runs`.
+
+Run-set metadata records ``pool_labels`` (the labels trained on, noise included), ``pool_clean_labels``,
+``noisy_pool_ids``, ``test_labels`` and the dataset row of every pool and test example.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from simfluence.curriculum import random_curricula
+from simfluence.errors import SimfluenceError
+from simfluence.runlog import RunSet
+from simfluence.workloads.generator import Task, WarmupCosine, generate_runs
+
+__all__ = ["digits_task", "generate_digits", "DEFAULT_PEAK_LR"]
+
+N_FEATURES = 64
+N_CLASSES = 10
+DEFAULT_PEAK_LR = {"sgd": 0.02, "adam": 0.003}
+
+
+def mlp(seed: int, sizes: tuple[int, ...]) -> nn.Sequential:
+    """ReLU MLP with layer widths ``sizes`` (input first), initialised under ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        if index:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(width_in, width_out))
+    return nn.Sequential(*layers)
+
+
+def _sgd(params, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.0, momentum=momentum)
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=0.0)
+
+
+def digits_task(
+    pool_size: int = 500,
+    test_size: int = 100,
+    n_steps: int = 200,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    warmup_steps: int | None = None,
+    momentum: float = 0.9,
+    hidden: int = 64,
+    label_noise: float = 0.0,
+    data_seed: int = 0,
+) -> Task:
+    """The digits task: pool / test split, standardised features, noisy labels, MLP, optimizer, schedule.
+
+    Parameters
+    ----------
+    pool_size, test_size : disjoint random examples of the 1,797 images (chosen with ``data_seed``).
+    n_steps : length of the runs (sets the learning-rate schedule).
+    optimizer : ``"sgd"`` (with ``momentum``) or ``"adam"``.
+    lr : peak learning rate (default ``DEFAULT_PEAK_LR[optimizer]``).
+    warmup_steps : linear warm-up length (default 10% of ``n_steps``); cosine decay to 10% of the peak after.
+    hidden : hidden width of the 64-hidden-10 MLP.
+    label_noise : fraction of pool examples whose label is replaced by a different, random class.
+    data_seed : seed of the split and of the label noise.
+
+    Returns
+    -------
+    Task with pool inputs (pool_size, 64) float32, targets (pool_size,) int64, and likewise for the test set.
+    """
+    from sklearn.datasets import load_digits
+
+    if optimizer not in DEFAULT_PEAK_LR:
+        raise SimfluenceError(f"optimizer must be one of {sorted(DEFAULT_PEAK_LR)}, got {optimizer!r}")
+    if not 0.0 <= label_noise <= 1.0:
+        raise SimfluenceError(f"label_noise must lie in [0, 1], got {label_noise}")
+    features, labels = load_digits(return_X_y=True)
+    if pool_size < 1 or test_size < 1 or pool_size + test_size > len(labels):
+        raise SimfluenceError(
+            f"pool_size + test_size must be at most {len(labels)} (both >= 1), got {pool_size} + {test_size}"
+        )
+    split_rng = np.random.default_rng([data_seed, 0])
+    order = split_rng.permutation(len(labels))
+    pool_rows, test_rows = order[:pool_size], order[pool_size:pool_size + test_size]
+    mean = features[pool_rows].mean(axis=0)
+    scale = features[pool_rows].std(axis=0)
+    scale[scale == 0] = 1.0
+    standardised = ((features - mean) / scale).astype(np.float32)
+
+    clean_labels = labels[pool_rows].astype(np.int64)
+    pool_labels = clean_labels.copy()
+    noise_rng = np.random.default_rng([data_seed, 1])
+    noisy_ids = np.sort(noise_rng.choice(pool_size, size=int(round(label_noise * pool_size)), replace=False))
+    shift = noise_rng.integers(1, N_CLASSES, size=noisy_ids.size)  # never 0: a noisy label is always wrong
+    pool_labels[noisy_ids] = (clean_labels[noisy_ids] + shift) % N_CLASSES
+
+    peak = DEFAULT_PEAK_LR[optimizer] if lr is None else float(lr)
+    warmup = max(1, round(0.1 * n_steps)) if warmup_steps is None else int(warmup_steps)
+    schedule = WarmupCosine(peak=peak, n_steps=n_steps, warmup_steps=warmup, final_fraction=0.1)
+    make_optimizer = functools.partial(_sgd, momentum=momentum) if optimizer == "sgd" else _adam
+    metadata = {
+        "workload": "digits",
+        "model": {"kind": "mlp", "sizes": [N_FEATURES, hidden, N_CLASSES], "activation": "relu"},
+        "optimizer": {"kind": optimizer, **({"momentum": momentum} if optimizer == "sgd" else {})},
+        "lr_schedule": schedule.describe(),
+        "loss": "cross_entropy",
+        "label_noise": label_noise,
+        "data_seed": data_seed,
+        "pool_labels": pool_labels.tolist(),
+        "pool_clean_labels": clean_labels.tolist(),
+        "noisy_pool_ids": noisy_ids.tolist(),
+        "test_labels": labels[test_rows].astype(np.int64).tolist(),
+        "pool_dataset_rows": pool_rows.tolist(),
+        "test_dataset_rows": test_rows.tolist(),
+    }
+    return Task(
+        make_model=functools.partial(mlp, sizes=(N_FEATURES, hidden, N_CLASSES)),
+        pool_inputs=torch.from_numpy(standardised[pool_rows]),
+        pool_targets=torch.from_numpy(pool_labels),
+        test_inputs=torch.from_numpy(standardised[test_rows]),
+        test_targets=torch.from_numpy(labels[test_rows].astype(np.int64)),
+        loss_fn=functools.partial(functional.cross_entropy, reduction="none"),
+        make_optimizer=make_optimizer,
+        lr_at=schedule,
+        metadata=metadata,
+    )
+
+
+def generate_digits(
+    out: str | os.PathLike,
+    n_runs: int = 48,
+    n_steps: int = 200,
+    batch_size: int = 8,
+    pool_size: int = 500,
+    test_size: int = 100,
+    subset_fraction: float = 0.5,
+    optimizer: str = "sgd",
+    label_noise: float = 0.0,
+    seed: int = 0,
+    workers: int | None = None,
+    log_every: int = 1,
+    checkpoint_steps: tuple[int, ...] = (),
+    progress: bool = True,
+    lr: float | None = None,
+    data_seed: int = 0,
+    overwrite: bool = False,
+) -> RunSet:
+    """Train ``n_runs`` digits MLPs, each on a random subset of the pool in random order, and log them to ``out``.
+
+    Run r trains on ``round(subset_fraction * pool_size)`` pool examples drawn afresh, in shuffled epochs
+    of ``batch_size`` (``simfluence.curriculum.random_curricula`` with ``seed``); every run starts from the
+    same initial weights (``init_seed = seed``). Re-running over an existing folder resumes it (see
+    :func:`~simfluence.workloads.generator.generate_runs`).
+
+    Returns
+    -------
+    RunSet of ``n_runs`` runs, each with ``n_steps`` steps and ``test_size`` test losses per logged step.
+    """
+    task = digits_task(pool_size=pool_size, test_size=test_size, n_steps=n_steps, optimizer=optimizer, lr=lr,
+                       label_noise=label_noise, data_seed=data_seed)
+    if not 0.0 < subset_fraction <= 1.0:
+        raise SimfluenceError(f"subset_fraction must lie in (0, 1], got {subset_fraction}")
+    subset_size = max(1, round(subset_fraction * pool_size))
+    curricula = random_curricula(n_runs, pool_size, batch_size, n_steps, subset_size=subset_size,
+                                 seed=np.random.default_rng([seed, 2]))
+    task.metadata.update({"batch_size": batch_size, "n_steps": n_steps, "subset_size": subset_size,
+                          "curriculum_seed": seed})
+    return generate_runs(task, curricula, out, init_seed=seed, log_every=log_every,
+                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,
+                         overwrite=overwrite)

@@ -1,0 +1,21 @@
+"""Fixtures shared by the test modules: small run sets whose structure is known."""
+from __future__ import annotations
+
+import pytest
+
+from simfluence.runlog import RunSet
+from simfluence.synthetic import known_linear_runset
+
+
+@pytest.fixture
+def small_runset() -> RunSet:
+    """In-memory run set from a known Simfluence-Linear model: 4 runs of 8 steps, pool of 10, 3 test examples."""
+    runset, _, _ = known_linear_runset(n_pool=10, n_test=3, n_runs=4, n_steps=8, batch_size=3, seed=0)
+    return runset
+
+
+@pytest.fixture
+def tmp_runset(tmp_path, small_runset) -> RunSet:
+    """``small_runset`` saved to ``tmp_path / "runset"`` and loaded back (losses memory-mapped, ``path`` set)."""
+    small_runset.save(tmp_path / "runset")
+    return RunSet.load(tmp_path / "runset")
