@@ -14,11 +14,19 @@ from typing import Any
 import numpy as np
 
 
+def _umask_mode() -> int:
+    """The mode a plain new file gets under the current umask (mkstemp would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -49,6 +57,7 @@ def atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: d
     if meta is not None:
         payload["meta_json"] = np.array(json.dumps(meta, allow_nan=False))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
+    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         np.savez(tmp, **payload)

@@ -51,6 +51,40 @@ def import_command(curriculum: str, losses: str, out: str, overwrite: bool) -> N
     )
 
 
+# ------------------------------------------------------------------------------------------ generate
+@cli.group("generate")
+def generate_group() -> None:
+    """Train real models on many curricula and log the runs (built-in workloads)."""
+
+
+@generate_group.command("digits")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
+@click.option("--runs", "n_runs", default=48, show_default=True, help="Number of runs (curricula).")
+@click.option("--steps", "n_steps", default=200, show_default=True, help="Training steps per run.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--pool", "pool_size", default=500, show_default=True, help="Training pool size.")
+@click.option("--test", "test_size", default=100, show_default=True, help="Number of test (probe) examples.")
+@click.option("--subset-fraction", default=0.5, show_default=True, help="Share of the pool each run trains on.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: per optimizer).")
+@click.option("--label-noise", default=0.0, show_default=True, help="Fraction of pool labels flipped.")
+@click.option("--seed", default=0, show_default=True, help="Seed of curricula and initial weights.")
+@click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
+@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+def generate_digits_command(out: str, checkpoint_steps: str, **options) -> None:
+    """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
+    from simfluence.workloads import generate_digits
+
+    try:
+        steps = tuple(int(part) for part in checkpoint_steps.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{checkpoint_steps!r} is not a comma-separated list of steps") from None
+    runset = generate_digits(out, checkpoint_steps=steps, progress=True, **options)
+    click.echo(f"{runset!r}")
+
+
 # ------------------------------------------------------------------------------------------ info
 @cli.command("info")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))

@@ -115,18 +115,32 @@ class Transitions:
     features : (n_transitions, n_features) csr, the sum of the step features of the steps in between.
     prev, next : (n_transitions, n_test) float64 losses at the start and end of each transition.
     run : (n_transitions,) index of the run (within the runs used) of each transition.
-    end_step : (n_transitions,) logged step at which each transition ends.
+    start_step, end_step : (n_transitions,) logged steps at which each transition starts and ends.
     """
 
     features: sp.csr_matrix
     prev: np.ndarray
     next: np.ndarray
     run: np.ndarray
+    start_step: np.ndarray
     end_step: np.ndarray
 
     @property
     def n_transitions(self) -> int:
         return int(self.prev.shape[0])
+
+    def previous_change(self) -> np.ndarray:
+        """(n_transitions, n_test) loss change of the preceding transition of the same run (0 for a run's first).
+
+        Needed by momentum-aware simulators, whose velocity after step t-1 is the observed change
+        ``L_{t-1} - L_{t-2}`` under teacher forcing.
+        """
+        change = self.next - self.prev
+        previous = np.zeros_like(change)
+        follows = np.zeros(self.n_transitions, dtype=bool)
+        follows[1:] = (self.run[1:] == self.run[:-1]) & (self.start_step[1:] == self.end_step[:-1])
+        previous[follows] = change[np.flatnonzero(follows) - 1]
+        return previous
 
 
 def build_transitions(runset: RunSet, spec: FeatureSpec, runs: Sequence[int] | None = None) -> Transitions:
@@ -150,7 +164,7 @@ def build_transitions(runset: RunSet, spec: FeatureSpec, runs: Sequence[int] | N
                     "learning-rate-scaled simulators need it"
                 )
     rows = step_features([run.curriculum for run in chosen], spec, learning_rates, n_steps=max_steps)
-    agg_rows, agg_cols, prev, nxt, run_index, end_step = [], [], [], [], [], []
+    agg_rows, agg_cols, prev, nxt, run_index, start_step, end_step = [], [], [], [], [], [], []
     n_trans = 0
     for index, run in enumerate(chosen):
         steps = run.logged_steps
@@ -168,6 +182,7 @@ def build_transitions(runset: RunSet, spec: FeatureSpec, runs: Sequence[int] | N
         prev.append(losses[:-1])
         nxt.append(losses[1:])
         run_index.append(np.full(len(gaps), index))
+        start_step.append(starts)
         end_step.append(ends)
         n_trans += len(gaps)
     if n_trans == 0:
@@ -182,5 +197,6 @@ def build_transitions(runset: RunSet, spec: FeatureSpec, runs: Sequence[int] | N
         prev=np.concatenate(prev),
         next=np.concatenate(nxt),
         run=np.concatenate(run_index),
+        start_step=np.concatenate(start_step),
         end_step=np.concatenate(end_step),
     )

@@ -43,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RUNS_DIR = "runs"
 RUN_JSON = "run.json"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILES = {
@@ -188,7 +189,7 @@ class Run:
             if np.any(np.diff(steps) <= 0):
                 i = int(np.flatnonzero(np.diff(steps) <= 0)[0])
                 raise RunLogError(f"{label}: logged steps not strictly increasing at step {int(steps[i + 1])}")
-        finite = np.isfinite(self.losses)
+        finite = np.isfinite(self.losses) & (np.abs(self.losses) <= FLOAT32_MAX)
         if not finite.all():
             row, col = (int(v[0]) for v in np.nonzero(~finite))
             test = test_ids[col] if test_ids is not None else col
@@ -758,10 +759,12 @@ class RunLogger:
             raise RunLogError(
                 f"run {self.name!r}, step {step}: {row.size} losses for {self.n_test} test examples"
             )
-        if not np.isfinite(row).all():
-            bad = int(np.flatnonzero(~np.isfinite(row))[0])
+        storable = np.isfinite(row) & (np.abs(row) <= FLOAT32_MAX)
+        if not storable.all():
+            bad = int(np.flatnonzero(~storable)[0])
             raise RunLogError(
                 f"run {self.name!r}, step {step}: loss of test {self.test_ids[bad]!r} (column {bad}) is {row[bad]}"
+                + (", beyond the float32 range losses are stored in" if np.isfinite(row[bad]) else "")
             )
         if step <= self._last_logged:
             raise RunLogError(f"run {self.name!r}: losses of step {step} already logged")

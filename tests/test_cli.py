@@ -20,10 +20,10 @@ def test_evaluate_prints_table_and_writes_json(runset_dir, tmp_path, capsys):
     code = main(["evaluate", runset_dir, "--holdout", "3", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    for method in ("mean_curve", "additive", "linear", "linear_step"):
+    for method in ("mean_curve", "additive", "linear", "linear_step", "linear_mom"):
         assert method in printed
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"mean_curve", "additive", "linear", "linear_step"}
+    assert set(metrics) == {"mean_curve", "additive", "linear", "linear_step", "linear_mom"}
     for scores in metrics.values():
         assert {"all_mse", "final_mse", "rho_final", "rho_delta", "rho_runs", "fit_seconds"} <= set(scores)
     assert metrics["linear"]["all_mse"] < metrics["mean_curve"]["all_mse"]

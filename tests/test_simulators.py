@@ -97,8 +97,8 @@ def test_simulate_batches_curricula_and_holds_after_the_end(linear_runs):
 def test_lam_auto_is_chosen_on_training_runs_only(linear_runs):
     runset, _, _ = linear_runs
     sim = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(runset, runs=range(10))
-    assert set(sim.validation_mse_) == {1e-3, 1e-1, 10.0}
-    assert sim.lam_ == min(sim.validation_mse_, key=sim.validation_mse_.get)
+    assert {entry["lam"] for entry in sim.validation_} == {1e-3, 1e-1, 10.0}
+    assert sim.lam_ == min(sim.validation_, key=lambda entry: entry["mse"])["lam"]
     # changing the runs outside the training set must not change the fit
     other = runset.select(list(range(10)))
     again = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(other)

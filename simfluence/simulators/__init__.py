@@ -20,10 +20,14 @@ METHODS: dict[str, Callable[..., Simulator]] = {
     "linear": SimfluenceLinear,
     # alpha shrunk towards 1 instead of 0, otherwise the paper's model
     "linear_res": lambda **kw: SimfluenceLinear(alpha_center=1.0, **kw),
-    # the time-aware extension: per-step terms shared across runs, effects scaled by the learning rate
+    # time-aware: per-step terms shared across runs, effects scaled by the learning rate
     "linear_step": lambda **kw: SimfluenceLinear(alpha_center=1.0, step_terms=True, lr_scaled="auto", **kw),
+    # time- and optimizer-aware: linear_step plus a velocity (momentum) chosen on validation runs
+    "linear_mom": lambda **kw: SimfluenceLinear(
+        alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", **kw
+    ),
 }
-DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step")
+DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")
 
 
 def make_simulator(name: str, **params: Any) -> Simulator:

@@ -21,11 +21,21 @@ everything") where the truth is close to 1. The general form, of which the paper
 - ``lr_scaled=True`` sets ``w_t = lr_t / mean(lr)``: an example's effect scales with the step's
   learning rate, as a gradient step does;
 - ``batch_mean=True`` sets ``w_t = 1 / |c_t|`` (mean over the batch instead of the paper's sum).
+- ``momentum=mu`` makes the simulator second order, like the optimizer it imitates: with momentum
+  SGD (or Adam's first moment) a batch keeps moving the weights for many steps after it was seen, so
+  its effect on a test loss is spread over the following steps. The loss then moves with a velocity::
+
+      v_t = mu * v_{t-1} + (alpha_t - 1) * L_{t-1} + beta_t        L_t = L_{t-1} + v_t
+
+  ``momentum=0`` is the first-order model above. Under teacher forcing the observed change
+  ``L_{t-1} - L_{t-2}`` is the previous velocity, so the fit stays one batched ridge regression with
+  target ``L_t - L_{t-1} - mu * (L_{t-1} - L_{t-2})``. ``momentum="auto"`` picks mu on validation runs.
 
 ``SimfluenceAdditive`` is ``alpha = 1``: ``L_t = L_{t-1} + sum B_i``, order-free.
 
-Ridge strength ``lam="auto"`` is chosen on validation runs carved out of the training runs (the last
-``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit uses all training runs.
+Ridge strength ``lam="auto"`` (and ``momentum="auto"``) are chosen on validation runs carved out of the
+training runs (the last ``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit
+uses all training runs.
 """
 from __future__ import annotations
 
@@ -36,13 +46,14 @@ from typing import Any
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.design import FeatureSpec, build_transitions, step_features
+from simfluence.design import FeatureSpec, Transitions, build_transitions, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, register, rollout_runs
-from simfluence.solvers import n_params, solve_ridge
+from simfluence.solvers import solve_ridge
 
 DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.8, 0.9)
 _SIM_CHUNK_BYTES = 128 * 2**20
 
 
@@ -59,8 +70,11 @@ class SimfluenceLinear(Simulator):
     lr_scaled : scale example effects by the step's learning rate relative to the mean (``"auto"``: when
         every training step's learning rate is logged).
     batch_mean : average effects over the batch instead of summing (for varying batch sizes).
+    momentum : velocity decay ``mu`` of the second-order simulator (0: the first-order model), or
+        ``"auto"`` (chosen from ``momentum_grid`` on validation runs). Needs losses logged every step.
     step_lam_ratio : ridge strength of the step terms relative to ``lam``.
     lam_grid : candidate strengths for ``lam="auto"``.
+    momentum_grid : candidate ``mu`` for ``momentum="auto"``.
     val_fraction : share of the training runs held out to choose ``lam`` (at least one run).
     solver : ``"auto"``, ``"direct"`` or ``"cg"`` (see :mod:`simfluence.solvers`).
     tol, max_iter : conjugate-gradient tolerance and iteration cap.
@@ -69,8 +83,9 @@ class SimfluenceLinear(Simulator):
     ----------
     A_, B_ : (n_pool, n_test) multiplicative and additive effect of each pool example.
     step_alpha_, step_beta_ : (n_step_terms, n_test) per-step terms (zero rows when unused).
-    lam_ : the ridge strength used.
-    validation_mse_ : {lam: validation all-steps MSE} when ``lam="auto"``.
+    lam_, momentum_ : the ridge strength and velocity decay used.
+    validation_ : list of ``{"lam", "momentum", "mse"}``, the validation all-steps MSE of every
+        candidate tried (empty when nothing was chosen).
     lr_schedule_ : (n_steps_fit,) mean learning rate per step in the training runs (NaN if unknown).
     """
 
@@ -85,8 +100,10 @@ class SimfluenceLinear(Simulator):
         step_terms: bool = False,
         lr_scaled: bool | str = False,
         batch_mean: bool = False,
+        momentum: float | str = 0.0,
         step_lam_ratio: float = 1.0,
         lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
+        momentum_grid: Sequence[float] = DEFAULT_MOMENTUM_GRID,
         val_fraction: float = 0.2,
         solver: str = "auto",
         tol: float = 1e-8,
@@ -98,8 +115,10 @@ class SimfluenceLinear(Simulator):
         self.step_terms = step_terms
         self.lr_scaled = lr_scaled
         self.batch_mean = batch_mean
+        self.momentum = momentum
         self.step_lam_ratio = step_lam_ratio
         self.lam_grid = tuple(float(v) for v in lam_grid)
+        self.momentum_grid = tuple(float(v) for v in momentum_grid)
         self.val_fraction = val_fraction
         self.solver = solver
         self.tol = tol
@@ -113,17 +132,31 @@ class SimfluenceLinear(Simulator):
             raise SimfluenceError("no runs to fit on")
         start = time.perf_counter()
         self._prepare(runset, runs)
-        if self.lam == "auto":
-            lam, self.validation_mse_ = self._choose_lam(runset, runs)
+        lams = self.lam_grid if self.lam == "auto" else (self._check_lam(self.lam),)
+        momenta = self.momentum_grid if self.momentum == "auto" else (self._check_momentum(self.momentum),)
+        self.validation_ = []
+        if len(lams) * len(momenta) > 1:
+            lam, momentum = self._choose(runset, runs, lams, momenta)
         else:
-            lam, self.validation_mse_ = float(self.lam), {}
-            if lam <= 0:
-                raise SimfluenceError(f"lam must be > 0, got {lam}")
-        self._fit_fixed(runset, runs, lam)
+            lam, momentum = lams[0], momenta[0]
+        self.momentum_ = momentum
+        self._fit_fixed(build_transitions(runset, self._spec(), runs), lam, momentum)
         self.lam_ = lam
         self.fit_seconds_ = time.perf_counter() - start
         self.fitted_ = True
         return self
+
+    @staticmethod
+    def _check_lam(lam: float | str) -> float:
+        if isinstance(lam, str) or not float(lam) > 0:
+            raise SimfluenceError(f"lam must be > 0 or 'auto', got {lam!r}")
+        return float(lam)
+
+    @staticmethod
+    def _check_momentum(momentum: float | str) -> float:
+        if isinstance(momentum, str) or not 0 <= float(momentum) < 1:
+            raise SimfluenceError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
+        return float(momentum)
 
     def _prepare(self, runset: RunSet, runs: list[int]) -> None:
         """Fix the feature layout (horizon, learning-rate reference) from the training runs."""
@@ -161,9 +194,14 @@ class SimfluenceLinear(Simulator):
         )
         return np.tile(per_feature, 2) if self.multiplicative else per_feature
 
-    def _fit_fixed(self, runset: RunSet, runs: list[int], lam: float, x0: np.ndarray | None = None) -> np.ndarray:
-        transitions = build_transitions(runset, self._spec(), runs)
+    def _fit_fixed(
+        self, transitions: Transitions, lam: float, momentum: float, x0: np.ndarray | None = None
+    ) -> np.ndarray:
         target = transitions.next - self.alpha_center * transitions.prev
+        if momentum:
+            if np.any(transitions.end_step - transitions.start_step != 1):
+                raise SimfluenceError("momentum > 0 needs losses logged at every step of the training runs")
+            target = target - momentum * transitions.previous_change()
         theta, self.solve_info_ = solve_ridge(
             transitions.features, transitions.prev, target, self._penalty(lam),
             multiplicative=self.multiplicative, solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
@@ -181,24 +219,27 @@ class SimfluenceLinear(Simulator):
         self.A_, self.B_ = mult[:n_pool], add[:n_pool]
         self.step_alpha_, self.step_beta_ = mult[n_pool:], add[n_pool:]
 
-    def _choose_lam(self, runset: RunSet, runs: list[int]) -> tuple[float, dict[float, float]]:
-        """Pick lam by rolled-out all-steps MSE on the last ``val_fraction`` of the training runs."""
+    def _choose(
+        self, runset: RunSet, runs: list[int], lams: Sequence[float], momenta: Sequence[float]
+    ) -> tuple[float, float]:
+        """Pick (lam, momentum) by rolled-out all-steps MSE on the last ``val_fraction`` of the training runs."""
         if len(runs) < 2:
-            raise SimfluenceError("lam='auto' needs at least 2 training runs (one is held out for validation)")
+            raise SimfluenceError("choosing lam or momentum needs at least 2 training runs (one is for validation)")
         n_val = min(len(runs) - 1, max(1, round(self.val_fraction * len(runs))))
         fit_runs, val_runs = runs[:-n_val], runs[-n_val:]
-        scores: dict[float, float] = {}
-        theta = None
-        size = n_params(self._spec().n_features, self.multiplicative)
-        for lam in sorted(self.lam_grid, reverse=True):  # strong to weak: each warm-starts the next
-            theta = self._fit_fixed(runset, fit_runs, lam, x0=theta if theta is not None and
-                                    theta.shape[0] == size else None)
-            self.fitted_ = True
-            scores[lam] = validation_mse(self, runset, val_runs)
-        finite = {lam: score for lam, score in scores.items() if np.isfinite(score)}
-        if not finite:
-            raise SimfluenceError("every lam in lam_grid gave a non-finite validation error")
-        return min(finite, key=finite.get), scores
+        transitions = build_transitions(runset, self._spec(), fit_runs)
+        for momentum in momenta:
+            theta = None
+            for lam in sorted(lams, reverse=True):  # strong to weak: each solution warm-starts the next
+                theta = self._fit_fixed(transitions, lam, momentum, x0=theta)
+                self.momentum_, self.fitted_ = momentum, True
+                mse = validation_mse(self, runset, val_runs)
+                self.validation_.append({"lam": lam, "momentum": momentum, "mse": mse if np.isfinite(mse) else None})
+        scored = [entry for entry in self.validation_ if entry["mse"] is not None]
+        if not scored:
+            raise SimfluenceError("every candidate lam/momentum gave a non-finite validation error")
+        best = min(scored, key=lambda entry: entry["mse"])
+        return best["lam"], best["momentum"]
 
     # ----------------------------------------------------------------------------------- simulation
     def simulate(
@@ -227,10 +268,8 @@ class SimfluenceLinear(Simulator):
             )
             alpha = np.asarray(rows @ mult).reshape(hi - lo, horizon, n_test) + self.alpha_center
             beta = np.asarray(rows @ add).reshape(hi - lo, horizon, n_test)
-            ended = np.arange(1, horizon + 1)[None, :] > lengths[lo:hi, None]  # hold after the end
-            alpha[ended] = 1.0
-            beta[ended] = 0.0
-            out[lo:hi] = unroll(alpha, beta, initial[lo:hi])
+            active = np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]
+            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active)
         return out
 
     def _default_schedule(self, n_steps: int) -> np.ndarray:
@@ -246,16 +285,28 @@ class SimfluenceLinear(Simulator):
             "n_step_terms_": self.n_step_terms_,
             "lr_reference_": self.lr_reference_,
             "lam_": self.lam_,
+            "momentum_": self.momentum_,
+            "validation_": self.validation_,
         }
 
 
-def unroll(alpha: np.ndarray, beta: np.ndarray, initial: np.ndarray) -> np.ndarray:
-    """Run ``L_t = alpha_t * L_{t-1} + beta_t``.
+def unroll(
+    alpha: np.ndarray,
+    beta: np.ndarray,
+    initial: np.ndarray,
+    momentum: float = 0.0,
+    active: np.ndarray | None = None,
+) -> np.ndarray:
+    """Run ``v_t = mu v_{t-1} + (alpha_t - 1) L_{t-1} + beta_t``, ``L_t = L_{t-1} + v_t`` from ``v_0 = 0``.
+
+    With ``momentum = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``.
 
     Parameters
     ----------
     alpha, beta : (n_curricula, T, n_test).
     initial : (n_curricula, n_test).
+    momentum : velocity decay mu.
+    active : (n_curricula, T) bool; at inactive steps (after a curriculum's end) the loss is held.
 
     Returns
     -------
@@ -264,9 +315,13 @@ def unroll(alpha: np.ndarray, beta: np.ndarray, initial: np.ndarray) -> np.ndarr
     n_cur, horizon, n_test = alpha.shape
     out = np.empty((n_cur, horizon + 1, n_test))
     out[:, 0] = initial
+    velocity = np.zeros((n_cur, n_test))
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
         for t in range(horizon):  # the recurrence is sequential in t; all curricula and tests at once
-            out[:, t + 1] = alpha[:, t] * out[:, t] + beta[:, t]
+            velocity = momentum * velocity + (alpha[:, t] - 1.0) * out[:, t] + beta[:, t]
+            if active is not None:
+                velocity *= active[:, t, None]
+            out[:, t + 1] = out[:, t] + velocity
     return out
 
 
