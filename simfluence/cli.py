@@ -184,21 +184,70 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
               help="Comma-separated methods (default mean_curve,additive,linear,linear_step). "
                    "Available: mean_curve, additive, linear, linear_res, linear_step.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
-def evaluate_command(runset_dir: str, holdout: int, methods: str | None, json_out: str | None) -> None:
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Also write report.md, metrics.json and plots into this folder.")
+def evaluate_command(
+    runset_dir: str, holdout: int, methods: str | None, json_out: str | None, report_dir: str | None
+) -> None:
     """Fit every method on all but the last K runs and score it on those K."""
-    from simfluence.evaluation import evaluate, metrics_json, parse_methods
     from simfluence.metrics import format_table
+
+    runset, result = _evaluate(runset_dir, holdout, methods)
+    click.echo(f"fit on {len(result.train_runs)} runs, scored on {len(result.heldout_runs)} held-out runs")
+    click.echo(format_table(result.metrics))
+    if json_out:
+        from simfluence.evaluation import metrics_json
+
+        atomic_write_json(json_out, metrics_json(result.metrics))
+        click.echo(f"wrote {json_out}")
+    if report_dir:
+        from simfluence.report import write_report
+
+        click.echo(f"wrote {write_report(result, runset, report_dir)}")
+
+
+def _evaluate(runset_dir: str, holdout: int, methods: str | None):
+    from simfluence.evaluation import evaluate, parse_methods
     from simfluence.runlog import RunSet
     from simfluence.simulators import DEFAULT_METHODS
 
     names = parse_methods(methods) if methods else list(DEFAULT_METHODS)
     runset = RunSet.load(runset_dir)
-    result = evaluate(runset, names, holdout=holdout, progress=True)
-    click.echo(f"fit on {len(result.train_runs)} runs, scored on {len(result.heldout_runs)} held-out runs")
-    click.echo(format_table(result.metrics))
-    if json_out:
-        atomic_write_json(json_out, metrics_json(result.metrics))
-        click.echo(f"wrote {json_out}")
+    return runset, evaluate(runset, names, holdout=holdout, progress=True)
+
+
+# ------------------------------------------------------------------------------------------ plot
+@cli.command("plot")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs, plot those K.")
+@click.option("--methods", default=None, help="Comma-separated methods (default: as in evaluate).")
+@click.option("--run", "run_name", default=None, help="Held-out run for the loss-curve panels (default: first).")
+@click.option("--tests", default=None, help="Comma-separated test ids for the loss-curve panels.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+def plot_command(
+    runset_dir: str, holdout: int, methods: str | None, run_name: str | None, tests: str | None, out: str
+) -> None:
+    """Simulated vs real loss curves, final-loss scatter and error over steps on held-out runs."""
+    from simfluence.plot import plot_report, plot_trajectories
+
+    runset, result = _evaluate(runset_dir, holdout, methods)
+    paths = plot_report(result, out, test_labels=runset.test_ids)
+    if run_name is not None or tests is not None:
+        if run_name is not None and run_name not in result.heldout_runs:
+            raise SimfluenceError(f"--run {run_name!r} is not one of the held-out runs {result.heldout_runs}")
+        run = result.heldout_runs.index(run_name) if run_name is not None else 0
+        chosen = None
+        if tests is not None:
+            lookup = {str(test): index for index, test in enumerate(runset.test_ids)}
+            unknown = [part for part in tests.split(",") if part.strip() not in lookup]
+            if unknown:
+                raise SimfluenceError(f"unknown test id {unknown[0]!r}")
+            chosen = [lookup[part.strip()] for part in tests.split(",")]
+        plot_trajectories(result.predicted, result.actual, result.mask, run=run, tests=chosen,
+                          test_labels=runset.test_ids, run_label=result.heldout_runs[run],
+                          path=paths["trajectories"])
+    for path in paths.values():
+        click.echo(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------ demo

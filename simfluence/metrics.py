@@ -235,3 +235,15 @@ def format_table(
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([render(header), rule, *(render(row) for row in rows)])
+
+
+def format_markdown_table(
+    results: Mapping[str, Mapping[str, float]],
+    columns: Iterable[str] = METRIC_NAMES + ("fit_seconds",),
+) -> str:
+    """The same table as :func:`format_table`, as a GitHub-flavoured markdown table."""
+    columns = tuple(columns)
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, metrics in results.items():
+        lines.append(f"| {method} | " + " | ".join(_format_cell(metrics.get(name)) for name in columns) + " |")
+    return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from simfluence.cli import main
@@ -76,3 +77,46 @@ def test_corrupt_run_names_the_file(runset_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run-003" in err and "not valid JSON" in err
     assert not out.exists()
+
+
+def test_evaluate_report_and_plot_write_pictures(runset_dir, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["evaluate", runset_dir, "--holdout", "3", "--methods", "mean_curve,linear",
+                 "--report", str(report)]) == 0
+    text = (report / "report.md").read_text()
+    assert "| linear |" in text and "## Verdicts" in text and "![trajectories](trajectories.png)" in text
+    for name in ("trajectories.png", "final_scatter.png", "error_over_steps.png", "metrics.json"):
+        assert (report / name).stat().st_size > 0
+    pictures = tmp_path / "plots"
+    assert main(["plot", runset_dir, "--holdout", "3", "--methods", "linear", "--run", "run-008",
+                 "--tests", "1,2", "--out", str(pictures)]) == 0
+    assert (pictures / "trajectories.png").stat().st_size > 0
+    assert main(["plot", runset_dir, "--holdout", "3", "--methods", "linear", "--tests", "99",
+                 "--out", str(pictures)]) == 2
+    assert "unknown test id '99'" in capsys.readouterr().err
+
+
+def test_import_csv_tables(runset_dir, tmp_path):
+    from simfluence.runlog import RunSet
+
+    original = RunSet.load(runset_dir)
+    curriculum, losses = tmp_path / "curriculum.csv", tmp_path / "losses.csv"
+    original.curriculum_frame().to_csv(curriculum, index=False)
+    original.to_frame().to_csv(losses, index=False)
+    out = tmp_path / "imported"
+    assert main(["import", str(curriculum), str(losses), "--out", str(out)]) == 0
+    imported = RunSet.load(out)
+    assert imported.run_names == original.run_names
+    assert imported[4].curriculum == original[4].curriculum
+    np.testing.assert_allclose(imported[4].losses, original[4].losses, rtol=1e-6)
+    assert main(["import", str(curriculum), str(losses), "--out", str(out)]) == 2  # exists, no --overwrite
+
+
+def test_generate_digits_tiny(tmp_path):
+    out = tmp_path / "digits"
+    assert main(["generate", "digits", "--out", str(out), "--runs", "2", "--steps", "4", "--pool", "20",
+                 "--test", "5", "--workers", "1"]) == 0
+    from simfluence.runlog import RunSet
+
+    runset = RunSet.load(out)
+    assert len(runset) == 2 and runset[0].n_steps == 4 and runset.n_test == 5

@@ -39,8 +39,8 @@ def test_additive_fit_recovers_known_effects(solver):
     assert np.all(sim.A_ == 0)
 
 
-def _extended_runset(seed=3, n_runs=16, n_pool=20, n_test=3, n_steps=25, batch=3):
-    """Runs from the time-aware model: alpha_t = 1 + w_t sum A + a_t, beta_t = w_t sum B + b_t."""
+def _extended_runset(seed=3, n_runs=16, n_pool=20, n_test=3, n_steps=25, batch=3, momentum=0.0):
+    """Runs from the time-aware model: alpha_t = 1 + w_t sum A + a_t, beta_t = w_t sum B + b_t (+ velocity)."""
     rng = np.random.default_rng(seed)
     A = rng.uniform(-0.01, 0.01, (n_pool, n_test))
     B = rng.uniform(-0.02, 0.01, (n_pool, n_test))
@@ -52,10 +52,11 @@ def _extended_runset(seed=3, n_runs=16, n_pool=20, n_test=3, n_steps=25, batch=3
     runs = []
     for index, cur in enumerate(curricula):
         counts = cur.to_csr(n_pool).toarray() * (lrs / lrs.mean())[:, None]
-        losses = [initial]
+        losses, velocity = [initial], np.zeros(n_test)
         for t in range(n_steps):
             alpha = 1 + counts[t] @ A + a[t]
-            losses.append(alpha * losses[-1] + counts[t] @ B + b[t])
+            velocity = momentum * velocity + (alpha - 1) * losses[-1] + counts[t] @ B + b[t]
+            losses.append(losses[-1] + velocity)
         runs.append(Run(f"run-{index}", cur, np.arange(n_steps + 1), np.array(losses), learning_rates=lrs))
     return RunSet(runs, n_pool=n_pool, test_ids=range(n_test))
 
@@ -69,6 +70,36 @@ def test_time_aware_extension_reproduces_runs_it_never_saw():
     paper = SimfluenceLinear(lam=1e-9).fit(runset, runs=train)
     paper_pred, _, _ = rollout_runs(paper, runset, heldout)
     assert np.abs(paper_pred - actual).max() > 100 * np.abs(predicted - actual).max()
+
+
+def test_momentum_model_is_recovered_and_its_momentum_chosen_on_validation():
+    runset = _extended_runset(seed=5, n_runs=20, momentum=0.7)
+    train, heldout = list(range(16)), list(range(16, 20))
+    sim = make_simulator("linear_mom", lam_grid=(1e-9,), momentum_grid=(0.0, 0.4, 0.7, 0.9), tol=1e-13)
+    sim.fit(runset, runs=train)
+    assert sim.momentum_ == 0.7
+    predicted, actual, _ = rollout_runs(sim, runset, heldout)
+    np.testing.assert_allclose(predicted, actual, rtol=1e-5)
+    assert [entry["momentum"] for entry in sim.validation_] == [0.0, 0.4, 0.7, 0.9]
+
+
+def test_momentum_needs_every_step_logged():
+    runset, _, _ = known_linear_runset(n_pool=10, n_test=2, n_runs=3, n_steps=6, seed=0)
+    for run in runset.runs:
+        run.logged_steps, run.losses = run.logged_steps[::2], run.losses[::2]
+    with pytest.raises(SimfluenceError, match="momentum > 0 needs losses logged at every step"):
+        SimfluenceLinear(lam=1.0, momentum=0.5).fit(runset)
+
+
+def test_clip_negative_keeps_simulated_losses_non_negative():
+    runset, _, _ = known_linear_runset(n_pool=30, n_test=5, n_runs=12, n_steps=40, batch_size=4, seed=1)
+    for run in runset.runs:
+        run.losses = run.losses - run.losses.min() + 0.1  # losses that were never negative
+    sim = SimfluenceLinear(lam=1.0, alpha_center=1.0, clip_negative=True).fit(runset)
+    sim.B_ = sim.B_ - 1.0  # force every step to push the loss down hard
+    curves = sim.simulate(runset[0].curriculum, runset[0].initial_losses)
+    assert curves.min() == 0.0
+    assert SimfluenceLinear(lam=1.0).fit(runset).loss_floor_ is None  # the paper's form is left unclipped
 
 
 def test_simulate_equals_the_recurrence(linear_runs):

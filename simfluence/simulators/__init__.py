@@ -21,10 +21,12 @@ METHODS: dict[str, Callable[..., Simulator]] = {
     # alpha shrunk towards 1 instead of 0, otherwise the paper's model
     "linear_res": lambda **kw: SimfluenceLinear(alpha_center=1.0, **kw),
     # time-aware: per-step terms shared across runs, effects scaled by the learning rate
-    "linear_step": lambda **kw: SimfluenceLinear(alpha_center=1.0, step_terms=True, lr_scaled="auto", **kw),
+    "linear_step": lambda **kw: SimfluenceLinear(
+        alpha_center=1.0, step_terms=True, lr_scaled="auto", clip_negative=True, **kw
+    ),
     # time- and optimizer-aware: linear_step plus a velocity (momentum) chosen on validation runs
     "linear_mom": lambda **kw: SimfluenceLinear(
-        alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", **kw
+        alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", clip_negative=True, **kw
     ),
 }
 DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")

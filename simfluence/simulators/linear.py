@@ -72,6 +72,8 @@ class SimfluenceLinear(Simulator):
     batch_mean : average effects over the batch instead of summing (for varying batch sizes).
     momentum : velocity decay ``mu`` of the second-order simulator (0: the first-order model), or
         ``"auto"`` (chosen from ``momentum_grid`` on validation runs). Needs losses logged every step.
+    clip_negative : keep simulated losses >= 0 when the training losses never were negative (a step
+        that would cross 0 stops there). Off in the paper's form.
     step_lam_ratio : ridge strength of the step terms relative to ``lam``.
     lam_grid : candidate strengths for ``lam="auto"``.
     momentum_grid : candidate ``mu`` for ``momentum="auto"``.
@@ -101,6 +103,7 @@ class SimfluenceLinear(Simulator):
         lr_scaled: bool | str = False,
         batch_mean: bool = False,
         momentum: float | str = 0.0,
+        clip_negative: bool = False,
         step_lam_ratio: float = 1.0,
         lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
         momentum_grid: Sequence[float] = DEFAULT_MOMENTUM_GRID,
@@ -116,6 +119,7 @@ class SimfluenceLinear(Simulator):
         self.lr_scaled = lr_scaled
         self.batch_mean = batch_mean
         self.momentum = momentum
+        self.clip_negative = clip_negative
         self.step_lam_ratio = step_lam_ratio
         self.lam_grid = tuple(float(v) for v in lam_grid)
         self.momentum_grid = tuple(float(v) for v in momentum_grid)
@@ -183,6 +187,9 @@ class SimfluenceLinear(Simulator):
             if not self.lr_reference_ > 0:
                 raise SimfluenceError("lr_scaled=True needs positive learning rates")
         self.n_step_terms_ = horizon if self.step_terms else 0
+        # losses that were never negative in training (cross-entropy, squared error) are kept >= 0
+        smallest = min(float(np.min(run.losses)) for run in chosen if run.losses.size)
+        self.loss_floor_ = 0.0 if self.clip_negative and smallest >= 0 else None
 
     def _spec(self) -> FeatureSpec:
         return FeatureSpec(self.n_pool_, self.n_step_terms_, self.lr_reference_, self.batch_mean)
@@ -269,7 +276,7 @@ class SimfluenceLinear(Simulator):
             alpha = np.asarray(rows @ mult).reshape(hi - lo, horizon, n_test) + self.alpha_center
             beta = np.asarray(rows @ add).reshape(hi - lo, horizon, n_test)
             active = np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]
-            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active)
+            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active, self.loss_floor_)
         return out
 
     def _default_schedule(self, n_steps: int) -> np.ndarray:
@@ -286,6 +293,7 @@ class SimfluenceLinear(Simulator):
             "lr_reference_": self.lr_reference_,
             "lam_": self.lam_,
             "momentum_": self.momentum_,
+            "loss_floor_": self.loss_floor_,
             "validation_": self.validation_,
         }
 
@@ -296,6 +304,7 @@ def unroll(
     initial: np.ndarray,
     momentum: float = 0.0,
     active: np.ndarray | None = None,
+    floor: float | None = None,
 ) -> np.ndarray:
     """Run ``v_t = mu v_{t-1} + (alpha_t - 1) L_{t-1} + beta_t``, ``L_t = L_{t-1} + v_t`` from ``v_0 = 0``.
 
@@ -307,6 +316,8 @@ def unroll(
     initial : (n_curricula, n_test).
     momentum : velocity decay mu.
     active : (n_curricula, T) bool; at inactive steps (after a curriculum's end) the loss is held.
+    floor : lower bound of the loss (0 for non-negative losses); a step that would cross it stops there
+        and its velocity becomes the change actually made.
 
     Returns
     -------
@@ -322,6 +333,9 @@ def unroll(
             if active is not None:
                 velocity *= active[:, t, None]
             out[:, t + 1] = out[:, t] + velocity
+            if floor is not None:
+                np.maximum(out[:, t + 1], floor, out=out[:, t + 1])
+                velocity = out[:, t + 1] - out[:, t]
     return out
 
 
