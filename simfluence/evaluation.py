@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import trajectory_metrics

@@ -44,8 +44,8 @@ def verdicts(metrics: dict[str, dict[str, float]], baseline: str = BASELINE) -> 
                          f"({base / mse:.2f}x lower); rho_runs {scores['rho_runs']:.3f}.")
         else:
             lines.append(f"- **{method}** LOSES to the mean curve: all-steps MSE {mse:.4g} vs {base:.4g} "
-                         f"({mse / base:.2f}x higher), so it has not learned how curricula change the losses "
-                         f"beyond the average; rho_runs {scores['rho_runs']:.3f}.")
+                         f"({mse / base:.2f}x higher): its loss curves are further off than ignoring the curriculum "
+                         f"altogether; rho_runs {scores['rho_runs']:.3f} says how well it still ranks curricula.")
     return lines
 
 

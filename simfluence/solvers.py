@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from simfluence.errors import SimfluenceError
 
@@ -57,7 +58,7 @@ def choose_solver(n_features: int, n_test: int, multiplicative: bool) -> str:
     """
     if not multiplicative:
         return "direct" if n_features <= 3000 else "cg"
-    return "direct" if 2 * n_features * max(n_test, 1) <= 20_000 or 2 * n_features <= 200 else "cg"
+    return "direct" if 2 * n_features <= 200 else "cg"
 
 
 def solve_ridge(
@@ -177,7 +178,8 @@ def _direct_multiplicative(
         gram[:, n_features:, n_features:] = blocks[2 * k]
         gram[:, np.arange(size), np.arange(size)] += penalty
         rhs = np.concatenate([rhs_mult[:, lo:hi], rhs_add[:, lo:hi]], axis=0).T[:, :, None]
-        theta[:, lo:hi] = np.linalg.solve(gram, rhs)[:, :, 0].T
+        with threadpool_limits(1):  # many small solves: BLAS threads only contend (10-40x slower under load)
+            theta[:, lo:hi] = np.linalg.solve(gram, rhs)[:, :, 0].T
     return theta
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from simfluence._io import atomic_write_bytes
 from simfluence.curriculum import Curriculum
