@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/simfluence demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check simfluence tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest
