@@ -254,7 +254,13 @@ class SimfluenceLinear(Simulator):
         curricula: Curriculum | Sequence[Curriculum],
         initial_losses: np.ndarray,
         learning_rates: Sequence[np.ndarray] | None = None,
+        clip: bool = True,
     ) -> np.ndarray:
+        """Predict loss trajectories (see :meth:`Simulator.simulate`).
+
+        ``clip=False`` ignores the ``clip_negative`` floor (the plain linear dynamics, which the exact
+        leave-one-out of :mod:`simfluence.simulators.loo` reproduces).
+        """
         self.check_fitted()
         curricula = as_curricula(curricula)
         n_test = self.A_.shape[1]
@@ -276,7 +282,8 @@ class SimfluenceLinear(Simulator):
             alpha = np.asarray(rows @ mult).reshape(hi - lo, horizon, n_test) + self.alpha_center
             beta = np.asarray(rows @ add).reshape(hi - lo, horizon, n_test)
             active = np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]
-            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active, self.loss_floor_)
+            floor = self.loss_floor_ if clip else None
+            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active, floor)
         return out
 
     def _default_schedule(self, n_steps: int) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""Exact leave-one-out for the Simfluence-Linear family, for every pool example at once.
+
+Removing pool example i from a curriculum changes only the steps where i appears. Each step of a
+linear simulator is an affine map of the state ``s = (L, v)`` (loss and velocity)::
+
+    s_t = M_t s_{t-1} + c_t,    M_t = [[alpha_t, mu], [alpha_t - 1, mu]],    c_t = [beta_t, beta_t]
+
+(with ``mu = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``). So the leave-one-out state is the logged
+(base) state up to i's first occurrence, the edited map at each occurrence, and the *unchanged* maps in
+between. The maps in between are composed from a table of maps over 1, 2, 4, ... steps (binary
+lifting), so each example costs O(occurrences x log T) map compositions instead of a T-step rollout, and
+no map is ever inverted: zero or negative alpha needs no special care (no division, no logarithm).
+
+The result equals re-simulating every leave-one-out curriculum (to rounding), for the unclipped
+dynamics: a simulator with ``clip_negative`` is compared with ``simulate(..., clip=False)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from simfluence.curriculum import Curriculum
+from simfluence.errors import SimfluenceError
+
+_CHUNK_BYTES = 256 * 2**20
+
+
+def step_coefficients(
+    sim, curriculum: Curriculum, learning_rates: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The per-step pieces of ``alpha_t`` and ``beta_t`` of a fitted ``SimfluenceLinear`` on one curriculum.
+
+    Returns
+    -------
+    dict with ``lr_weight`` (T,), ``size`` (T,) batch sizes, ``pool_alpha``/``pool_beta`` (T, n_test) the
+    lr-weighted sums of A and B over the batch (before any batch-mean division), ``alpha``/``beta``
+    (T, n_test) the full coefficients.
+    """
+    sim.check_fitted()
+    n_steps = curriculum.n_steps
+    if curriculum.ids.size and curriculum.ids.max() >= sim.A_.shape[0]:
+        raise SimfluenceError(f"curriculum uses pool id {int(curriculum.ids.max())}, outside the fitted pool")
+    lr_weight = np.ones(n_steps)
+    if sim.lr_reference_ is not None:
+        lrs = sim._default_schedule(n_steps) if learning_rates is None else np.asarray(learning_rates, float)
+        if lrs.shape != (n_steps,) or not np.isfinite(lrs).all():
+            raise SimfluenceError(f"need {n_steps} finite learning rates for this curriculum")
+        lr_weight = lrs / sim.lr_reference_
+    counts = curriculum.to_csr(sim.A_.shape[0])
+    pool_alpha = np.asarray(counts @ sim.A_) * lr_weight[:, None]
+    pool_beta = np.asarray(counts @ sim.B_) * lr_weight[:, None]
+    size = curriculum.batch_sizes.astype(np.float64)
+    if sim.n_step_terms_:
+        index = np.minimum(np.arange(1, n_steps + 1), sim.n_step_terms_) - 1
+        step_alpha, step_beta = sim.step_alpha_[index], sim.step_beta_[index]
+    else:
+        step_alpha = step_beta = np.zeros_like(pool_alpha)
+    divisor = _divisor(size, sim.batch_mean)[:, None]
+    return {
+        "lr_weight": lr_weight,
+        "size": size,
+        "pool_alpha": pool_alpha,
+        "pool_beta": pool_beta,
+        "step_alpha": step_alpha,
+        "step_beta": step_beta,
+        "alpha": sim.alpha_center + step_alpha + pool_alpha / divisor,
+        "beta": step_beta + pool_beta / divisor,
+    }
+
+
+def _divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
+    """What pool sums are divided by: the batch size for batch-mean models (1 for an empty batch), else 1."""
+    if not batch_mean:
+        return np.ones_like(size)
+    return np.where(size > 0, size, 1.0)
+
+
+def _maps(alpha: np.ndarray, beta: np.ndarray, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """Affine maps of the state (L, v): matrices (..., 2, 2) and offsets (..., 2)."""
+    matrix = np.empty(alpha.shape + (2, 2))
+    matrix[..., 0, 0] = alpha
+    matrix[..., 0, 1] = momentum
+    matrix[..., 1, 0] = alpha - 1.0
+    matrix[..., 1, 1] = momentum
+    offset = np.stack([beta, beta], axis=-1)
+    return matrix, offset
+
+
+def _lifting_table(matrix: np.ndarray, offset: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Level j holds, for every start a, the map of steps a+1 .. a+2^j (valid where a + 2^j <= T)."""
+    table = [(matrix, offset)]
+    n_steps = matrix.shape[0]
+    span = 1
+    while 2 * span <= n_steps:
+        prev_matrix, prev_offset = table[-1]
+        count = n_steps - 2 * span + 1
+        first_m, first_c = prev_matrix[:count], prev_offset[:count]
+        second_m, second_c = prev_matrix[span : span + count], prev_offset[span : span + count]
+        table.append((second_m @ first_m, np.einsum("...ij,...j->...i", second_m, first_c) + second_c))
+        span *= 2
+    return table
+
+
+def _advance(
+    table: list[tuple[np.ndarray, np.ndarray]], state: np.ndarray, start: np.ndarray, length: np.ndarray
+) -> np.ndarray:
+    """Apply the unchanged maps of steps start+1 .. start+length to each row of ``state`` (n, n_test, 2)."""
+    position = start.copy()
+    for level, (matrix, offset) in enumerate(table):
+        take = np.flatnonzero((length >> level) & 1)
+        if take.size:
+            at = position[take]
+            state[take] = np.einsum("qmij,qmj->qmi", matrix[at], state[take]) + offset[at]
+            position[take] += 1 << level
+    return state
+
+
+def linear_loo(
+    sim,
+    curriculum: Curriculum,
+    initial_losses: np.ndarray,
+    learning_rates: np.ndarray | None = None,
+    step: int | None = None,
+) -> np.ndarray:
+    """Loss change at ``step`` when each pool example is removed from every batch it appears in.
+
+    Parameters
+    ----------
+    sim : a fitted ``SimfluenceLinear`` (any options).
+    curriculum : the base curriculum (T steps).
+    initial_losses : (n_test,) losses at step 0.
+    learning_rates : (T,) learning rate per step (default: the schedule seen in fitting).
+    step : the step whose loss is compared (default T, the final step).
+
+    Returns
+    -------
+    (n_pool, n_test) float64: predicted loss without example i minus predicted loss with it (positive:
+    removing i would raise the loss, i.e. i helps); zero rows for examples absent from the curriculum.
+    """
+    coef = step_coefficients(sim, curriculum, learning_rates)
+    n_steps = curriculum.n_steps
+    step = n_steps if step is None else int(step)
+    if not 0 <= step <= n_steps:
+        raise SimfluenceError(f"step {step} outside 0..{n_steps}")
+    n_pool, n_test = sim.A_.shape
+    initial = np.asarray(initial_losses, dtype=np.float64).reshape(-1)
+    if initial.shape != (n_test,):
+        raise SimfluenceError(f"initial_losses has {initial.size} values for {n_test} test examples")
+    effects = np.zeros((n_pool, n_test))
+    if step == 0 or n_steps == 0:
+        return effects
+
+    counts = curriculum.to_csr(n_pool)[:step].tocsc()  # occurrences up to `step`, grouped by example
+    counts.sum_duplicates()
+    per_example = np.diff(counts.indptr)
+    examples = np.flatnonzero(per_example)
+    if examples.size == 0:
+        return effects
+    occ_step = counts.indices + 1  # 1-based step of every occurrence, sorted within each example
+    occ_count = counts.data
+    first = counts.indptr[examples]
+    n_occ = per_example[examples]
+
+    momentum = float(getattr(sim, "momentum_", 0.0) or 0.0)
+    chunk = max(1, _CHUNK_BYTES // (8 * 6 * n_steps * max(1, int(np.log2(n_steps)) + 1)))
+    for lo in range(0, n_test, chunk):  # chunks of test examples bound the lifting table's memory
+        hi = min(n_test, lo + chunk)
+        matrix, offset = _maps(coef["alpha"][:, lo:hi], coef["beta"][:, lo:hi], momentum)
+        table = _lifting_table(matrix, offset)
+        base = np.empty((n_steps + 1, hi - lo, 2))  # unclipped base trajectory: (L_t, v_t)
+        base[0] = np.stack([initial[lo:hi], np.zeros(hi - lo)], axis=-1)
+        for t in range(n_steps):  # one pass over T for the base curriculum only
+            base[t + 1] = np.einsum("mij,mj->mi", matrix[t], base[t]) + offset[t]
+
+        start = occ_step[first] - 1
+        state = base[start].copy()  # (n_examples, n_chunk, 2): base state just before the first occurrence
+        position = start.copy()
+        for rank in range(int(n_occ.max())):  # occurrences in order; all examples at once
+            live = np.flatnonzero(n_occ > rank)
+            at = occ_step[first[live] + rank]
+            state[live] = _advance(table, state[live], position[live], at - 1 - position[live])
+            alpha, beta = _edited_coefficients(sim, coef, examples[live], at, occ_count[first[live] + rank], lo, hi)
+            edited_m, edited_c = _maps(alpha, beta, momentum)
+            state[live] = np.einsum("qmij,qmj->qmi", edited_m, state[live]) + edited_c
+            position[live] = at
+        state = _advance(table, state, position, step - position)
+        effects[examples, lo:hi] = state[..., 0] - base[step, :, 0]
+    return effects
+
+
+def _edited_coefficients(
+    sim, coef: dict[str, np.ndarray], examples: np.ndarray, steps: np.ndarray, counts: np.ndarray, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """alpha_t, beta_t of the given steps with ``counts`` copies of the given examples removed."""
+    index = steps - 1
+    weight = (coef["lr_weight"][index] * counts)[:, None]
+    pool_alpha = coef["pool_alpha"][index, lo:hi] - weight * sim.A_[examples, lo:hi]
+    pool_beta = coef["pool_beta"][index, lo:hi] - weight * sim.B_[examples, lo:hi]
+    divisor = _divisor(coef["size"][index] - counts, sim.batch_mean)[:, None]
+    alpha = sim.alpha_center + coef["step_alpha"][index, lo:hi] + pool_alpha / divisor
+    beta = coef["step_beta"][index, lo:hi] + pool_beta / divisor
+    return alpha, beta
