@@ -250,6 +250,149 @@ def plot_command(
         click.echo(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------------ counterfactuals
+def _id_lookup(ids: list, what: str) -> dict[str, int]:
+    return {str(value): index for index, value in enumerate(ids)}
+
+
+def _internal_ids(text: str, lookup: dict[str, int], what: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in lookup]
+    if unknown:
+        raise SimfluenceError(f"unknown {what} id {unknown[0]!r}")
+    return [lookup[part] for part in parts]
+
+
+def _translate_edit(text: str, pool: dict[str, int]) -> str:
+    """An edit written with external pool ids -> the same edit with internal positions."""
+    kind, _, rest = text.strip().partition(":")
+    if kind in ("remove", "keep"):
+        return f"{kind}:" + ",".join(map(str, _internal_ids(rest, pool, "pool")))
+    if kind in ("duplicate", "move"):
+        example, sep, step = rest.partition("@")
+        return f"{kind}:{_internal_ids(example, pool, 'pool')[0]}{sep}{step}"
+    if kind == "replace":
+        old, _, new = rest.partition(">")
+        return f"replace:{_internal_ids(old, pool, 'pool')[0]}>{_internal_ids(new, pool, 'pool')[0]}"
+    return text.strip()
+
+
+def _load_model_and_run(model: str, runset_dir: str, run_name: str):
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import load_simulator
+
+    simulator = load_simulator(model)
+    runset = RunSet.load(runset_dir)
+    run = runset[run_name]
+    lrs = run.learning_rates if np.isfinite(run.learning_rates).all() else None
+    return simulator, runset, run, lrs
+
+
+@cli.command("whatif")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_name", required=True, help="Run whose curriculum is the base.")
+@click.option("--remove", help="Pool ids to remove from every batch (comma-separated).")
+@click.option("--keep", help="Keep only these pool ids.")
+@click.option("--duplicate", help="ID or ID@STEP: add another occurrence.")
+@click.option("--move", help="ID@STEP: move the first occurrence of ID to STEP.")
+@click.option("--swap", help="A,B: swap the batches of steps A and B.")
+@click.option("--reverse", is_flag=True, help="Reverse the order of the batches.")
+@click.option("--scenario", "scenarios", multiple=True,
+              help="Extra scenario: edits separated by ';', e.g. 'remove:12,40;reverse' (repeatable).")
+@click.option("--tests", help="Test ids to show (default: the 5 most changed).")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write scenario,step,test,loss,change.")
+def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, swap, reverse, scenarios, tests,
+                   csv_out) -> None:
+    """Predict a logged run's curriculum with edits; compare every scenario with the base."""
+    import pandas as pd
+
+    from simfluence.counterfactual import whatif
+
+    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
+    pool = _id_lookup(runset.pool_ids, "pool")
+    edits = [f"{kind}:{value}" for kind, value in
+             (("remove", remove), ("keep", keep), ("duplicate", duplicate), ("move", move), ("swap", swap))
+             if value] + (["reverse"] if reverse else [])
+    named = {}
+    if edits:
+        named["edited"] = [_translate_edit(edit, pool) for edit in edits]
+    for text in scenarios:
+        named[text] = [_translate_edit(edit, pool) for edit in text.split(";") if edit.strip()]
+    if not named:
+        raise SimfluenceError("no edits given (use --remove, --keep, --duplicate, --move, --swap, --reverse "
+                              "or --scenario)")
+    result = whatif(simulator, run.curriculum, named, run.initial_losses, lrs, test_ids=runset.test_ids)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        click.echo(result.summary().to_string(float_format=lambda v: f"{v:.4f}"))
+        final = result.final()
+        if tests:
+            columns = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test")
+        else:
+            columns = list(np.argsort(-np.abs(result.change[1:, -1]).max(axis=0))[:5])
+        click.echo("\npredicted final loss of selected test examples:")
+        click.echo(final.iloc[:, columns].to_string(float_format=lambda v: f"{v:.4f}"))
+    if csv_out:
+        atomic_write_bytes(csv_out, result.frame().to_csv(index=False).encode())
+        click.echo(f"wrote {csv_out}")
+
+
+@cli.command("loo")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_name", required=True, help="Run whose curriculum is the base.")
+@click.option("--top", default=10, show_default=True, help="How many helpful and harmful examples to list.")
+@click.option("--tests", help="Average the effect over these test ids (default: all).")
+@click.option("--step", type=int, default=None, help="Compare losses at this step (default: the final one).")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write test,pool,effect,rank for all.")
+def loo_command(model, runset_dir, run_name, top, tests, step, csv_out) -> None:
+    """Leave-one-out effect of every pool example of a run's curriculum (exact and fast for linear models)."""
+    from simfluence.counterfactual import loo_effects
+
+    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
+    chosen = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests else None
+    effects = loo_effects(simulator, run.curriculum, run.initial_losses, lrs, step=step,
+                          pool_ids=runset.pool_ids, test_ids=runset.test_ids)
+    target = "all test examples" if chosen is None else f"test {tests}"
+    click.echo(f"effect on the loss of {target} of removing each example (positive: it helps)")
+    click.echo(effects.top(top, chosen).to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
+    if csv_out:
+        atomic_write_bytes(csv_out, effects.frame().to_csv(index=False).encode())
+        click.echo(f"wrote {csv_out}")
+
+
+@cli.command("search")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_name", required=True, help="Run whose curriculum is the starting point.")
+@click.option("--tests", required=True, help="Target test ids (comma-separated).")
+@click.option("--drop", type=int, default=None, help="Remove at most K examples.")
+@click.option("--subset", "subset_size", type=int, default=None, help="Keep M distinct examples.")
+@click.option("--maximize", is_flag=True, help="Raise the targets' loss instead of lowering it.")
+@click.option("--per-round", default=1, show_default=True, help="Examples removed per greedy round.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+def search_command(model, runset_dir, run_name, tests, drop, subset_size, maximize, per_round, json_out) -> None:
+    """Greedy curriculum search: which examples to drop to lower (or raise) chosen test losses."""
+    from simfluence.counterfactual import search_curriculum
+
+    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
+    targets = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test")
+    result = search_curriculum(simulator, run.curriculum, run.initial_losses, targets, drop=drop,
+                               subset_size=subset_size, maximize=maximize, per_round=per_round,
+                               learning_rates=lrs)
+    removed = [runset.pool_ids[i] for i in result.removed]
+    click.echo(f"removed {len(removed)} examples: {', '.join(map(str, removed[:50]))}"
+               + (" ..." if len(removed) > 50 else ""))
+    click.echo(f"predicted mean final loss of the targets: {result.objective[0]:.4f} -> {result.objective[-1]:.4f}"
+               f" ({result.predicted_change:+.4f})")
+    if json_out:
+        atomic_write_json(json_out, {
+            "run": run.name, "tests": [runset.test_ids[i] for i in targets], "removed": removed,
+            "objective": [float(v) for v in result.objective], "predicted_change": result.predicted_change,
+        })
+        click.echo(f"wrote {json_out}")
+
+
 # ------------------------------------------------------------------------------------------ demo
 @cli.command("demo")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),

@@ -120,3 +120,27 @@ def test_generate_digits_tiny(tmp_path):
 
     runset = RunSet.load(out)
     assert len(runset) == 2 and runset[0].n_steps == 4 and runset.n_test == 5
+
+
+def test_counterfactual_commands(runset_dir, tmp_path, capsys):
+    model = tmp_path / "model.npz"
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
+    csv = tmp_path / "whatif.csv"
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--remove", "1,2", "--scenario", "reverse",
+                 "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "edited" in out and "reverse" in out
+    assert csv.read_text().splitlines()[0] == "scenario,step,test,loss,change"
+    loo_csv = str(tmp_path / "loo.csv")
+    assert main(["loo", str(model), runset_dir, "--run", "run-009", "--top", "3", "--csv", loo_csv]) == 0
+    assert "helps" in capsys.readouterr().out
+    result = tmp_path / "search.json"
+    assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--drop", "3",
+                 "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["predicted_change"] <= 0
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--remove", "999"]) == 2
+    assert "unknown pool id '999'" in capsys.readouterr().err
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009"]) == 2
+    assert "no edits given" in capsys.readouterr().err
+    assert main(["loo", str(model), runset_dir, "--run", "run-nope"]) == 2
+    assert "no run named 'run-nope'" in capsys.readouterr().err
