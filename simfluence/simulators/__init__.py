@@ -14,19 +14,27 @@ from simfluence.simulators.base import REGISTRY, Simulator, load_simulator, roll
 from simfluence.simulators.linear import SimfluenceAdditive, SimfluenceLinear
 from simfluence.simulators.mean_curve import MeanCurve
 
+
+def preset(cls: type[Simulator], **fixed: Any) -> Callable[..., Simulator]:
+    """A factory of ``cls`` with preset hyper-parameters that keyword arguments may override."""
+
+    def build(**params: Any) -> Simulator:
+        return cls(**{**fixed, **params})
+
+    return build
+
+
 METHODS: dict[str, Callable[..., Simulator]] = {
     "mean_curve": MeanCurve,
     "additive": SimfluenceAdditive,
     "linear": SimfluenceLinear,
     # alpha shrunk towards 1 instead of 0, otherwise the paper's model
-    "linear_res": lambda **kw: SimfluenceLinear(alpha_center=1.0, **kw),
+    "linear_res": preset(SimfluenceLinear, alpha_center=1.0),
     # time-aware: per-step terms shared across runs, effects scaled by the learning rate
-    "linear_step": lambda **kw: SimfluenceLinear(
-        alpha_center=1.0, step_terms=True, lr_scaled="auto", clip_negative=True, **kw
-    ),
+    "linear_step": preset(SimfluenceLinear, alpha_center=1.0, step_terms=True, lr_scaled="auto", clip_negative=True),
     # time- and optimizer-aware: linear_step plus a velocity (momentum) chosen on validation runs
-    "linear_mom": lambda **kw: SimfluenceLinear(
-        alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", clip_negative=True, **kw
+    "linear_mom": preset(
+        SimfluenceLinear, alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", clip_negative=True
     ),
 }
 DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")

@@ -20,6 +20,7 @@ import numpy as np
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
+from simfluence.simulators.linear import unroll
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -74,44 +75,52 @@ def _divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
     return np.where(size > 0, size, 1.0)
 
 
-def _maps(alpha: np.ndarray, beta: np.ndarray, momentum: float) -> tuple[np.ndarray, np.ndarray]:
-    """Affine maps of the state (L, v): matrices (..., 2, 2) and offsets (..., 2)."""
-    matrix = np.empty(alpha.shape + (2, 2))
-    matrix[..., 0, 0] = alpha
-    matrix[..., 0, 1] = momentum
-    matrix[..., 1, 0] = alpha - 1.0
-    matrix[..., 1, 1] = momentum
-    offset = np.stack([beta, beta], axis=-1)
-    return matrix, offset
+def _maps(alpha: np.ndarray, beta: np.ndarray, momentum: float) -> np.ndarray:
+    """Affine maps of the state (L, v) as a stack of components ``(m00, m01, m10, m11, c0, c1)``: (6, ...)."""
+    return np.stack([alpha, np.full_like(alpha, momentum), alpha - 1.0, np.full_like(alpha, momentum), beta, beta])
 
 
-def _lifting_table(matrix: np.ndarray, offset: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Level j holds, for every start a, the map of steps a+1 .. a+2^j (valid where a + 2^j <= T)."""
-    table = [(matrix, offset)]
-    n_steps = matrix.shape[0]
+def _compose(second: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The map ``second o first`` (apply ``first``, then ``second``), component-wise over any batch shape."""
+    g00, g01, g10, g11, g0, g1 = second
+    f00, f01, f10, f11, f0, f1 = first
+    return np.stack([
+        g00 * f00 + g01 * f10, g00 * f01 + g01 * f11,
+        g10 * f00 + g11 * f10, g10 * f01 + g11 * f11,
+        g00 * f0 + g01 * f1 + g0, g10 * f0 + g11 * f1 + g1,
+    ])
+
+
+def _apply(maps: np.ndarray, loss: np.ndarray, velocity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m00, m01, m10, m11, c0, c1 = maps
+    return m00 * loss + m01 * velocity + c0, m10 * loss + m11 * velocity + c1
+
+
+def _lifting_table(maps: np.ndarray) -> list[np.ndarray]:
+    """Level j holds, for every start a, the map of steps a+1 .. a+2^j (valid where a + 2^j <= T): (6, T', n)."""
+    table = [maps]
+    n_steps = maps.shape[1]
     span = 1
     while 2 * span <= n_steps:
-        prev_matrix, prev_offset = table[-1]
+        prev = table[-1]
         count = n_steps - 2 * span + 1
-        first_m, first_c = prev_matrix[:count], prev_offset[:count]
-        second_m, second_c = prev_matrix[span : span + count], prev_offset[span : span + count]
-        table.append((second_m @ first_m, np.einsum("...ij,...j->...i", second_m, first_c) + second_c))
+        table.append(_compose(prev[:, span : span + count], prev[:, :count]))
         span *= 2
     return table
 
 
 def _advance(
-    table: list[tuple[np.ndarray, np.ndarray]], state: np.ndarray, start: np.ndarray, length: np.ndarray
-) -> np.ndarray:
-    """Apply the unchanged maps of steps start+1 .. start+length to each row of ``state`` (n, n_test, 2)."""
+    table: list[np.ndarray], loss: np.ndarray, velocity: np.ndarray, start: np.ndarray, length: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the unchanged maps of steps start+1 .. start+length to each row of (loss, velocity): (n, n_test)."""
     position = start.copy()
-    for level, (matrix, offset) in enumerate(table):
+    for level, maps in enumerate(table):
         take = np.flatnonzero((length >> level) & 1)
         if take.size:
             at = position[take]
-            state[take] = np.einsum("qmij,qmj->qmi", matrix[at], state[take]) + offset[at]
+            loss[take], velocity[take] = _apply(maps[:, at], loss[take], velocity[take])
             position[take] += 1 << level
-    return state
+    return loss, velocity
 
 
 def linear_loo(
@@ -164,26 +173,26 @@ def linear_loo(
     chunk = max(1, _CHUNK_BYTES // (8 * 6 * n_steps * max(1, int(np.log2(n_steps)) + 1)))
     for lo in range(0, n_test, chunk):  # chunks of test examples bound the lifting table's memory
         hi = min(n_test, lo + chunk)
-        matrix, offset = _maps(coef["alpha"][:, lo:hi], coef["beta"][:, lo:hi], momentum)
-        table = _lifting_table(matrix, offset)
-        base = np.empty((n_steps + 1, hi - lo, 2))  # unclipped base trajectory: (L_t, v_t)
-        base[0] = np.stack([initial[lo:hi], np.zeros(hi - lo)], axis=-1)
-        for t in range(n_steps):  # one pass over T for the base curriculum only
-            base[t + 1] = np.einsum("mij,mj->mi", matrix[t], base[t]) + offset[t]
+        maps = _maps(coef["alpha"][:, lo:hi], coef["beta"][:, lo:hi], momentum)
+        table = _lifting_table(maps)
+        base_loss = unroll(coef["alpha"][None, :, lo:hi], coef["beta"][None, :, lo:hi], initial[None, lo:hi],
+                           momentum)[0]  # (T + 1, n_chunk) unclipped base trajectory
+        base_velocity = np.zeros_like(base_loss)
+        base_velocity[1:] = np.diff(base_loss, axis=0)
 
         start = occ_step[first] - 1
-        state = base[start].copy()  # (n_examples, n_chunk, 2): base state just before the first occurrence
+        loss, velocity = base_loss[start].copy(), base_velocity[start].copy()  # just before the first occurrence
         position = start.copy()
         for rank in range(int(n_occ.max())):  # occurrences in order; all examples at once
             live = np.flatnonzero(n_occ > rank)
             at = occ_step[first[live] + rank]
-            state[live] = _advance(table, state[live], position[live], at - 1 - position[live])
+            gap = at - 1 - position[live]
+            part_loss, part_velocity = _advance(table, loss[live], velocity[live], position[live], gap)
             alpha, beta = _edited_coefficients(sim, coef, examples[live], at, occ_count[first[live] + rank], lo, hi)
-            edited_m, edited_c = _maps(alpha, beta, momentum)
-            state[live] = np.einsum("qmij,qmj->qmi", edited_m, state[live]) + edited_c
+            loss[live], velocity[live] = _apply(_maps(alpha, beta, momentum), part_loss, part_velocity)
             position[live] = at
-        state = _advance(table, state, position, step - position)
-        effects[examples, lo:hi] = state[..., 0] - base[step, :, 0]
+        loss, velocity = _advance(table, loss, velocity, position, step - position)
+        effects[examples, lo:hi] = loss - base_loss[step]
     return effects
 
 

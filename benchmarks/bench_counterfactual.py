@@ -1,0 +1,122 @@
+"""Benchmark: exact fast leave-one-out vs N separate (batched) rollouts, and curricula simulated per second.
+
+On the digits workload (generated into a cache folder on first use), fits a simulator on the training
+runs, then for a held-out run's curriculum computes the effect of removing each of the N pool examples
+(a) with ``simfluence.simulators.loo.linear_loo`` and (b) by simulating the N leave-one-out curricula in
+batches, and reports both times and the largest difference. Also times ``simulate`` on 1,000 random
+curricula of the default size. Prints a markdown table and records it in ``benchmarks/RESULTS.md``.
+
+    python benchmarks/bench_counterfactual.py            # default digits sizes
+    python benchmarks/bench_counterfactual.py --quick    # small smoke run (not recorded)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+SECTION = "## Counterfactuals: exact leave-one-out vs N rollouts; curricula per second"
+
+
+def _time(fn, repeat: int = 3) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def run(args: argparse.Namespace) -> str:
+    from simfluence.curriculum import random_curricula
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import make_simulator
+    from simfluence.simulators.loo import linear_loo
+    from simfluence.workloads import generate_digits
+
+    sizes = dict(n_runs=12, n_steps=60, pool_size=120, test_size=30) if args.quick else {}
+    cache = Path(args.cache)
+    generate_digits(cache, progress=False, **sizes)
+    runset = RunSet.load(cache)
+    n = len(runset)
+    rows = []
+    for method in args.methods:
+        sim = make_simulator(method, lam=1.0, **({"momentum": 0.8} if method == "linear_mom" else {}))
+        sim.fit(runset, runs=range(n - 8 if n > 8 else n - 1))
+        run = runset[n - 1]
+        cur, initial, lrs = run.curriculum, run.initial_losses, run.learning_rates
+        fast_s, fast = _time(lambda sim=sim, cur=cur, initial=initial, lrs=lrs: linear_loo(sim, cur, initial, lrs))
+        n_pool = runset.n_pool
+        present = np.flatnonzero(cur.counts(n_pool) > 0)  # absent examples have no effect: not re-simulated
+        edited = [cur.remove([int(i)]) for i in present]
+
+        def brute(sim=sim, cur=cur, initial=initial, lrs=lrs, edited=edited):
+            base = sim.simulate(cur, initial, [lrs], clip=False)[0, -1]
+            out = sim.simulate(edited, initial, [lrs] * len(edited), clip=False)[:, -1]
+            return out - base
+
+        brute_s, slow = _time(brute, repeat=2)
+        diff = float(np.abs(fast[present] - slow).max())
+        rows.append((method, f"{present.size} of {n_pool}", cur.n_steps, runset.n_test, brute_s, fast_s,
+                     brute_s / fast_s, diff, float(np.abs(slow).max())))
+
+    sim = make_simulator("linear_mom", lam=1.0, momentum=0.8).fit(runset, runs=range(n - 1))
+    n_cur = 200 if args.quick else 1000
+    curricula = random_curricula(n_cur, runset.n_pool, 8, runset[0].n_steps,
+                                 subset_size=runset.n_pool // 2, seed=0)
+    sim_s, _ = _time(lambda: sim.simulate(curricula, runset[0].initial_losses), repeat=2)
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        SECTION,
+        "",
+        f"Recorded {now} by `python benchmarks/bench_counterfactual.py{' --quick' if args.quick else ''}` on "
+        f"{os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, numpy {np.__version__}.",
+        f"Run set: digits workload, {n} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, "
+        f"{runset.n_test} test examples; simulator fitted on the first runs, queries on the last run's curriculum.",
+        "",
+        "| simulator | examples in the curriculum | T | tests | N batched rollouts (s) | exact LOO (s) | speed-up "
+        "| max abs diff | max abs effect |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, n_pool, steps, n_test, brute_s, fast_s, ratio, diff, scale in rows:
+        lines.append(f"| {method} | {n_pool} | {steps} | {n_test} | {brute_s:.3f} | {fast_s:.4f} | {ratio:.0f}x | "
+                     f"{diff:.1e} | {scale:.3g} |")
+    lines += [
+        "",
+        f"Simulation throughput (`linear_mom`, {n_cur} random curricula of {runset[0].n_steps} steps x batch 8, "
+        f"{runset.n_test} test examples, one batched call): {sim_s:.2f} s = **{n_cur / sim_s:,.0f} curricula/s**.",
+        "",
+        "Target (issue 5): exact leave-one-out >= 100x faster than N batched rollouts, same answers (1e-8).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, not recorded")
+    parser.add_argument("--methods", nargs="+", default=["linear", "linear_mom"])
+    parser.add_argument("--cache", default="/tmp/simfluence-bench-digits", help="digits run set (made if absent)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cache = args.cache + "-quick"
+    section = run(args)
+    print(section)
+    if not args.quick:
+        write_section(args.results, SECTION, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
