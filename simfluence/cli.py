@@ -393,6 +393,51 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, maximi
         click.echo(f"wrote {json_out}")
 
 
+@cli.command("verify")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", default="linear_mom", show_default=True, help="Simulator to check.")
+@click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs.")
+@click.option("--run", "run_name", default=None, help="Held-out base run (default: the last run).")
+@click.option("--tests", default=None, help="Target test ids (default: the 10 with the highest final loss).")
+@click.option("--k", default=10, show_default=True, help="Examples per edit.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for results and retrained runs.")
+@click.option("--workers", type=int, default=None, help="Parallel training processes.")
+def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers) -> None:
+    """Retrain real models on counterfactual curricula and compare with the simulator's predictions."""
+    import pandas as pd
+
+    from simfluence.evaluation import split_runs
+    from simfluence.plot import plot_verification
+    from simfluence.runlog import RunSet
+    from simfluence.simulators import make_simulator
+    from simfluence.verify import verify_counterfactuals
+
+    runset = RunSet.load(runset_dir)
+    train, heldout = split_runs(len(runset), holdout)
+    base = runset[run_name] if run_name else runset[heldout[-1]]
+    if runset.run_names.index(base.name) in train:
+        raise SimfluenceError(f"--run {base.name!r} is a training run; choose one of the last {holdout} runs")
+    targets = (_internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests
+               else [int(i) for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
+    click.echo(f"fitting {method} on {len(train)} runs")
+    simulator = make_simulator(method).fit(runset, runs=train)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = verify_counterfactuals(simulator, runset, base.name, targets, k=k, out=out_dir / "retrained",
+                                    workers=workers)
+    with pd.option_context("display.width", 160):
+        click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    click.echo(f"retraining the base curriculum reproduces the logged run to {result.base_reproduction:.1e}")
+    atomic_write_json(out_dir / "verify.json", {
+        "method": method, "run": base.name, "targets": [runset.test_ids[i] for i in targets], "k": k,
+        "base_reproduction": result.base_reproduction,
+        "table": [{key: (None if isinstance(value, float) and not np.isfinite(value) else value)
+                   for key, value in row.items()} for row in result.table.to_dict(orient="records")],
+    })
+    plot_verification(result.names, result.predicted, result.actual, result.tests, path=out_dir / "verify.png")
+    click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")
+
+
 # ------------------------------------------------------------------------------------------ demo
 @cli.command("demo")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),

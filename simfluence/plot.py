@@ -376,3 +376,50 @@ def plot_report(evaluation: Any, out_dir: str | os.PathLike, test_labels: Sequen
     plot_final_scatter(predicted, actual, mask, path=paths["final_scatter"])
     plot_error_over_steps(predicted, actual, mask, path=paths["error_over_steps"])
     return paths
+
+
+def plot_verification(
+    names: Sequence[str],
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    tests: Sequence[int] = (),
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Predicted vs actual change of every test example's final loss, one panel per counterfactual edit.
+
+    Parameters
+    ----------
+    names : (n_curricula,) curriculum names, the base first (the change is measured against it).
+    predicted, actual : (n_curricula, T + 1, n_test) simulated and retrained trajectories.
+    tests : target test positions, drawn in red.
+    path : optional PNG file to write.
+    """
+    pred_change = predicted[1:, -1] - predicted[:1, -1]
+    act_change = actual[1:, -1] - actual[:1, -1]
+    n_panels = len(names) - 1
+    rows, cols = _grid(n_panels, 3)
+    fig = Figure(figsize=(4.0 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    limit = float(np.nanmax(np.abs(np.concatenate([pred_change.ravel(), act_change.ravel()])))) * 1.05 or 1.0
+    targets = np.zeros(predicted.shape[2], dtype=bool)
+    targets[list(tests)] = True
+    for index, ax in enumerate(axes):
+        if index >= n_panels:
+            ax.set_visible(False)
+            continue
+        ax.axhline(0, color="0.85", lw=0.8)
+        ax.axvline(0, color="0.85", lw=0.8)
+        ax.plot([-limit, limit], [-limit, limit], color="0.5", lw=0.8, ls="--")
+        ax.scatter(act_change[index, ~targets], pred_change[index, ~targets], s=10, color="tab:blue", alpha=0.6,
+                   label="other tests")
+        ax.scatter(act_change[index, targets], pred_change[index, targets], s=18, color="tab:red", label="targets")
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_title(str(names[index + 1]), fontsize=10)
+        ax.set_xlabel("actual change of final loss")
+        ax.set_ylabel("predicted change")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Counterfactual curricula: predicted vs retrained (change against the base curriculum)")
+    _save(fig, path)
+    return fig
