@@ -18,3 +18,7 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     assert namespace["curves"].shape[0] == 3
     assert (tmp_path / "linear_mom.npz").exists()
     assert "rho_runs" in capsys.readouterr().out
+    counterfactuals = readme.split("## Counterfactual curricula", 1)[1]
+    block = re.search(r"```python\n(.*?)```", counterfactuals, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - continues the quickstart's session
+    assert namespace["best"].predicted_change <= 0
