@@ -387,6 +387,8 @@ def plot_verification(
 ) -> Figure:
     """Predicted vs actual change of every test example's final loss, one panel per counterfactual edit.
 
+    Each panel has its own symmetric scale, so one large edit does not flatten the others.
+
     Parameters
     ----------
     names : (n_curricula,) curriculum names, the base first (the change is measured against it).
@@ -400,13 +402,15 @@ def plot_verification(
     rows, cols = _grid(n_panels, 3)
     fig = Figure(figsize=(4.0 * cols, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    limit = float(np.nanmax(np.abs(np.concatenate([pred_change.ravel(), act_change.ravel()])))) * 1.05 or 1.0
     targets = np.zeros(predicted.shape[2], dtype=bool)
     targets[list(tests)] = True
     for index, ax in enumerate(axes):
         if index >= n_panels:
             ax.set_visible(False)
             continue
+        both = np.abs(np.concatenate([pred_change[index], act_change[index]]))
+        both = both[np.isfinite(both)]
+        limit = float(both.max()) * 1.05 if both.size and both.max() > 0 else 1.0
         ax.axhline(0, color="0.85", lw=0.8)
         ax.axvline(0, color="0.85", lw=0.8)
         ax.plot([-limit, limit], [-limit, limit], color="0.5", lw=0.8, ls="--")
