@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
-from simfluence.runlog import RunSet
+from simfluence.runlog import Run, RunSet
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,18 @@ def step_features(
     vals = np.concatenate(weights_list + [np.ones(r.size) for r in step_rows]) if rows_list else np.zeros(0)
     shape = (len(curricula) * n_steps, spec.n_features)
     return sp.csr_matrix((vals, (rows, cols)), shape=shape)  # duplicates are summed
+
+
+def mean_lr_schedule(runs: Sequence[Run]) -> np.ndarray:
+    """(max n_steps,) mean learning rate of each step over the runs that logged it (NaN where none did)."""
+    horizon = max(run.n_steps for run in runs)
+    schedule = np.full((len(runs), horizon), np.nan)
+    for row, run in enumerate(runs):  # a loop over runs, each one row
+        schedule[row, : run.n_steps] = run.learning_rates
+    known = np.isfinite(schedule)
+    counts = known.sum(axis=0)
+    return np.divide(np.where(known, schedule, 0.0).sum(axis=0), counts, out=np.full(horizon, np.nan),
+                     where=counts > 0)
 
 
 @dataclass

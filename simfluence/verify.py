@@ -111,8 +111,8 @@ def verify_counterfactuals(
     k : examples per edit.
     out : folder for the retrained runs (default: a temporary folder, removed afterwards).
     """
-    from simfluence.workloads import generate_runs
-    from simfluence.workloads.tasks import generator_init_seed, task_from_runset
+    from simfluence.workloads import generate_runs, task_from_runset
+    from simfluence.workloads.generator import generator_init_seed
 
     base_run = runset[run]
     task = task_from_runset(runset)

@@ -9,8 +9,7 @@ from simfluence.runlog import RunSet
 from simfluence.simulators import SimfluenceLinear
 from simfluence.synthetic import known_linear_runset
 from simfluence.verify import verify_counterfactuals
-from simfluence.workloads import generate_digits
-from simfluence.workloads.tasks import task_from_runset
+from simfluence.workloads import generate_digits, task_from_runset
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def test_rebuilt_task_matches_the_run_set(tiny_digits):
 
 def test_task_from_a_foreign_run_set_is_a_clear_error():
     runset, _, _ = known_linear_runset(n_pool=5, n_test=2, n_runs=2, n_steps=3)
-    with pytest.raises(SimfluenceError, match="does not come from a built-in workload"):
+    with pytest.raises(SimfluenceError, match="records no known workload"):
         task_from_runset(runset)
 
 

@@ -2,7 +2,8 @@
 
 ``make_simulator(name)`` builds one by the method name used on the command line; ``METHODS`` lists
 them. Learned: ``additive``, ``linear`` (the paper's Simfluence-Linear) and the time-aware extensions;
-baseline: ``mean_curve``.
+baseline: ``mean_curve``; gradient-based attribution methods with fixed effects (``tracin``, ``tracin_cos``,
+``influence``, ``trackstar``), which read the run set's checkpoints.
 """
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from typing import Any
 
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import REGISTRY, Simulator, load_simulator, rollout_runs
+from simfluence.simulators.gradient import (
+    FixedEffectsSimulator,
+    InfluenceSimulator,
+    TracInSimulator,
+    TrackStarSimulator,
+)
 from simfluence.simulators.linear import SimfluenceAdditive, SimfluenceLinear
 from simfluence.simulators.mean_curve import MeanCurve
 
@@ -36,6 +43,11 @@ METHODS: dict[str, Callable[..., Simulator]] = {
     "linear_mom": preset(
         SimfluenceLinear, alpha_center=1.0, step_terms=True, lr_scaled="auto", momentum="auto", clip_negative=True
     ),
+    # gradient-based attribution as additive simulators with fixed effects (read the run set's checkpoints)
+    "tracin": TracInSimulator,
+    "tracin_cos": preset(TracInSimulator, variant="cosine"),
+    "influence": InfluenceSimulator,
+    "trackstar": TrackStarSimulator,
 }
 DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")
 
@@ -49,6 +61,10 @@ def make_simulator(name: str, **params: Any) -> Simulator:
 
 __all__ = [
     "DEFAULT_METHODS",
+    "FixedEffectsSimulator",
+    "InfluenceSimulator",
+    "TracInSimulator",
+    "TrackStarSimulator",
     "METHODS",
     "REGISTRY",
     "MeanCurve",

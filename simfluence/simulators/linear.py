@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.design import FeatureSpec, Transitions, build_transitions, step_features
+from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, register, rollout_runs
@@ -170,20 +170,14 @@ class SimfluenceLinear(Simulator):
         self.n_pool_ = runset.n_pool
         self.n_test_ = runset.n_test
         horizon = max(run.n_steps for run in chosen)
-        schedule = np.full((len(chosen), horizon), np.nan)
-        for row, run in enumerate(chosen):
-            schedule[row, : run.n_steps] = run.learning_rates
-        known = np.isfinite(schedule)
-        counts = known.sum(axis=0)
-        self.lr_schedule_ = np.divide(
-            np.where(known, schedule, 0.0).sum(axis=0), counts, out=np.full(horizon, np.nan), where=counts > 0
-        )
+        self.lr_schedule_ = mean_lr_schedule(chosen)
+        every_step_known = all(np.isfinite(run.learning_rates).all() for run in chosen)
         self.lr_reference_ = None
         use_lr = self.lr_scaled
         if use_lr == "auto":
-            use_lr = bool(known.all()) and bool(np.all(schedule[known] > 0))
+            use_lr = every_step_known and bool(np.all(self.lr_schedule_ > 0))
         if use_lr:
-            if not known.any():
+            if not np.isfinite(self.lr_schedule_).any():
                 raise SimfluenceError("lr_scaled=True needs learning rates logged in the training runs")
             self.lr_reference_ = float(np.nanmean(self.lr_schedule_))
             if not self.lr_reference_ > 0:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from simfluence._io import atomic_write_bytes
 from simfluence.curriculum import Curriculum
-from simfluence.errors import RunLogError
+from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.runlog import MANIFEST, RunLogger, RunSet, read_run, run_status
 
 __all__ = ["Task", "WarmupCosine", "generate_runs", "default_run_names"]
@@ -357,3 +357,11 @@ def generate_runs(
     finally:
         bar.close()
     return RunSet.load(out)
+
+
+def generator_init_seed(runset: RunSet) -> int:
+    """The seed of the initial weights shared by a run set's runs (recorded by :func:`generate_runs`)."""
+    generator = runset.metadata.get("generator") or {}
+    if "init_seed" not in generator:
+        raise SimfluenceError("run-set metadata records no generator init_seed (not made by generate_runs?)")
+    return int(generator["init_seed"])

@@ -1,0 +1,40 @@
+"""Gradient-based training data attribution: per-example gradients, projection, TracIn, influence, TrackStar.
+
+The journey of this subpackage: a model and its per-example loss ``--gradients-->`` (n, n_params) per-example
+gradients (``torch.func``) ``--projection-->`` optional (n, d) random projections ``--tracin / influence /
+trackstar-->`` (n_pool, n_test) score matrices. Scores use one sign convention throughout: **positive means
+a proponent**, i.e. training on the pool example is predicted to *lower* the test example's loss.
+:mod:`simfluence.simulators.gradient` turns a score matrix into an additive training-run simulator.
+
+Nothing here reads run sets except :mod:`~simfluence.attribution.checkpoints`, which loads the saved model
+and optimizer states of a run.
+"""
+from __future__ import annotations
+
+from simfluence.attribution.checkpoints import Checkpoint, load_checkpoints
+from simfluence.attribution.gradients import (
+    ParameterSelection,
+    iter_per_example_gradients,
+    last_layer,
+    per_example_gradients,
+    select_parameters,
+)
+from simfluence.attribution.influence import influence_scores
+from simfluence.attribution.projection import GaussianProjection, projected_gradients
+from simfluence.attribution.tracin import tracin_scores
+from simfluence.attribution.trackstar import trackstar_scores
+
+__all__ = [
+    "Checkpoint",
+    "GaussianProjection",
+    "ParameterSelection",
+    "influence_scores",
+    "iter_per_example_gradients",
+    "last_layer",
+    "load_checkpoints",
+    "per_example_gradients",
+    "projected_gradients",
+    "select_parameters",
+    "tracin_scores",
+    "trackstar_scores",
+]

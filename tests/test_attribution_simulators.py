@@ -1,0 +1,137 @@
+"""Gradient-based methods as additive simulators: calibration, first-order agreement, save/load, evaluate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simfluence.attribution.checkpoints import load_checkpoints, model_at
+from simfluence.curriculum import random_curricula
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import evaluate
+from simfluence.runlog import Run, RunSet
+from simfluence.simulators import (
+    FixedEffectsSimulator,
+    InfluenceSimulator,
+    TracInSimulator,
+    TrackStarSimulator,
+    load_simulator,
+    make_simulator,
+)
+from simfluence.workloads import generate_digits, task_from_runset
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    """6 digits runs of 12 steps over a pool of 30, checkpoints at steps 0, 6 and 12."""
+    out = tmp_path_factory.mktemp("digits") / "ckpt"
+    return generate_digits(out, n_runs=6, n_steps=12, batch_size=4, pool_size=30, test_size=8,
+                           checkpoint_steps=(0, 6, 12), workers=1, progress=False)
+
+
+def known_scale_runset(scale, n_runs=6, n_steps=10, n_pool=12, n_test=4, seed=0):
+    """Runs whose losses follow a FixedEffectsSimulator with known scores and ``scale`` exactly."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(2, n_pool, n_test))
+    truth = FixedEffectsSimulator(clip_negative=False).set_scores(scores, [0, 5])
+    truth.scale_ = np.broadcast_to(np.asarray(scale, dtype=float), (n_test,)).copy()
+    truth.lr_schedule_ = np.full(n_steps, np.nan)
+    truth.loss_floor_, truth.fitted_ = None, True
+    curricula = random_curricula(n_runs, n_pool, 3, n_steps, seed=seed)
+    rates = [np.linspace(0.1, 0.02, n_steps) for _ in curricula]
+    initial = rng.uniform(2, 3, size=(n_runs, n_test))
+    losses = truth.simulate(curricula, initial, rates)
+    runs = [Run(f"run-{r}", curricula[r], np.arange(n_steps + 1), losses[r], rates[r]) for r in range(n_runs)]
+    return RunSet(runs, n_pool=n_pool), scores
+
+
+@pytest.mark.parametrize("calibration", ["rollout", "step"])
+def test_calibration_recovers_a_known_global_scale(calibration):
+    runset, scores = known_scale_runset(2.5)
+    sim = FixedEffectsSimulator(calibration=calibration, clip_negative=False).set_scores(scores, [0, 5])
+    sim.fit(runset)
+    np.testing.assert_allclose(sim.scale_, 2.5, rtol=1e-9)
+    assert sim.calibration_mse_ < 1e-20
+
+
+def test_per_test_calibration_recovers_per_test_scales():
+    runset, scores = known_scale_runset([0.5, 1.0, -2.0, 3.0])
+    sim = FixedEffectsSimulator(scale="per_test", clip_negative=False).set_scores(scores, [0, 5]).fit(runset)
+    np.testing.assert_allclose(sim.scale_, [0.5, 1.0, -2.0, 3.0], rtol=1e-9)
+
+
+def test_scores_must_be_set_before_fitting_a_fixed_effects_simulator(small_runset):
+    with pytest.raises(SimfluenceError, match="no scores"):
+        FixedEffectsSimulator().fit(small_runset)
+
+
+def test_digits_task_is_rebuilt_from_the_manifest(tiny_digits):
+    task = task_from_runset(tiny_digits)
+    (final,) = load_checkpoints(tiny_digits, 0, steps=[12])
+    model = model_at(task.make_model(0), final)
+    with torch.no_grad():
+        losses = task.loss_fn(model(task.test_inputs), task.test_targets).numpy()
+    np.testing.assert_allclose(losses, tiny_digits[0].losses[-1], rtol=1e-6)  # same model, data and loss
+    assert task.lr_at(3) == pytest.approx(tiny_digits[0].learning_rates[2])
+
+
+def test_checkpoints_load_with_their_learning_rates_and_optimizer_state(tiny_digits):
+    checkpoints = load_checkpoints(tiny_digits, 0)
+    assert [c.step for c in checkpoints] == [0, 6, 12]
+    assert checkpoints[1].learning_rate == pytest.approx(float(tiny_digits[0].learning_rates[5]))
+    assert "state" in checkpoints[2].optimizer_state
+    with pytest.raises(SimfluenceError, match="no checkpoint at step 4"):
+        load_checkpoints(tiny_digits, 0, steps=[4])
+
+
+def test_tracin_with_unit_scale_predicts_the_first_sgd_step(tiny_digits):
+    run = tiny_digits[0]
+    sim = TracInSimulator().fit(tiny_digits, runs=range(4))
+    sim.scale_[:] = 1.0  # first-order theory: one SGD step changes the loss by -lr * g_batch . g_test
+    predicted = sim.simulate(run.curriculum, run.initial_losses, [run.learning_rates])[0, 1] - run.initial_losses
+    actual = run.losses[1] - run.losses[0]  # step 1: empty momentum buffer, weights of checkpoint 0
+    np.testing.assert_allclose(predicted, actual, atol=0.05 * np.abs(actual).max())  # up to second order
+
+
+def test_gradient_simulators_save_and_load_without_pickle(tiny_digits, tmp_path):
+    for sim in (TracInSimulator(variant="cosine", params="last_layer"), InfluenceSimulator(params="last_layer"),
+                TrackStarSimulator(projection_dim=64)):
+        sim.fit(tiny_digits, runs=range(4))
+        loaded = load_simulator(sim.save(tmp_path / f"{sim.kind}.npz"))
+        assert type(loaded) is type(sim) and loaded.get_params() == sim.get_params()
+        if sim.kind == "trackstar":  # the digits runs use momentum SGD: no second moment to correct by
+            assert loaded.info_[0]["optimizer_correction"].startswith("skipped")
+        run = tiny_digits[5]
+        np.testing.assert_array_equal(loaded.simulate(run.curriculum, run.initial_losses),
+                                      sim.simulate(run.curriculum, run.initial_losses))
+
+
+def test_evaluate_scores_gradient_methods_next_to_learned_ones(tiny_digits):
+    result = evaluate(tiny_digits, methods=["mean_curve", "tracin", "influence", "trackstar"], holdout=2,
+                      params={"influence": {"hessian": "exact", "params": "last_layer"}})
+    assert set(result.metrics) == {"mean_curve", "tracin", "influence", "trackstar"}
+    assert result.simulators["tracin"].checkpoint_run_names_ == ["run-000"]  # a training run's checkpoints
+    for name in ("tracin", "influence", "trackstar"):
+        assert np.isfinite(result.metrics[name]["all_mse"])
+        assert result.predicted[name].shape == (2, 13, 8)
+
+
+def test_methods_are_registered_by_name():
+    assert isinstance(make_simulator("tracin"), TracInSimulator)
+    assert make_simulator("tracin_cos").variant == "cosine"
+    assert isinstance(make_simulator("influence"), InfluenceSimulator)
+    assert isinstance(make_simulator("trackstar"), TrackStarSimulator)
+
+
+def test_a_digits_run_set_without_checkpoints_is_a_clear_error(tmp_path):
+    runset = generate_digits(tmp_path / "plain", n_runs=2, n_steps=3, batch_size=4, pool_size=10, test_size=4,
+                             workers=1, progress=False)
+    with pytest.raises(SimfluenceError, match="has no checkpoints.*--checkpoint-steps"):
+        TracInSimulator().fit(runset)
+
+
+def test_a_run_set_of_no_known_workload_is_a_clear_error(tmp_runset):
+    with pytest.raises(SimfluenceError, match="no known workload"):
+        InfluenceSimulator().fit(tmp_runset)
