@@ -10,7 +10,7 @@
 The model is the digits workload's 64-64-10 MLP (4,810 parameters) on its real data; the checkpoints are its
 initial weights plus small random perturbations (speed does not depend on how well they are trained).
 Timings are the best of ``--repeats`` wall-clock runs (``time.perf_counter``) on whatever else the machine
-is doing. The script prints a markdown table and writes nothing.
+is doing. The script prints a markdown table and records it in ``benchmarks/RESULTS.md`` (not with ``--quick``).
 
 Usage::
 
@@ -20,10 +20,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -34,7 +37,11 @@ from simfluence.attribution.tracin import tracin_scores
 from simfluence.attribution.trackstar import trackstar_scores
 from simfluence.workloads import digits_task
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
 TARGET_SPEEDUP = 10.0
+SECTION = "## Gradients: per-example gradient engine and attribution scores per second"
 
 
 def best_time(function, repeats: int) -> tuple[float, object]:
@@ -93,7 +100,12 @@ def main() -> None:
     speedup = loop_seconds / engine_seconds
     verdict = "(target >= 10x met)" if speedup >= TARGET_SPEEDUP else "(below the 10x target)"
 
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
+        SECTION,
+        "",
+        f"Recorded {now} by `python benchmarks/bench_gradients.py{' --quick' if args.quick else ''}`.",
+        "",
         f"Digits MLP 64-64-10 ({n_params:,} parameters), {n_pool:,} pool x {n_test:,} test examples; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"{platform.machine()}; load average {os.getloadavg()[0]:.2f}; best of {args.repeats}.",
@@ -128,6 +140,8 @@ def main() -> None:
         assert scores.shape == (n_pool, n_test)
         lines.append(f"| {name} | {seconds:.3f} | {n_pool * n_test / seconds:,.0f} |")
     print("\n".join(lines))
+    if not args.quick:
+        write_section(Path(__file__).resolve().parent / "RESULTS.md", SECTION, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

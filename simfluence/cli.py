@@ -361,6 +361,26 @@ def loo_command(model, runset_dir, run_name, top, tests, step, csv_out) -> None:
         click.echo(f"wrote {csv_out}")
 
 
+@cli.command("influence")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run", "run_name", required=True, help="Run whose curriculum the scores refer to.")
+@click.option("--tests", help="Test ids to show (default: the first 3).")
+@click.option("--top", default=5, show_default=True, help="Proponents and opponents per test example.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the full table (all tests) as CSV.")
+def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
+    """Top proponents and opponents of test examples, for any saved simulator (learned or gradient-based)."""
+    from simfluence.counterfactual import influence_table
+
+    simulator, runset, run, _ = _load_model_and_run(model, runset_dir, run_name)
+    chosen = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests else list(range(3))
+    table = influence_table(simulator, runset, run.name, tests=chosen, top=top)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
+    if csv_out:
+        atomic_write_bytes(csv_out, influence_table(simulator, runset, run.name).to_csv(index=False).encode())
+        click.echo(f"wrote {csv_out}")
+
+
 @cli.command("search")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))

@@ -8,6 +8,8 @@ Three questions, all answered by a fitted simulator, batched over curricula and 
 - ``loo_effects``: the effect of removing each pool example on every test example's loss, for all pool
   examples at once (exact and fast for the Simfluence-Linear family, see
   :mod:`simfluence.simulators.loo`; batched re-simulation for other simulators);
+- ``influence_table``: the same leave-one-out effects as a tidy proponents / opponents table, for any
+  simulator (learned or gradient-based);
 - ``search_curriculum``: greedily drop examples (or shrink to a subset) to lower — or raise — the mean
   final loss of chosen test examples, with the fast leave-one-out as the inner step.
 
@@ -23,6 +25,7 @@ import pandas as pd
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.runlog import RunSet
 from simfluence.simulators import Simulator
 from simfluence.simulators.linear import SimfluenceLinear
 from simfluence.simulators.loo import linear_loo
@@ -274,10 +277,45 @@ def loo_effects(
     )
 
 
+def influence_table(
+    simulator: Simulator,
+    runset: RunSet,
+    run: int | str,
+    tests: Sequence[int] | None = None,
+    top: int | None = None,
+) -> pd.DataFrame:
+    """Which pool examples of a run helped or hurt each test example, under any fitted simulator.
+
+    The score of pool example i for test z is its leave-one-out effect on z's final loss along the run's
+    curriculum (``loo_effects``): the same definition for learned and gradient-based simulators, in loss
+    units. Positive = a *proponent* (removing it would raise the loss), negative = an *opponent*.
+
+    Returns
+    -------
+    DataFrame ``test, pool, score, rank, role`` with external ids; rank 1 = strongest proponent per test.
+    With ``top=k`` only the k strongest proponents and k strongest opponents of each test are kept.
+    """
+    chosen = runset[run]
+    lrs = chosen.learning_rates if np.isfinite(chosen.learning_rates).all() else None
+    effects = loo_effects(simulator, chosen.curriculum, chosen.initial_losses, lrs,
+                          pool_ids=runset.pool_ids, test_ids=runset.test_ids)
+    frame = effects.frame().rename(columns={"effect": "score"})
+    if tests is not None:
+        keep = {runset.test_ids[i] for i in tests}
+        frame = frame[frame["test"].isin(keep)]
+    frame["role"] = np.where(frame["score"] > 0, "proponent", np.where(frame["score"] < 0, "opponent", "neutral"))
+    if top is not None:
+        from_bottom = frame.groupby("test")["rank"].transform("max") - frame["rank"] + 1
+        frame = frame[(frame["rank"] <= top) | (from_bottom <= top)]
+    return frame.sort_values(["test", "rank"], kind="stable").reset_index(drop=True)
+
+
 def _n_pool(simulator: Simulator, curriculum: Curriculum) -> int:
-    for name in ("A_", "B_", "scores_"):
+    for name in ("A_", "B_"):
         if hasattr(simulator, name):
             return int(getattr(simulator, name).shape[0])
+    if hasattr(simulator, "scores_"):  # fixed-effects simulators: (K, n_pool, n_test)
+        return int(simulator.scores_.shape[-2])
     if curriculum.n_pool is not None:
         return int(curriculum.n_pool)
     return int(curriculum.ids.max(initial=-1)) + 1

@@ -142,5 +142,7 @@ def test_counterfactual_commands(runset_dir, tmp_path, capsys):
     assert "unknown pool id '999'" in capsys.readouterr().err
     assert main(["whatif", str(model), runset_dir, "--run", "run-009"]) == 2
     assert "no edits given" in capsys.readouterr().err
+    assert main(["influence", str(model), runset_dir, "--run", "run-009", "--tests", "0", "--top", "2"]) == 0
+    assert "rank" in capsys.readouterr().out
     assert main(["loo", str(model), runset_dir, "--run", "run-nope"]) == 2
     assert "no run named 'run-nope'" in capsys.readouterr().err

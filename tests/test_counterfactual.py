@@ -96,3 +96,28 @@ def test_search_subset_keeps_the_requested_number(fitted):
     assert int((result.curriculum.counts(25) > 0).sum()) == 10
     with pytest.raises(SimfluenceError, match="exactly one budget"):
         search_curriculum(sim, run.curriculum, run.initial_losses, tests=[2])
+
+
+def test_influence_table_ranks_proponents_and_opponents(fitted):
+    from simfluence.counterfactual import influence_table
+
+    runset, sim = fitted
+    table = influence_table(sim, runset, 2, tests=[0, 1], top=3)
+    assert list(table.columns) == ["test", "pool", "score", "rank", "role"]
+    assert set(table["test"]) == {0, 1} and len(table) == 12
+    for _, group in table.groupby("test"):
+        assert group["score"].is_monotonic_decreasing
+        assert group["role"].iloc[0] == "proponent" and group["role"].iloc[-1] == "opponent"
+
+
+def test_loo_effects_of_a_fixed_effects_simulator_are_its_summed_effects(fitted):
+    from simfluence.simulators import FixedEffectsSimulator
+
+    runset, _ = fitted
+    scores = np.random.default_rng(0).normal(size=(25, 4))
+    sim = FixedEffectsSimulator(weighting="sum", clip_negative=False).set_scores(scores).fit(runset, runs=range(6))
+    run = runset[7]
+    effects = loo_effects(sim, run.curriculum, run.initial_losses)
+    counts = run.curriculum.counts(25)
+    # additive and order-free: removing i undoes each of its occurrences' effect -s * score_i
+    np.testing.assert_allclose(effects.effects, counts[:, None] * sim.scale_ * scores, atol=1e-10)

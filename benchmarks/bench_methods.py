@@ -1,0 +1,77 @@
+"""Benchmark: every method on the digits workload's held-out runs — learned simulators vs gradient methods.
+
+Generates (or reuses) the default digits run set with checkpoints at steps 0, 50, 100, 150 and 200, fits
+every method on the first 40 runs and scores it on the last 8 (``simfluence.evaluate``), then reports the
+paper's headline comparison as ratios: the best learned simulator against the best calibrated gradient
+method on all-steps MSE (Simfluence paper: -75%) and final-step Spearman (paper: about 2x). Prints
+markdown and records it in ``benchmarks/RESULTS.md``.
+
+    python benchmarks/bench_methods.py [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+SECTION = "## Methods: learned simulators vs gradient-based attribution (digits, held-out runs)"
+LEARNED = ("additive", "linear", "linear_step", "linear_mom")
+GRADIENT = ("tracin", "tracin_cos", "influence", "trackstar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simfluence.evaluation import evaluate
+    from simfluence.metrics import format_markdown_table
+    from simfluence.runlog import RunSet
+    from simfluence.workloads import generate_digits
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default="/tmp/simfluence-bench-digits-ckpt", help="run set (made if absent)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    args = parser.parse_args(argv)
+    generate_digits(args.cache, checkpoint_steps=(0, 50, 100, 150, 200), progress=False)
+    runset = RunSet.load(args.cache)
+    result = evaluate(runset, ("mean_curve",) + LEARNED + GRADIENT, holdout=8, progress=True)
+    metrics = result.metrics
+    best_learned = min(LEARNED, key=lambda m: metrics[m]["all_mse"])
+    best_gradient_mse = min(GRADIENT, key=lambda m: metrics[m]["all_mse"])
+    best_gradient_rho = max(GRADIENT, key=lambda m: metrics[m]["rho_final"])
+    mse_change = metrics[best_learned]["all_mse"] / metrics[best_gradient_mse]["all_mse"] - 1
+    rho_ratio = metrics[best_learned]["rho_final"] / metrics[best_gradient_rho]["rho_final"]
+    paper = metrics["linear"]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n".join([
+        SECTION,
+        "",
+        f"Recorded {now} by `python benchmarks/bench_methods.py` on {os.cpu_count()} cores. Run set: default digits "
+        f"workload ({len(runset)} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, {runset.n_test} tests, SGD "
+        "momentum 0.9, warm-up + cosine), checkpoints at steps 0/50/100/150/200 of every run. Fitted / calibrated on "
+        f"the first {len(result.train_runs)} runs, scored on the last {len(result.heldout_runs)}. Gradient methods "
+        "use the first training run's checkpoints; their scale is fitted by least squares on training runs only.",
+        "",
+        format_markdown_table(metrics),
+        "",
+        "| headline (Simfluence paper) | measured |",
+        "|---|---|",
+        f"| all-steps MSE, best learned ({best_learned}) vs best gradient method ({best_gradient_mse}); paper -75% "
+        f"| **{100 * mse_change:+.0f}%** ({metrics[best_learned]['all_mse']:.4g} vs "
+        f"{metrics[best_gradient_mse]['all_mse']:.4g}) |",
+        f"| final-step Spearman, {best_learned} vs best gradient method ({best_gradient_rho}); paper about 2x "
+        f"| **{rho_ratio:.2f}x** ({metrics[best_learned]['rho_final']:.3f} vs "
+        f"{metrics[best_gradient_rho]['rho_final']:.3f}) |",
+        f"| the paper's own form (linear) vs best gradient method, all-steps MSE "
+        f"| {100 * (paper['all_mse'] / metrics[best_gradient_mse]['all_mse'] - 1):+.0f}% |",
+        "",
+    ])
+    print(section)
+    write_section(args.results, SECTION, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
