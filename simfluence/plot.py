@@ -36,7 +36,7 @@ REPORT_FILES = ("trajectories.png", "final_scatter.png", "error_over_steps.png")
 
 
 def method_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Line style per method: ``tab10`` colours in the given order, the ``mean_curve`` baseline grey dashed.
+    """Line style per method: ``tab10`` colours but grey in the given order, the ``mean_curve`` baseline grey dashed.
 
     Parameters
     ----------
@@ -46,7 +46,7 @@ def method_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     -------
     styles : {method: keyword arguments for ``Axes.plot`` (``color``, ``linestyle``)}.
     """
-    palette = [f"C{i}" for i in range(10)]
+    palette = [f"C{i}" for i in range(10) if i != 7]  # C7 is grey, the baseline's colour
     styles, position = {}, 0
     for name in methods:
         if name == BASELINE:

@@ -24,6 +24,11 @@ _METHOD_NOTES = {
     "linear_step": "alpha shrunk towards 1, per-step terms shared across runs, effects scaled by the learning rate",
     "linear_mom": "linear_step plus a velocity (momentum) term, second-order like the optimizer; mu chosen on "
     "validation runs",
+    "tracin": "TracIn-CP (gradient dot products x learning rate) as an additive simulator, scale fitted on training "
+    "runs",
+    "tracin_cos": "TracIn-CP with gradient cosine similarity",
+    "influence": "influence functions (Gauss-Newton Hessian + damping, final checkpoint) as an additive simulator",
+    "trackstar": "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity",
 }
 
 
