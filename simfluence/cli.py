@@ -181,8 +181,8 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--holdout", default=8, show_default=True, help="Score on the last K runs, fit on the rest.")
 @click.option("--methods", default=None,
-              help="Comma-separated methods (default mean_curve,additive,linear,linear_step). "
-                   "Available: mean_curve, additive, linear, linear_res, linear_step.")
+              help="Comma-separated methods (default mean_curve,additive,linear,linear_step,linear_mom). "
+                   "Also: linear_res; with checkpoints in the run set: tracin, tracin_cos, influence, trackstar.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Also write report.md, metrics.json and plots into this folder.")
