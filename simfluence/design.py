@@ -118,6 +118,11 @@ def mean_lr_schedule(runs: Sequence[Run]) -> np.ndarray:
                      where=counts > 0)
 
 
+def schedule_for(schedule: np.ndarray, n_steps: int) -> np.ndarray:
+    """(n_steps,) learning rates of a curriculum from a per-step schedule; steps past its end repeat the last."""
+    return schedule[np.minimum(np.arange(n_steps), schedule.size - 1)]
+
+
 @dataclass
 class Transitions:
     """Teacher-forced transitions between consecutive logged steps of many runs.

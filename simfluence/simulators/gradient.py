@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.design import FeatureSpec, mean_lr_schedule, step_features
+from simfluence.design import FeatureSpec, mean_lr_schedule, schedule_for, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, register
@@ -188,8 +188,7 @@ class FixedEffectsSimulator(Simulator):
         return out.reshape(len(curricula), horizon, -1)
 
     def _default_schedule(self, n_steps: int) -> np.ndarray:
-        index = np.minimum(np.arange(n_steps), self.lr_schedule_.size - 1)
-        return self.lr_schedule_[index]
+        return schedule_for(self.lr_schedule_, n_steps)
 
     def simulate(
         self,

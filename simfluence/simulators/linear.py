@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule, step_features
+from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule, schedule_for, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, register, rollout_runs
@@ -283,9 +283,7 @@ class SimfluenceLinear(Simulator):
         return out
 
     def _default_schedule(self, n_steps: int) -> np.ndarray:
-        schedule = self.lr_schedule_
-        index = np.minimum(np.arange(n_steps), schedule.size - 1)
-        return schedule[index]
+        return schedule_for(self.lr_schedule_, n_steps)
 
     # ----------------------------------------------------------------------------------- persistence
     def _extra_state(self) -> dict[str, Any]:
