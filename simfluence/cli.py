@@ -85,6 +85,29 @@ def generate_digits_command(out: str, checkpoint_steps: str, **options) -> None:
     click.echo(f"{runset!r}")
 
 
+@generate_group.command("facts")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
+@click.option("--tier", type=click.Choice(["mini", "default"]), default="default", show_default=True,
+              help="World and model size (mini: seconds, for tests; default: a few minutes).")
+@click.option("--runs", "n_runs", type=int, default=None, help="Number of fine-tuning runs (default: per tier).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the curricula.")
+@click.option("--data-seed", default=0, show_default=True, help="Seed of the synthetic fact world.")
+@click.option("--log-every", default=1, show_default=True, help="Log query losses every k steps.")
+@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+def generate_facts_command(out: str, checkpoint_steps: str, **options) -> None:
+    """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
+    from simfluence.workloads import generate_facts
+
+    try:
+        steps = tuple(int(part) for part in checkpoint_steps.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{checkpoint_steps!r} is not a comma-separated list of steps") from None
+    runset = generate_facts(out, checkpoint_steps=steps, progress=True, **options)
+    click.echo(f"{runset!r}")
+
+
 # ------------------------------------------------------------------------------------------ info
 @cli.command("info")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))

@@ -146,3 +146,12 @@ def test_counterfactual_commands(runset_dir, tmp_path, capsys):
     assert "rank" in capsys.readouterr().out
     assert main(["loo", str(model), runset_dir, "--run", "run-nope"]) == 2
     assert "no run named 'run-nope'" in capsys.readouterr().err
+
+
+def test_generate_facts_mini(tmp_path):
+    from simfluence.runlog import RunSet
+
+    out = tmp_path / "facts"
+    assert main(["generate", "facts", "--out", str(out), "--tier", "mini", "--runs", "2", "--workers", "1"]) == 0
+    runset = RunSet.load(out)
+    assert len(runset) == 2 and runset.metadata["workload"] == "facts"

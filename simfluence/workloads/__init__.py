@@ -9,14 +9,16 @@ from __future__ import annotations
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.workloads.digits import digits_task, digits_task_from_runset, generate_digits
+from simfluence.workloads.facts import facts_task, facts_task_from_runset, generate_facts
 from simfluence.workloads.generator import Task, WarmupCosine, generate_runs
 
 __all__ = ["Task", "WarmupCosine", "generate_runs", "digits_task", "digits_task_from_runset", "generate_digits",
-           "task_from_runset", "WORKLOADS", "TASK_FROM_RUNSET"]
+           "facts_task", "facts_task_from_runset", "generate_facts", "task_from_runset", "WORKLOADS",
+           "TASK_FROM_RUNSET"]
 
-WORKLOADS = {"digits": generate_digits}
+WORKLOADS = {"digits": generate_digits, "facts": generate_facts}
 # workload name (manifest metadata "workload") -> rebuilds the Task a run set was generated with
-TASK_FROM_RUNSET = {"digits": digits_task_from_runset}
+TASK_FROM_RUNSET = {"digits": digits_task_from_runset, "facts": facts_task_from_runset}
 
 
 def task_from_runset(runset: RunSet) -> Task:
