@@ -481,6 +481,31 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
     click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")
 
 
+# ------------------------------------------------------------------------------------------ trace
+@cli.command("trace")
+@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--methods", default="bm25,tracin,cosine,trackstar,simfluence", show_default=True,
+              help="Comma-separated methods (also trackstar-no-opt, trackstar-no-hessian, trackstar-train-hessian, "
+                   "trackstar-no-unit).")
+@click.option("--run", "run_index", default=0, show_default=True, help="Run whose checkpoints gradient methods use.")
+@click.option("--simulator", "simulator_method", default="linear_mom", show_default=True,
+              help="Simulator behind the simfluence method.")
+@click.option("--no-tail-patch", is_flag=True, help="Skip the tail-patch (one-step influence) column.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the table as JSON records.")
+def trace_command(runset_dir, methods, run_index, simulator_method, no_tail_patch, json_out) -> None:
+    """Fact tracing on a facts run set: MRR, recall@10, precision@10 and tail-patch per method and bucket."""
+    from simfluence.factbench import format_factbench, run_factbench
+    from simfluence.runlog import RunSet
+
+    chosen = [method.strip() for method in methods.split(",") if method.strip()]
+    frame = run_factbench(RunSet.load(runset_dir), methods=chosen, run=run_index, simulator_method=simulator_method,
+                          tail_patch=not no_tail_patch, echo=lambda message: click.echo(message, err=True))
+    click.echo(format_factbench(frame))
+    if json_out:
+        atomic_write_json(json_out, frame.to_dict(orient="records"))
+        click.echo(f"wrote {json_out}")
+
+
 # ------------------------------------------------------------------------------------------ demo
 @cli.command("demo")
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),

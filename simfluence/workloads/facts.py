@@ -350,13 +350,20 @@ def pretrained_base(seed: int, settings: FactsSettings, data_seed: int, pretrain
             state = saved["model"]
     if state is None:
         state = _pretrain(settings, corpus, model.config, pretrain_seed).state_dict()
-        if cache is not None:
-            buffer = io.BytesIO()
-            torch.save({"key": key, "model": state}, buffer)
-            atomic_write_bytes(cache, buffer.getvalue())
+    if cache is not None and not _cache_holds(cache, key):  # also when the base came from this process's memo
+        buffer = io.BytesIO()
+        torch.save({"key": key, "model": state}, buffer)
+        atomic_write_bytes(cache, buffer.getvalue())
     _BASES[key] = state
     model.load_state_dict(state)
     return model
+
+
+def _cache_holds(cache: str | os.PathLike, key: str) -> bool:
+    """Whether the cache file exists and holds the base for ``key``."""
+    if not Path(cache).is_file():
+        return False
+    return torch.load(cache, weights_only=True).get("key") == key
 
 
 # --------------------------------------------------------------------------------------------- the task

@@ -1,0 +1,125 @@
+"""Fact tracing: hand-checked metrics, BM25 finding exact copies, the benchmark end to end on the mini tier."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from simfluence.cli import main
+from simfluence.errors import SimfluenceError
+from simfluence.factbench import (
+    DEFAULT_METHODS,
+    bm25_scores,
+    candidate_mask,
+    format_factbench,
+    gold_matrix,
+    rank_positions,
+    retrieval_metrics,
+    run_factbench,
+)
+from simfluence.workloads.facts import generate_facts, load_corpus
+
+
+@pytest.fixture(scope="module")
+def mini_runset(tmp_path_factory):
+    """A mini facts run set of 3 runs with checkpoints at their start and end.
+
+    ``data_seed=1``: a world of its own, so its pretrained base is not the one other test modules expect to
+    pretrain (and cache to disk) themselves; the base is memoised per process.
+    """
+    return generate_facts(tmp_path_factory.mktemp("factbench") / "rs", tier="mini", n_runs=3, workers=1,
+                          checkpoint_steps=(0, 60), data_seed=1, progress=False)
+
+
+def _gold(n_docs: int, columns: list[list[int]]) -> np.ndarray:
+    gold = np.zeros((n_docs, len(columns)), dtype=bool)
+    for query, docs in enumerate(columns):
+        gold[docs, query] = True
+    return gold
+
+
+def test_ranks_break_ties_by_document_position_and_put_nan_last():
+    scores = np.array([[0.1], [0.9], [0.5], [0.5], [np.nan]])
+    assert rank_positions(scores)[:, 0].tolist() == [4, 1, 2, 3, 5]
+
+
+def test_metrics_match_hand_computed_values_at_10():
+    scores = np.repeat(-np.arange(12.0)[:, None], 2, axis=1)  # document i is ranked i + 1 for both queries
+    gold = _gold(12, [[3, 10], [10, 11]])
+    metrics = retrieval_metrics(scores, gold, k=10)
+    assert np.allclose(metrics["mrr"], [1 / 4, 1 / 11])
+    assert np.allclose(metrics["recall@10"], [1.0, 0.0])  # hit rate: one gold document in the top 10 suffices
+    assert np.allclose(metrics["strict_recall@10"], [0.5, 0.0])  # fraction of the gold documents retrieved
+    assert np.allclose(metrics["precision@10"], [0.1, 0.0])  # fraction of the top 10 that is gold
+
+
+def test_metrics_with_ties_are_deterministic_and_candidates_rerank():
+    scores = np.array([[0.1, 0.0], [0.9, 0.0], [0.5, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    gold = _gold(5, [[2, 3], [0]])
+    metrics = retrieval_metrics(scores, gold, k=2)
+    assert np.allclose(metrics["mrr"], [0.5, 0.5])  # doc 2 beats doc 3 on the tie; doc 0 the zeros
+    assert np.allclose(metrics["recall@2"], [1.0, 1.0])
+    assert np.allclose(metrics["strict_recall@2"], [0.5, 1.0])
+    assert np.allclose(metrics["precision@2"], [0.5, 0.5])
+    candidates = np.ones_like(gold)
+    candidates[1, 0] = candidates[4, 1] = False  # drop each query's top non-gold document
+    reranked = retrieval_metrics(scores, gold, k=2, candidates=candidates)
+    assert np.allclose(reranked["mrr"], [1.0, 1.0])
+    assert np.allclose(reranked["strict_recall@2"], [1.0, 1.0])
+
+
+def test_metrics_reject_a_query_without_gold():
+    with pytest.raises(SimfluenceError, match="no gold"):
+        retrieval_metrics(np.zeros((3, 1)), np.zeros((3, 1), dtype=bool))
+
+
+def test_bm25_ranks_an_exact_copy_of_a_document_first(mini_runset):
+    texts = [doc["text"] for doc in load_corpus(mini_runset)["documents"]]
+    copied = [0, 17, 50, len(texts) - 1]
+    ranks = rank_positions(bm25_scores(texts, [texts[i] for i in copied]))
+    assert ranks[copied, np.arange(len(copied))].tolist() == [1] * len(copied)
+
+
+def test_gold_matrix_and_candidates_follow_the_corpus_labels(mini_runset):
+    corpus = load_corpus(mini_runset)
+    gold = gold_matrix(corpus)
+    assert gold.sum(axis=0).tolist() == [q["frequency"] for q in corpus["queries"]]
+    texts = [doc["text"] for doc in corpus["documents"]]
+    bm25 = bm25_scores(texts, [q["prompt"] for q in corpus["queries"]])
+    mask = candidate_mask(corpus, bm25, n_bm25=5, n_random=3)
+    assert (mask | ~gold).all() and (mask | ~gold_matrix(corpus, "same_object")).all()
+    assert (mask.sum(axis=0) >= 8).all()
+
+
+def test_run_factbench_reports_every_method_setting_and_bucket(mini_runset):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: no vmap batching rule for CPU attention
+        frame = run_factbench(mini_runset, methods=DEFAULT_METHODS, projection_dim=64)
+    assert len(frame) == len(DEFAULT_METHODS) * 2 * 5
+    for (setting, method), block in frame.groupby(["setting", "method"]):
+        assert block["bucket"].tolist() == ["all", "1", "2", "4", "8"], (setting, method)
+    assert set(frame["method"]) == set(DEFAULT_METHODS)
+    assert set(frame["setting"]) == {"full", "candidates"}
+    metrics = frame[["mrr", "recall@10", "strict_recall@10", "precision@10"]].to_numpy()
+    assert np.isfinite(metrics).all() and (metrics >= 0).all() and (metrics <= 1).all()
+    assert np.isfinite(frame["tail_patch"]).all()
+    bm25 = frame[(frame["method"] == "bm25") & (frame["bucket"] == "all")]
+    assert (bm25["mrr"] > 0.9).all()  # unique made-up names make lexical retrieval nearly perfect
+    assert frame.loc[frame["bucket"] == "all", "n_queries"].eq(48).all()
+    assert "| bm25 | all | 48 |" in format_factbench(frame)
+
+
+def test_run_factbench_rejects_an_unknown_method(mini_runset):
+    with pytest.raises(SimfluenceError, match="unknown fact-tracing method"):
+        run_factbench(mini_runset, methods=["bm25", "oracle"])
+
+
+def test_trace_command_prints_the_table_and_writes_json(mini_runset, tmp_path, capsys):
+    out = tmp_path / "trace.json"
+    code = main(["trace", str(mini_runset.path), "--methods", "bm25", "--no-tail-patch", "--json", str(out)])
+    assert code == 0
+    assert "| bm25 | all |" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert {record["setting"] for record in records} == {"full", "candidates"} and len(records) == 10
