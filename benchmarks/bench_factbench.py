@@ -5,7 +5,7 @@ Generates (or reuses) the default facts run set with checkpoints at steps 0, 100
 leave-one-out influence; MRR, recall@10, strict recall@10, precision@10 per frequency bucket, candidate-set
 reranking, tail-patch). Prints markdown and records it in ``benchmarks/RESULTS.md``.
 
-    python benchmarks/bench_factbench.py [--cache DIR]
+    python benchmarks/bench_factbench.py [--cache DIR] [--data-seeds 0 1]
 """
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ from results import write_section  # noqa: E402
 SECTION = "## Fact tracing: attribution (finding the passages) vs influence (tail-patch), facts workload"
 
 
+def _overall(frame, method: str) -> dict[str, float]:
+    row = frame[(frame["setting"] == "full") & (frame["method"] == method) & (frame["bucket"] == "all")].iloc[0]
+    return {"mrr": row["mrr"], "rec": row["recall@10"], "tp": row["tail_patch"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     from simfluence.factbench import format_factbench, run_factbench
     from simfluence.runlog import RunSet
@@ -29,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="/tmp/facts-ckpt", help="facts run set with checkpoints (made if absent)")
+    parser.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1],
+                        help="fact worlds to run; the first is reported in full, all in the seed summary")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args(argv)
-    generate_facts(args.cache, checkpoint_steps=(0, 100, 200), progress=False)
-    runset = RunSet.load(args.cache)
-    start = time.perf_counter()
-    frame = run_factbench(runset)
-    seconds = time.perf_counter() - start
+    frames = {}
+    for data_seed in args.data_seeds:
+        cache = args.cache if data_seed == 0 else f"{args.cache}-seed{data_seed}"
+        generate_facts(cache, checkpoint_steps=(0, 100, 200), data_seed=data_seed, progress=False)
+        start = time.perf_counter()
+        frames[data_seed] = (RunSet.load(cache), run_factbench(RunSet.load(cache)), time.perf_counter() - start)
+    runset, frame, seconds = frames[args.data_seeds[0]]
     meta = runset.metadata
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = "\n".join([
@@ -50,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         "top-10 documents. One data seed and one curriculum seed.",
         "",
         format_factbench(frame),
+        "",
+        f"Across fact worlds (data seeds {', '.join(map(str, args.data_seeds))}; curriculum seed 0), full ranking, "
+        "all buckets — MRR / recall@10 / tail-patch:",
+        "",
+        "| method | " + " | ".join(f"data seed {seed}" for seed in args.data_seeds) + " |",
+        "|---" * (len(args.data_seeds) + 1) + "|",
+        *[
+            f"| {method} | " + " | ".join(
+                "{mrr:.3f} / {rec:.3f} / {tp:+.3f}".format(**_overall(frames[seed][1], method))
+                for seed in args.data_seeds
+            ) + " |"
+            for method in frame["method"].unique()
+        ],
         "",
     ])
     print(section)
