@@ -411,15 +411,34 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
 @click.option("--tests", required=True, help="Target test ids (comma-separated).")
 @click.option("--drop", type=int, default=None, help="Remove at most K examples.")
 @click.option("--subset", "subset_size", type=int, default=None, help="Keep M distinct examples.")
+@click.option("--reorder", type=int, default=None, help="Instead of dropping: make up to K reordering moves.")
 @click.option("--maximize", is_flag=True, help="Raise the targets' loss instead of lowering it.")
 @click.option("--per-round", default=1, show_default=True, help="Examples removed per greedy round.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
-def search_command(model, runset_dir, run_name, tests, drop, subset_size, maximize, per_round, json_out) -> None:
-    """Greedy curriculum search: which examples to drop to lower (or raise) chosen test losses."""
-    from simfluence.counterfactual import search_curriculum
+def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorder, maximize, per_round,
+                   json_out) -> None:
+    """Greedy curriculum search: which examples to drop (or when to show them) to lower or raise chosen test losses."""
+    from simfluence.counterfactual import search_curriculum, search_order
 
     simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
     targets = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test")
+    if reorder is not None:
+        if drop is not None or subset_size is not None:
+            raise SimfluenceError("give one budget: --drop, --subset or --reorder")
+        order = search_order(simulator, run.curriculum, run.initial_losses, targets, moves=reorder,
+                             maximize=maximize, learning_rates=lrs)
+        moves = [(runset.pool_ids[i], where) for i, where in order.moves]
+        click.echo("moves: " + (", ".join(f"{pid} -> {where}" for pid, where in moves) or "none improves"))
+        click.echo(f"predicted mean final loss of the targets: {order.objective[0]:.4f} -> {order.objective[-1]:.4f}"
+                   f" ({order.predicted_change:+.4f})")
+        if json_out:
+            atomic_write_json(json_out, {
+                "run": run.name, "tests": [runset.test_ids[i] for i in targets],
+                "moves": [[pid, where] for pid, where in moves],
+                "objective": [float(v) for v in order.objective], "predicted_change": order.predicted_change,
+            })
+            click.echo(f"wrote {json_out}")
+        return
     result = search_curriculum(simulator, run.curriculum, run.initial_losses, targets, drop=drop,
                                subset_size=subset_size, maximize=maximize, per_round=per_round,
                                learning_rates=lrs)

@@ -11,7 +11,9 @@ Three questions, all answered by a fitted simulator, batched over curricula and 
 - ``influence_table``: the same leave-one-out effects as a tidy proponents / opponents table, for any
   simulator (learned or gradient-based);
 - ``search_curriculum``: greedily drop examples (or shrink to a subset) to lower — or raise — the mean
-  final loss of chosen test examples, with the fast leave-one-out as the inner step.
+  final loss of chosen test examples, with the fast leave-one-out as the inner step; ``search_order``
+  does the same by reordering (moving an example's occurrences to the start or the end), evaluating all
+  candidate moves of a round in one batched simulation.
 
 Pool and test examples are addressed by internal position here; the CLI maps external ids.
 """
@@ -408,3 +410,83 @@ def search_curriculum(
         removed.extend(int(i) for i in take)
         values.append(objective(current))
     return SearchResult(current, removed, np.array(values))
+
+
+def move_all(curriculum: Curriculum, example: int, to_step: int) -> Curriculum:
+    """Move every occurrence of ``example`` into the batch of ``to_step`` (1-based)."""
+    while True:
+        steps = curriculum.step_of_entries()[curriculum.ids == example]
+        steps = steps[steps != to_step]
+        if steps.size == 0:
+            return curriculum
+        curriculum = curriculum.move(int(example), to_step=int(to_step), from_step=int(steps[0]))
+
+
+@dataclass
+class ReorderResult:
+    """Outcome of :func:`search_order`.
+
+    Attributes
+    ----------
+    curriculum : the reordered curriculum (same examples, same counts).
+    moves : ``(pool position, "start" | "end")`` in the order chosen.
+    objective : (n_moves + 1,) predicted mean final loss of the targets after each move.
+    """
+
+    curriculum: Curriculum
+    moves: list[tuple[int, str]]
+    objective: np.ndarray
+
+    @property
+    def predicted_change(self) -> float:
+        return float(self.objective[-1] - self.objective[0])
+
+
+def search_order(
+    simulator: Simulator,
+    base: Curriculum,
+    initial_losses: np.ndarray,
+    tests: Sequence[int],
+    moves: int = 5,
+    candidates: int = 20,
+    maximize: bool = False,
+    learning_rates: np.ndarray | None = None,
+) -> ReorderResult:
+    """Greedy reordering: move one example's occurrences to the first or last step per round.
+
+    Each round takes the ``candidates`` present examples with the largest leave-one-out effect on the
+    targets, builds two curricula per candidate (all its occurrences moved to step 1, or to the last step),
+    simulates them all in one batched call and keeps the best, if it improves the objective. The set of
+    examples (and how often each is seen) never changes — only when they are seen.
+    """
+    tests = list(tests)
+    if not tests:
+        raise SimfluenceError("search needs at least one target test example")
+    sign = -1.0 if maximize else 1.0
+    lrs = None if learning_rates is None else np.asarray(learning_rates, dtype=np.float64)
+
+    def objectives(curricula: list[Curriculum]) -> np.ndarray:
+        rates = None if lrs is None else [lrs] * len(curricula)
+        return simulator.simulate(curricula, initial_losses, rates)[:, -1, tests].mean(axis=1)
+
+    current, chosen = base, []
+    values = [float(objectives([base])[0])]
+    moved: set[int] = set()
+    for _ in range(moves):
+        effects = loo_effects(simulator, current, initial_losses, learning_rates)
+        strength = np.abs(effects.effects[:, tests].mean(axis=1))
+        pool = [int(i) for i in np.flatnonzero(effects.present) if int(i) not in moved]
+        if not pool:
+            break
+        picks = sorted(pool, key=lambda i: -strength[i])[:candidates]
+        options = [(i, where) for i in picks for where in ("start", "end")]
+        edited = [move_all(current, i, 1 if where == "start" else current.n_steps) for i, where in options]
+        scores = objectives(edited)
+        best = int(np.argmin(sign * scores))
+        if sign * scores[best] >= sign * values[-1]:
+            break  # no single move improves the objective
+        current = edited[best]
+        chosen.append(options[best])
+        moved.add(options[best][0])
+        values.append(float(scores[best]))
+    return ReorderResult(current, chosen, np.array(values))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simfluence.counterfactual import loo_effects, search_curriculum
+from simfluence.counterfactual import loo_effects, move_all, search_curriculum
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.metrics import spearman
@@ -71,13 +71,7 @@ def counterfactual_curricula(
     random_ids = rng.choice(present, size=k, replace=False)
     moved = base
     for rank, example in enumerate(helpful):  # every occurrence of a helpful example goes to one of the last 4 steps
-        target = base.n_steps - rank % 4
-        while True:
-            steps = moved.step_of_entries()[moved.ids == example]
-            steps = steps[steps != target]
-            if steps.size == 0:
-                break
-            moved = moved.move(int(example), to_step=int(target), from_step=int(steps[0]))
+        moved = move_all(moved, int(example), base.n_steps - rank % 4)
     searched = search_curriculum(simulator, base, initial_losses, tests, drop=k, learning_rates=learning_rates)
     return {
         "base": base,

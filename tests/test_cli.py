@@ -138,6 +138,11 @@ def test_counterfactual_commands(runset_dir, tmp_path, capsys):
     assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--drop", "3",
                  "--json", str(result)]) == 0
     assert json.loads(result.read_text())["predicted_change"] <= 0
+    assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--reorder", "2",
+                 "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["predicted_change"] <= 0
+    assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0", "--reorder", "2",
+                 "--drop", "1"]) == 2
     assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--remove", "999"]) == 2
     assert "unknown pool id '999'" in capsys.readouterr().err
     assert main(["whatif", str(model), runset_dir, "--run", "run-009"]) == 2

@@ -121,3 +121,17 @@ def test_loo_effects_of_a_fixed_effects_simulator_are_its_summed_effects(fitted)
     counts = run.curriculum.counts(25)
     # additive and order-free: removing i undoes each of its occurrences' effect -s * score_i
     np.testing.assert_allclose(effects.effects, counts[:, None] * sim.scale_ * scores, atol=1e-10)
+
+
+def test_search_order_keeps_the_examples_and_improves_the_objective(fitted):
+    from simfluence.counterfactual import move_all, search_order
+
+    runset, sim = fitted
+    run = runset[3]
+    result = search_order(sim, run.curriculum, run.initial_losses, tests=[0, 1], moves=3, candidates=5)
+    assert np.array_equal(result.curriculum.counts(25), run.curriculum.counts(25))  # same examples, same counts
+    assert len(result.moves) >= 1 and result.predicted_change < 0
+    assert np.all(np.diff(result.objective) < 0)
+    example, where = result.moves[0]
+    first = move_all(run.curriculum, example, 1 if where == "start" else run.curriculum.n_steps)
+    np.testing.assert_allclose(sim.simulate(first, run.initial_losses)[0, -1, [0, 1]].mean(), result.objective[1])
