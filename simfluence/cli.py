@@ -396,7 +396,8 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
     from simfluence.counterfactual import influence_table
 
     simulator, runset, run, _ = _load_model_and_run(model, runset_dir, run_name)
-    chosen = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests else list(range(3))
+    chosen = (_internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests
+              else list(range(min(3, runset.n_test))))
     table = influence_table(simulator, runset, run.name, tests=chosen, top=top)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
     if csv_out:

@@ -238,13 +238,15 @@ class LooEffects:
         )
 
     def top(self, k: int = 10, tests: Sequence[int] | None = None) -> pd.DataFrame:
-        """The k most helpful and k most harmful present pool examples for the mean over ``tests``."""
+        """The k most helpful (effect > 0) and most harmful (effect < 0) present examples, mean over ``tests``."""
         cols = slice(None) if tests is None else list(tests)
         score = self.effects[:, cols].mean(axis=1)
         rows = np.flatnonzero(self.present)
         order = rows[np.argsort(-score[rows], kind="stable")]
-        pick = np.concatenate([order[:k], order[::-1][:k]])
-        kind = ["helps"] * min(k, order.size) + ["hurts"] * min(k, order.size)
+        helps = order[score[order] > 0][:k]
+        hurts = order[::-1][score[order[::-1]] < 0][:k]
+        pick = np.concatenate([helps, hurts])
+        kind = ["helps"] * helps.size + ["hurts"] * hurts.size
         return pd.DataFrame(
             {"pool": np.asarray(self.pool_ids, dtype=object)[pick], "effect": score[pick], "role": kind}
         )
@@ -303,6 +305,9 @@ def influence_table(
                           pool_ids=runset.pool_ids, test_ids=runset.test_ids)
     frame = effects.frame().rename(columns={"effect": "score"})
     if tests is not None:
+        bad = [t for t in tests if not 0 <= int(t) < runset.n_test]
+        if bad:
+            raise SimfluenceError(f"test position {bad[0]} outside 0..{runset.n_test - 1}")
         keep = {runset.test_ids[i] for i in tests}
         frame = frame[frame["test"].isin(keep)]
     frame["role"] = np.where(frame["score"] > 0, "proponent", np.where(frame["score"] < 0, "opponent", "neutral"))
@@ -326,6 +331,8 @@ def _n_pool(simulator: Simulator, curriculum: Curriculum) -> int:
 def _loo_by_simulation(simulator, curriculum, initial_losses, learning_rates, step, present, chunk) -> np.ndarray:
     lrs = None if learning_rates is None else [np.asarray(learning_rates, dtype=np.float64)]
     step = curriculum.n_steps if step is None else int(step)
+    if not 0 <= step <= curriculum.n_steps:
+        raise SimfluenceError(f"step {step} outside 0..{curriculum.n_steps}")
     base = simulator.simulate(curriculum, initial_losses, lrs)[0, step]
     effects = np.zeros((present.size, base.size))
     candidates = np.flatnonzero(present)

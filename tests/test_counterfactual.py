@@ -135,3 +135,12 @@ def test_search_order_keeps_the_examples_and_improves_the_objective(fitted):
     example, where = result.moves[0]
     first = move_all(run.curriculum, example, 1 if where == "start" else run.curriculum.n_steps)
     np.testing.assert_allclose(sim.simulate(first, run.initial_losses)[0, -1, [0, 1]].mean(), result.objective[1])
+
+
+def test_top_labels_follow_the_sign_of_the_effect(fitted):
+    runset, sim = fitted
+    effects = loo_effects(sim, runset[0].curriculum, runset[0].initial_losses)
+    top = effects.top(50)
+    assert np.all(top.loc[top["role"] == "helps", "effect"] > 0)
+    assert np.all(top.loc[top["role"] == "hurts", "effect"] < 0)
+    assert not top["pool"].duplicated().any()

@@ -182,3 +182,35 @@ def test_errors_are_clear(linear_runs, tmp_path):
 def test_repr_shows_changed_hyper_parameters():
     assert repr(SimfluenceLinear(lam=2.0)) == "SimfluenceLinear(lam=2.0)"
     assert repr(MeanCurve()) == "MeanCurve()"
+
+
+def _thin(runset, every):
+    """The same runs with losses logged every ``every`` steps (and at the last step)."""
+    for run in runset.runs:
+        keep = np.unique(np.concatenate([np.arange(0, run.n_steps + 1, every), [run.n_steps]]))
+        run.logged_steps, run.losses = run.logged_steps[keep], np.asarray(run.losses)[keep]
+    return runset
+
+
+@pytest.mark.parametrize("every, factor", [(2, 0.5), (5, 5.0)])
+def test_sparse_logging_fits_the_paper_form_and_falls_back_to_first_order(every, factor):
+    runset = _thin(known_linear_runset(n_pool=30, n_test=5, n_runs=14, n_steps=40, batch_size=4, seed=3)[0], every)
+    train, heldout = list(range(11)), list(range(11, 14))
+    errors = {}
+    for name in ("mean_curve", "linear", "linear_mom"):
+        sim = make_simulator(name).fit(runset, runs=train)
+        predicted, actual, mask = rollout_runs(sim, runset, heldout)
+        mask[:, 0] = False
+        errors[name] = float(((predicted - np.nan_to_num(actual))[mask] ** 2).mean())
+        if name == "linear_mom":
+            assert sim.momentum_ == 0.0  # no velocity without consecutive steps
+    # the first-order k-step target keeps the paper's form usable (it used to collapse: ~1e5x the mean curve)
+    assert errors["linear"] < factor * errors["mean_curve"]
+    assert np.isfinite(errors["linear_mom"])
+
+
+def test_mean_curve_holds_the_last_logged_value():
+    cur = Curriculum.from_batches([[0]] * 7, n_pool=1)
+    run = Run("a", cur, [0, 2, 4, 6], [[0.0], [2.0], [4.0], [6.0]])
+    sim = MeanCurve().fit(RunSet([run], n_pool=1))
+    np.testing.assert_allclose(sim.mean_change_[:, 0], [0, 1, 2, 3, 4, 5, 6, 6])

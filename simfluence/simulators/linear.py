@@ -33,6 +33,10 @@ everything") where the truth is close to 1. The general form, of which the paper
 
 ``SimfluenceAdditive`` is ``alpha = 1``: ``L_t = L_{t-1} + sum B_i``, order-free.
 
+Losses logged every k steps give transitions of k steps whose features sum the batches in between; the
+multiplicative part is then fitted to the first-order k-step form ``alpha = 1 + k (alpha_center - 1) +
+sum A`` (exact for additive models, an approximation for multiplicative ones).
+
 Ridge strength ``lam="auto"`` (and ``momentum="auto"``) are chosen on validation runs carved out of the
 training runs (the last ``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit
 uses all training runs.
@@ -71,7 +75,8 @@ class SimfluenceLinear(Simulator):
         every training step's learning rate is logged).
     batch_mean : average effects over the batch instead of summing (for varying batch sizes).
     momentum : velocity decay ``mu`` of the second-order simulator (0: the first-order model), or
-        ``"auto"`` (chosen from ``momentum_grid`` on validation runs). Needs losses logged every step.
+        ``"auto"`` (chosen from ``momentum_grid`` on validation runs). Needs losses logged every step
+        (``"auto"`` falls back to 0 otherwise).
     clip_negative : keep simulated losses >= 0 when the training losses never were negative (a step
         that would cross 0 stops there). Off in the paper's form.
     step_lam_ratio : ridge strength of the step terms relative to ``lam``.
@@ -140,6 +145,8 @@ class SimfluenceLinear(Simulator):
         self._prepare(runset, runs)
         lams = self.lam_grid if self.lam == "auto" else (self._check_lam(self.lam),)
         momenta = self.momentum_grid if self.momentum == "auto" else (self._check_momentum(self.momentum),)
+        if self.momentum == "auto" and not _every_step_logged(runset, runs):
+            momenta = (0.0,)  # the velocity needs consecutive steps; sparser logs fall back to first order
         self.validation_ = []
         if len(lams) * len(momenta) > 1:
             lam, momentum = self._choose(runset, runs, lams, momenta)
@@ -200,7 +207,10 @@ class SimfluenceLinear(Simulator):
     def _fit_fixed(
         self, transitions: Transitions, lam: float, momentum: float, x0: np.ndarray | None = None
     ) -> np.ndarray:
-        target = transitions.next - self.alpha_center * transitions.prev
+        # over a transition of k steps (losses logged every k steps) the first-order alpha of the whole gap is
+        # 1 + k (alpha_center - 1) + (summed features) . A; for one-step transitions this is alpha_center + F . A
+        gap = (transitions.end_step - transitions.start_step)[:, None]
+        target = transitions.next - (1.0 + gap * (self.alpha_center - 1.0)) * transitions.prev
         if momentum:
             if np.any(transitions.end_step - transitions.start_step != 1):
                 raise SimfluenceError("momentum > 0 needs losses logged at every step of the training runs")
@@ -367,6 +377,11 @@ class SimfluenceAdditive(SimfluenceLinear):
             batch_mean=batch_mean, step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction,
             solver=solver, tol=tol, max_iter=max_iter,
         )
+
+
+def _every_step_logged(runset: RunSet, runs: Sequence[int]) -> bool:
+    """Whether every run logs its losses at every step (needed for the momentum model's velocity)."""
+    return all(np.array_equal(runset[i].logged_steps, np.arange(runset[i].n_steps + 1)) for i in runs)
 
 
 def validation_mse(simulator: Simulator, runset: RunSet, runs: Sequence[int]) -> float:

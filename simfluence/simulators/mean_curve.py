@@ -24,7 +24,7 @@ def _interpolate_missing(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     known_steps = steps[known]
     right = np.clip(np.searchsorted(known_steps, steps), 0, known_steps.size - 1)
     left = np.clip(right - 1, 0, known_steps.size - 1)
-    right = np.where(known_steps[right] < steps, left, right)  # past the last known step: hold
+    left = np.where(known_steps[right] < steps, right, left)  # past the last known step: hold it
     lo, hi = known_steps[left], known_steps[right]
     span = np.where(hi > lo, hi - lo, 1)
     weight = np.where(hi > lo, (steps - lo) / span, 0.0)[:, None]
