@@ -45,17 +45,18 @@ def gradient_similarity(
         raise SimfluenceError(f"variant must be one of {VARIANTS}, got {variant!r}")
     test_grads = per_example_gradients(model, loss_fn, test_inputs, test_targets, params, chunk_size, dtype)
     if variant == "cosine":
-        test_grads = _unit_rows(test_grads)
+        test_grads = unit_rows(test_grads)
     out = np.empty((len(pool_inputs), len(test_inputs)))
     for start, grads in iter_per_example_gradients(model, loss_fn, pool_inputs, pool_targets, params, chunk_size,
                                                    dtype):
         if variant == "cosine":
-            grads = _unit_rows(grads)
+            grads = unit_rows(grads)
         out[start:start + len(grads)] = (grads @ test_grads.T).double().numpy()
     return out
 
 
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its norm (zero rows stay zero): cosine similarity as a dot product."""
     norms = vectors.norm(dim=1, keepdim=True)
     return vectors / torch.where(norms > 0, norms, torch.ones_like(norms))
 

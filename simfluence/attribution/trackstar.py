@@ -35,6 +35,7 @@ from torch import nn
 from simfluence.attribution.checkpoints import Checkpoint, model_at
 from simfluence.attribution.gradients import LossFn, ParamSpec, iter_per_example_gradients, select_parameters
 from simfluence.attribution.projection import GaussianProjection
+from simfluence.attribution.tracin import unit_rows
 from simfluence.errors import SimfluenceError
 
 __all__ = ["choose_mixing", "second_moment_scale", "trackstar_features", "trackstar_scores"]
@@ -112,11 +113,6 @@ def _inverse_sqrt(matrix: torch.Tensor, damping: float) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(matrix)
     values = values.clamp_min(0) + max(shift, torch.finfo(matrix.dtype).tiny)
     return (vectors * values.rsqrt()) @ vectors.T
-
-
-def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    norms = vectors.norm(dim=1, keepdim=True)
-    return vectors / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def trackstar_scores(
@@ -202,7 +198,7 @@ def trackstar_scores(
             whitening = _inverse_sqrt(mixed, damping)
             pool, test = pool @ whitening, test @ whitening
         if unit_normalize:
-            pool, test = _unit_rows(pool), _unit_rows(test)
+            pool, test = unit_rows(pool), unit_rows(test)
         total += (pool @ test.T).numpy()
         infos.append(info)
     scores = total / len(checkpoints)
