@@ -1,7 +1,7 @@
 """Benchmark: fact tracing on the facts workload — which method finds the passages, which changes the prediction.
 
 Generates (or reuses) the default facts run set with checkpoints at steps 0, 100 and 200, then runs
-``simfluence.factbench.run_factbench`` (BM25, TracIn, gradient cosine, TrackStar, the learned simulator's
+``simfluence.apps.factbench.run_factbench`` (BM25, TracIn, gradient cosine, TrackStar, the learned simulator's
 leave-one-out influence; MRR, recall@10, strict recall@10, precision@10 per frequency bucket, candidate-set
 reranking, tail-patch). Prints markdown and records it in ``benchmarks/RESULTS.md``.
 
@@ -28,7 +28,7 @@ def _overall(frame, method: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simfluence.factbench import format_factbench, run_factbench
+    from simfluence.apps.factbench import format_factbench, run_factbench
     from simfluence.runlog import RunSet
     from simfluence.workloads import generate_facts
 

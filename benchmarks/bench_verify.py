@@ -2,7 +2,7 @@
 
 On the default digits run set (generated into a cache folder on first use), fits ``linear_mom`` on the
 first 40 runs; for each chosen held-out base run, builds the counterfactual curricula of
-``simfluence.verify`` (remove the k predicted most harmful examples for the run's 10 highest-loss test
+``simfluence.apps.verify`` (remove the k predicted most harmful examples for the run's 10 highest-loss test
 examples, remove k random ones, move the k most helpful to the last steps, reverse, greedy search),
 trains real models on them and compares. Prints markdown and records it in ``benchmarks/RESULTS.md``.
 
@@ -25,9 +25,9 @@ SECTION = "## Counterfactuals checked against real retraining (digits)"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from simfluence.apps.verify import verify_counterfactuals
     from simfluence.runlog import RunSet
     from simfluence.simulators import make_simulator
-    from simfluence.verify import verify_counterfactuals
     from simfluence.workloads import generate_digits
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

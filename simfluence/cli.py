@@ -224,7 +224,7 @@ def evaluate_command(
         atomic_write_json(json_out, metrics_json(result.metrics))
         click.echo(f"wrote {json_out}")
     if report_dir:
-        from simfluence.report import write_report
+        from simfluence.apps.report import write_report
 
         click.echo(f"wrote {write_report(result, runset, report_dir)}")
 
@@ -251,7 +251,7 @@ def plot_command(
     runset_dir: str, holdout: int, methods: str | None, run_name: str | None, tests: str | None, out: str
 ) -> None:
     """Simulated vs real loss curves, final-loss scatter and error over steps on held-out runs."""
-    from simfluence.plot import plot_report, plot_trajectories
+    from simfluence.apps.plot import plot_report, plot_trajectories
 
     runset, result = _evaluate(runset_dir, holdout, methods)
     paths = plot_report(result, out, test_labels=runset.test_ids)
@@ -469,11 +469,11 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
     """Retrain real models on counterfactual curricula and compare with the simulator's predictions."""
     import pandas as pd
 
+    from simfluence.apps.plot import plot_verification
+    from simfluence.apps.verify import verify_counterfactuals
     from simfluence.evaluation import split_runs
-    from simfluence.plot import plot_verification
     from simfluence.runlog import RunSet
     from simfluence.simulators import make_simulator
-    from simfluence.verify import verify_counterfactuals
 
     runset = RunSet.load(runset_dir)
     train, heldout = split_runs(len(runset), holdout)
@@ -514,7 +514,7 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the table as JSON records.")
 def trace_command(runset_dir, methods, run_index, simulator_method, no_tail_patch, json_out) -> None:
     """Fact tracing on a facts run set: MRR, recall@10, precision@10 and tail-patch per method and bucket."""
-    from simfluence.factbench import format_factbench, run_factbench
+    from simfluence.apps.factbench import format_factbench, run_factbench
     from simfluence.runlog import RunSet
 
     chosen = [method.strip() for method in methods.split(",") if method.strip()]
@@ -532,7 +532,7 @@ def trace_command(runset_dir, methods, run_index, simulator_method, no_tail_patc
               help="Folder for the run set and metrics.json.")
 def demo_command(out: str) -> None:
     """Generate a run set, fit every method, score it on held-out runs, print the table."""
-    from simfluence.demo import run_demo
+    from simfluence.apps.demo import run_demo
 
     run_demo(Path(out), echo=click.echo)
 

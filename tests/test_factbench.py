@@ -7,9 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from simfluence.cli import main
-from simfluence.errors import SimfluenceError
-from simfluence.factbench import (
+from simfluence.apps.factbench import (
     DEFAULT_METHODS,
     bm25_scores,
     candidate_mask,
@@ -19,6 +17,8 @@ from simfluence.factbench import (
     retrieval_metrics,
     run_factbench,
 )
+from simfluence.cli import main
+from simfluence.errors import SimfluenceError
 from simfluence.workloads.facts import generate_facts, load_corpus
 
 

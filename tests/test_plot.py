@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from simfluence.errors import SimfluenceError
-from simfluence.evaluation import Evaluation
-from simfluence.plot import (
+from simfluence.apps.plot import (
     error_over_steps,
     informative_tests,
     method_styles,
@@ -17,6 +15,8 @@ from simfluence.plot import (
     plot_report,
     plot_trajectories,
 )
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import Evaluation
 
 N_RUNS, N_STEPS, N_TEST = 3, 20, 8
 METHODS = ("mean_curve", "additive", "linear")

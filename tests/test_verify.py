@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from simfluence.apps.verify import verify_counterfactuals
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators import SimfluenceLinear
 from simfluence.synthetic import known_linear_runset
-from simfluence.verify import verify_counterfactuals
 from simfluence.workloads import generate_digits, task_from_runset
 
 

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from simfluence.apps.report import write_report
 from simfluence.evaluation import evaluate
 from simfluence.metrics import format_table
-from simfluence.report import write_report
 from simfluence.runlog import RunSet
 from simfluence.simulators import DEFAULT_METHODS
 

@@ -62,7 +62,7 @@ def write_report(
     extra: str = "",
 ) -> Path:
     """Write ``report.md``, ``metrics.json`` and the PNG plots into ``out_dir``; returns the report path."""
-    from simfluence.plot import plot_report
+    from simfluence.apps.plot import plot_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
