@@ -29,3 +29,7 @@ class NotFittedError(SimfluenceError):
 
 class ModelFileError(SimfluenceError):
     """A saved simulator file is missing, malformed or of an unknown kind/version."""
+
+
+class UnknownIdError(SimfluenceError):
+    """An id that is not among the pool or test ids it was looked up in."""

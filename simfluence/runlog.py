@@ -37,6 +37,7 @@ import pandas as pd
 from simfluence._io import atomic_write_json
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, RunLogError
+from simfluence.ids import IdIndex
 
 FORMAT_NAME = "simfluence-runset"
 FORMAT_VERSION = 1
@@ -280,6 +281,24 @@ class RunSet:
                     return run
             raise RunLogError(f"no run named {key!r} in run set{self._where()}")
         return self.runs[key]
+
+    @property
+    def pool_index(self) -> IdIndex:
+        """Lookup of pool ids -> positions (:class:`~simfluence.ids.IdIndex`)."""
+        return IdIndex(self.pool_ids, "pool")
+
+    @property
+    def test_index(self) -> IdIndex:
+        """Lookup of test ids -> positions (:class:`~simfluence.ids.IdIndex`)."""
+        return IdIndex(self.test_ids, "test")
+
+    def pool_positions(self, ids: Iterable[Any] | str) -> np.ndarray:
+        """(n,) internal positions of external pool ids; an unknown id is an error naming it."""
+        return self.pool_index.positions(ids)
+
+    def test_positions(self, ids: Iterable[Any] | str) -> np.ndarray:
+        """(n,) internal positions (loss columns) of external test ids; an unknown id is an error naming it."""
+        return self.test_index.positions(ids)
 
     def select(self, runs: Iterable[int | str] | slice) -> RunSet:
         """A run set with a subset of the runs (by position, name or slice); shares the arrays."""
