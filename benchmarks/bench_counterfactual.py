@@ -2,9 +2,10 @@
 
 On the digits workload (generated into a cache folder on first use), fits a simulator on the training
 runs, then for a held-out run's curriculum computes the effect of removing each of the N pool examples
-(a) with ``simfluence.simulators.loo.linear_loo`` and (b) by simulating the N leave-one-out curricula in
-batches, and reports both times and the largest difference. Also times ``simulate`` on 1,000 random
-curricula of the default size. Prints a markdown table and records it in ``benchmarks/RESULTS.md``.
+(a) with the exact ``leave_one_out`` of the linear family (``simfluence.simulators.loo``) and (b) by
+simulating the N leave-one-out curricula in batches, and reports both times and the largest difference.
+Also times ``simulate`` on 1,000 random curricula of the default size. Prints a markdown table and
+records it in ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_counterfactual.py            # default digits sizes
     python benchmarks/bench_counterfactual.py --quick    # small smoke run (not recorded)
@@ -38,9 +39,8 @@ def _time(fn, repeat: int = 3) -> tuple[float, object]:
 
 def run(args: argparse.Namespace) -> str:
     from simfluence.curriculum import random_curricula
+    from simfluence.methods import make_simulator
     from simfluence.runlog import RunSet
-    from simfluence.simulators import make_simulator
-    from simfluence.simulators.loo import linear_loo
     from simfluence.workloads import generate_digits
 
     sizes = dict(n_runs=12, n_steps=60, pool_size=120, test_size=30) if args.quick else {}
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> str:
         sim.fit(runset, runs=range(n - 8 if n > 8 else n - 1))
         run = runset[n - 1]
         cur, initial, lrs = run.curriculum, run.initial_losses, run.learning_rates
-        fast_s, fast = _time(lambda sim=sim, cur=cur, initial=initial, lrs=lrs: linear_loo(sim, cur, initial, lrs))
+        fast_s, fast = _time(lambda sim=sim, cur=cur, initial=initial, lrs=lrs: sim.leave_one_out(cur, initial, lrs))
         n_pool = runset.n_pool
         present = np.flatnonzero(cur.counts(n_pool) > 0)  # absent examples have no effect: not re-simulated
         edited = [cur.remove([int(i)]) for i in present]

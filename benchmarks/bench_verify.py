@@ -26,8 +26,8 @@ SECTION = "## Counterfactuals checked against real retraining (digits)"
 
 def main(argv: list[str] | None = None) -> int:
     from simfluence.apps.verify import verify_counterfactuals
+    from simfluence.methods import make_simulator
     from simfluence.runlog import RunSet
-    from simfluence.simulators import make_simulator
     from simfluence.workloads import generate_digits
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, reproduction = {}, []
     for name in args.runs:
         base = runset[name]
-        targets = [int(i) for i in np.argsort(-np.asarray(base.losses[-1]))[:10]]
+        targets = [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:10]]
         result = verify_counterfactuals(sim, runset, name, targets, k=args.k, progress=False)
         reproduction.append(result.base_reproduction)
         for _, row in result.table.iloc[1:].iterrows():

@@ -22,16 +22,10 @@ from simfluence.errors import (
     SimfluenceError,
 )
 from simfluence.evaluation import Evaluation, evaluate
+from simfluence.methods import METHODS, load_simulator, make_simulator
 from simfluence.metrics import trajectory_metrics
 from simfluence.runlog import Run, RunLogger, RunSet
-from simfluence.simulators import (
-    METHODS,
-    MeanCurve,
-    SimfluenceAdditive,
-    SimfluenceLinear,
-    load_simulator,
-    make_simulator,
-)
+from simfluence.simulators import MeanCurve, SimfluenceAdditive, SimfluenceLinear, clone
 
 __version__ = "0.1.0"
 
@@ -51,6 +45,7 @@ __all__ = [
     "SimfluenceAdditive",
     "SimfluenceError",
     "SimfluenceLinear",
+    "clone",
     "evaluate",
     "load_simulator",
     "make_simulator",

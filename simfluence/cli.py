@@ -54,7 +54,14 @@ def import_command(curriculum: str, losses: str, out: str, overwrite: bool) -> N
 # ------------------------------------------------------------------------------------------ generate
 @cli.group("generate")
 def generate_group() -> None:
-    """Train real models on many curricula and log the runs (built-in workloads)."""
+    """Train real models on many curricula and log the runs (built-in workloads or your own task)."""
+
+
+def _checkpoint_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of steps") from None
 
 
 @generate_group.command("digits")
@@ -77,11 +84,7 @@ def generate_digits_command(out: str, checkpoint_steps: str, **options) -> None:
     """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
     from simfluence.workloads import generate_digits
 
-    try:
-        steps = tuple(int(part) for part in checkpoint_steps.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{checkpoint_steps!r} is not a comma-separated list of steps") from None
-    runset = generate_digits(out, checkpoint_steps=steps, progress=True, **options)
+    runset = generate_digits(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **options)
     click.echo(f"{runset!r}")
 
 
@@ -100,11 +103,31 @@ def generate_facts_command(out: str, checkpoint_steps: str, **options) -> None:
     """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
     from simfluence.workloads import generate_facts
 
-    try:
-        steps = tuple(int(part) for part in checkpoint_steps.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{checkpoint_steps!r} is not a comma-separated list of steps") from None
-    runset = generate_facts(out, checkpoint_steps=steps, progress=True, **options)
+    runset = generate_facts(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **options)
+    click.echo(f"{runset!r}")
+
+
+@generate_group.command("task")
+@click.option("--task", "task_spec", required=True,
+              help="Your task: path/to/file.py:function (or package.module:function) returning a simfluence Task.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
+@click.option("--runs", "n_runs", default=48, show_default=True, help="Number of runs (curricula).")
+@click.option("--steps", "n_steps", default=200, show_default=True, help="Training steps per run.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--subset-fraction", default=0.5, show_default=True, help="Share of the pool each run trains on.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the curricula (the initial weights come from the task's init_seed).")
+@click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
+@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, **options) -> None:
+    """Runs of your own task: random pool subsets in random order, all from the task's initial weights."""
+    from simfluence.task import load_task
+    from simfluence.workloads import generate_random_runs
+
+    runset = generate_random_runs(load_task(task_spec), out, checkpoint_steps=_checkpoint_steps(checkpoint_steps),
+                                  progress=True, **options)
     click.echo(f"{runset!r}")
 
 
@@ -129,6 +152,76 @@ def info_command(runset_dir: str) -> None:
             click.echo(f"incomplete runs: {', '.join(incomplete)}")
 
 
+# ------------------------------------------------------------------------------------------ shared options
+def _runset_options(function):
+    """--include-incomplete and --skip-corrupt, for commands that fit or score on a run set."""
+    function = click.option("--skip-corrupt", is_flag=True,
+                            help="Leave out runs that cannot be read (they are named) instead of stopping.")(function)
+    return click.option("--include-incomplete", is_flag=True,
+                        help="Also use runs whose logger never closed (left out by default).")(function)
+
+
+def _load_runset(runset_dir: str, skip_corrupt: bool = False):
+    """Open a run set; with ``skip_corrupt`` unreadable runs are left out and each is named on stderr."""
+    from simfluence.runlog import RunSet
+
+    if not skip_corrupt:
+        return RunSet.load(runset_dir)
+    runset = RunSet.load(runset_dir, skip_corrupt=True)
+    for name, reason in runset.skipped:
+        click.echo(f"simfluence: warning: left out corrupt run {name!r}: {reason}", err=True)
+    return runset
+
+
+def _usable_runs(runset, include_incomplete: bool) -> list[int]:
+    """Positions of the runs to use; says how many incomplete runs were left out."""
+    from simfluence.evaluation import complete_positions
+
+    used, excluded = complete_positions(runset, include_incomplete)
+    if excluded:
+        click.echo(f"left out {len(excluded)} incomplete run(s): {', '.join(excluded[:5])}"
+                   + (" ..." if len(excluded) > 5 else "") + " (--include-incomplete uses them)", err=True)
+    return used
+
+
+def _parse_value(text: str):
+    """A hyper-parameter value: JSON (numbers, true/false, lists, quoted strings), else the text itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_params(items: tuple[str, ...], prefixed: bool = False) -> dict:
+    """``NAME=VALUE`` (or ``METHOD.NAME=VALUE`` when ``prefixed``) options into a dict (nested per method)."""
+    params: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SimfluenceError(f"--param {item!r}: expected NAME=VALUE")
+        if prefixed:
+            method_name, dot, key = key.partition(".")
+            if not dot or not key:
+                raise SimfluenceError(f"--param {item!r}: expected METHOD.NAME=VALUE, e.g. linear.lam=1")
+            params.setdefault(method_name, {})[key] = _parse_value(value)
+        else:
+            params[key] = _parse_value(value)
+    return params
+
+
+def _method_help() -> str:
+    from simfluence.methods import METHODS
+
+    return "; ".join(f"{name}: {entry.description}" for name, entry in METHODS.items())
+
+
+_TASK_HELP = ("Task of the run set, as path/to/file.py:function returning a simfluence Task (needed by methods "
+              "that use the model, when the run set records no built-in workload).")
+
+
 # ------------------------------------------------------------------------------------------ fit
 def _parse_lam(value: str) -> float | str:
     if value == "auto":
@@ -141,25 +234,50 @@ def _parse_lam(value: str) -> float | str:
 
 @cli.command("fit")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", default="linear_step", show_default=True, help="Simulator (see `evaluate --help`).")
+@click.option("--method", default="linear_mom", show_default=True, help="Simulator (list: `simfluence methods`).")
 @click.option("--lam", default=None, help="Ridge strength, or 'auto' (chosen on validation runs).")
+@click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
+              help="Any hyper-parameter of the method, e.g. --param momentum=0.8 (repeatable).")
 @click.option("--holdout", default=0, show_default=True, help="Leave the last K runs out of fitting.")
+@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
+@_runset_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
-def fit_command(runset_dir: str, method: str, lam: str | None, holdout: int, out: str) -> None:
+def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tuple[str, ...], holdout: int,
+                task_spec: str | None, include_incomplete: bool, skip_corrupt: bool, out: str) -> None:
     """Fit a simulator to a run set and save it."""
     from simfluence.evaluation import split_runs
-    from simfluence.runlog import RunSet
-    from simfluence.simulators import make_simulator
+    from simfluence.methods import method as registry_entry
 
-    runset = RunSet.load(runset_dir)
-    params = {} if lam is None or method == "mean_curve" else {"lam": _parse_lam(lam)}
-    simulator = make_simulator(method, **params)
-    train = split_runs(len(runset), holdout)[0] if holdout else list(range(len(runset)))
-    simulator.fit(runset, runs=train)
+    entry = registry_entry(method)
+    params = _parse_params(param_items)
+    if lam is not None:
+        params["lam"] = _parse_lam(lam)
+    simulator = entry.build(**params)
+    if task_spec is not None and "task" not in entry.needs:
+        raise SimfluenceError(f"method {method!r} does not use a model; --task is only for "
+                              "tracin, influence, trackstar and their variants")
+    runset = _load_runset(runset_dir, skip_corrupt)
+    used = _usable_runs(runset, include_incomplete)
+    train = [used[i] for i in split_runs(len(used), holdout)[0]] if holdout else used
+    if "task" in entry.needs:
+        simulator.fit(runset, runs=train, task=task_spec)
+    else:
+        simulator.fit(runset, runs=train)
     simulator.save(out)
     chosen = getattr(simulator, "lam_", None)
     extra = f", lam={chosen:g}" if chosen is not None else ""
     click.echo(f"fitted {method} on {len(train)} runs{extra} -> {out}")
+
+
+@cli.command("methods")
+def methods_command() -> None:
+    """List the methods: name, what each needs, description."""
+    from simfluence.methods import DEFAULT_METHOD, METHODS
+
+    for name, entry in METHODS.items():
+        needs = f" [needs {', '.join(sorted(entry.needs))}]" if entry.needs else ""
+        default = " (default)" if name == DEFAULT_METHOD else ""
+        click.echo(f"{name:<24}{entry.description}{needs}{default}")
 
 
 # ------------------------------------------------------------------------------------------ simulate
@@ -172,12 +290,10 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
     """Simulate a logged run's curriculum with a saved model and compare with the real losses."""
     import pandas as pd
 
-    from simfluence.runlog import RunSet
-    from simfluence.simulators import load_simulator, rollout_runs
+    from simfluence.simulators import rollout_runs
 
-    simulator = load_simulator(model)
-    runset = RunSet.load(runset_dir)
-    index = runset.run_names.index(runset[run_name].name)
+    simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
+    index = runset.run_names.index(run.name)
     predicted, actual, mask = rollout_runs(simulator, runset, [index])
     predicted, actual, mask = predicted[0], actual[0], mask[0]
     steps = np.flatnonzero(mask)
@@ -204,18 +320,23 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--holdout", default=8, show_default=True, help="Score on the last K runs, fit on the rest.")
 @click.option("--methods", default=None,
-              help="Comma-separated methods (default mean_curve,additive,linear,linear_step,linear_mom). "
-                   "Also: linear_res; with checkpoints in the run set: tracin, tracin_cos, influence, trackstar.")
+              help="Comma-separated methods (default mean_curve,additive,linear,linear_step,linear_mom; "
+                   "list: `simfluence methods`).")
+@click.option("--param", "param_items", multiple=True, metavar="METHOD.NAME=VALUE",
+              help="A hyper-parameter of one method, e.g. --param linear.lam=1 (repeatable).")
+@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
+@_runset_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Also write report.md, metrics.json and plots into this folder.")
-def evaluate_command(
-    runset_dir: str, holdout: int, methods: str | None, json_out: str | None, report_dir: str | None
-) -> None:
+def evaluate_command(runset_dir: str, holdout: int, methods: str | None, param_items: tuple[str, ...],
+                     task_spec: str | None, include_incomplete: bool, skip_corrupt: bool, json_out: str | None,
+                     report_dir: str | None) -> None:
     """Fit every method on all but the last K runs and score it on those K."""
     from simfluence.metrics import format_table
 
-    runset, result = _evaluate(runset_dir, holdout, methods)
+    runset, result = _evaluate(runset_dir, holdout, methods, param_items, task_spec, include_incomplete,
+                               skip_corrupt)
     click.echo(f"fit on {len(result.train_runs)} runs, scored on {len(result.heldout_runs)} held-out runs")
     click.echo(format_table(result.metrics))
     if json_out:
@@ -229,43 +350,68 @@ def evaluate_command(
         click.echo(f"wrote {write_report(result, runset, report_dir)}")
 
 
-def _evaluate(runset_dir: str, holdout: int, methods: str | None):
+def _evaluate(runset_dir: str, holdout: int, methods: str | None, param_items: tuple[str, ...] = (),
+              task_spec: str | None = None, include_incomplete: bool = False, skip_corrupt: bool = False):
     from simfluence.evaluation import evaluate, parse_methods
-    from simfluence.runlog import RunSet
-    from simfluence.simulators import DEFAULT_METHODS
+    from simfluence.methods import DEFAULT_METHODS
 
     names = parse_methods(methods) if methods else list(DEFAULT_METHODS)
-    runset = RunSet.load(runset_dir)
-    return runset, evaluate(runset, names, holdout=holdout, progress=True)
+    params = _parse_params(param_items, prefixed=True)
+    stray = [name for name in params if name not in names]
+    if stray:
+        raise SimfluenceError(f"--param for {stray[0]!r}, which is not among the methods evaluated")
+    runset = _load_runset(runset_dir, skip_corrupt)
+    _usable_runs(runset, include_incomplete)
+    return runset, evaluate(runset, names, holdout=holdout, params=params, progress=True, task=task_spec,
+                            include_incomplete=include_incomplete)
 
 
 # ------------------------------------------------------------------------------------------ plot
 @cli.command("plot")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs, plot those K.")
-@click.option("--methods", default=None, help="Comma-separated methods (default: as in evaluate).")
+@click.option("--methods", default=None, help="Comma-separated methods to fit (default: as in evaluate).")
+@click.option("--model", "models", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Plot a saved model instead of fitting (repeatable); scored on the runs it was not fitted on.")
+@click.option("--scenario", "scenarios", multiple=True,
+              help="With one --model and --run: plot this what-if scenario of the run, edits separated by ';' "
+                   "(e.g. 'remove:12,40;reverse'; repeatable).")
 @click.option("--run", "run_name", default=None, help="Held-out run for the loss-curve panels (default: first).")
 @click.option("--tests", default=None, help="Comma-separated test ids for the loss-curve panels.")
+@_runset_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
-def plot_command(
-    runset_dir: str, holdout: int, methods: str | None, run_name: str | None, tests: str | None, out: str
-) -> None:
-    """Simulated vs real loss curves, final-loss scatter and error over steps on held-out runs."""
-    from simfluence.apps.plot import plot_report, plot_trajectories
+def plot_command(runset_dir: str, holdout: int, methods: str | None, models: tuple[str, ...],
+                 scenarios: tuple[str, ...], run_name: str | None, tests: str | None, include_incomplete: bool,
+                 skip_corrupt: bool, out: str) -> None:
+    """Simulated vs real loss curves, final-loss scatter and error over steps; or what-if scenarios of a run."""
+    from simfluence.apps.plot import plot_report, plot_trajectories, plot_whatif
 
-    runset, result = _evaluate(runset_dir, holdout, methods)
+    if scenarios:
+        if len(models) != 1 or run_name is None:
+            raise SimfluenceError("--scenario needs exactly one --model and a --run")
+        from simfluence.counterfactual import whatif
+
+        simulator, runset, run = _load_model_and_run(models[0], runset_dir, run_name)
+        result = whatif(simulator, run, {text: text for text in scenarios})
+        actual, _ = run.dense_losses()
+        path = Path(out) / "whatif.png"
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot_whatif(result, tests=_split_ids(tests), actual=actual, path=path)
+        click.echo(f"wrote {path}")
+        return
+    if models:
+        if methods:
+            raise SimfluenceError("give --methods (fit them) or --model (saved ones), not both")
+        runset, result = _score_saved(models, runset_dir, skip_corrupt, include_incomplete)
+    else:
+        runset, result = _evaluate(runset_dir, holdout, methods, include_incomplete=include_incomplete,
+                                   skip_corrupt=skip_corrupt)
     paths = plot_report(result, out, test_labels=runset.test_ids)
     if run_name is not None or tests is not None:
         if run_name is not None and run_name not in result.heldout_runs:
             raise SimfluenceError(f"--run {run_name!r} is not one of the held-out runs {result.heldout_runs}")
         run = result.heldout_runs.index(run_name) if run_name is not None else 0
-        chosen = None
-        if tests is not None:
-            lookup = {str(test): index for index, test in enumerate(runset.test_ids)}
-            unknown = [part for part in tests.split(",") if part.strip() not in lookup]
-            if unknown:
-                raise SimfluenceError(f"unknown test id {unknown[0]!r}")
-            chosen = [lookup[part.strip()] for part in tests.split(",")]
+        chosen = None if tests is None else [int(i) for i in runset.test_positions(tests)]
         plot_trajectories(result.predicted, result.actual, result.mask, run=run, tests=chosen,
                           test_labels=runset.test_ids, run_label=result.heldout_runs[run],
                           path=paths["trajectories"])
@@ -273,42 +419,42 @@ def plot_command(
         click.echo(f"wrote {path}")
 
 
+def _score_saved(models: tuple[str, ...], runset_dir: str, skip_corrupt: bool, include_incomplete: bool):
+    """Score saved models on the (complete) runs none of them was fitted on."""
+    from simfluence.evaluation import score
+    from simfluence.methods import load_simulator
+
+    runset = _load_runset(runset_dir, skip_corrupt)
+    simulators = {}
+    for path in models:
+        simulator = load_simulator(path)
+        simulators[f"{simulator.kind} ({Path(path).stem})" if simulator.kind in simulators else simulator.kind] = \
+            simulator
+    fitted_on = set().union(*(set(sim.train_runs_) for sim in simulators.values()))
+    runs = [i for i in _usable_runs(runset, include_incomplete) if runset[i].name not in fitted_on]
+    if not runs:
+        raise SimfluenceError("every run of the run set was used to fit the model(s); nothing held out to plot")
+    return runset, score(simulators, runset, runs)
+
+
 # ------------------------------------------------------------------------------------------ counterfactuals
-def _id_lookup(ids: list, what: str) -> dict[str, int]:
-    return {str(value): index for index, value in enumerate(ids)}
-
-
-def _internal_ids(text: str, lookup: dict[str, int], what: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [part for part in parts if part not in lookup]
-    if unknown:
-        raise SimfluenceError(f"unknown {what} id {unknown[0]!r}")
-    return [lookup[part] for part in parts]
-
-
-def _translate_edit(text: str, pool: dict[str, int]) -> str:
-    """An edit written with external pool ids -> the same edit with internal positions."""
-    kind, _, rest = text.strip().partition(":")
-    if kind in ("remove", "keep"):
-        return f"{kind}:" + ",".join(map(str, _internal_ids(rest, pool, "pool")))
-    if kind in ("duplicate", "move"):
-        example, sep, step = rest.partition("@")
-        return f"{kind}:{_internal_ids(example, pool, 'pool')[0]}{sep}{step}"
-    if kind == "replace":
-        old, _, new = rest.partition(">")
-        return f"replace:{_internal_ids(old, pool, 'pool')[0]}>{_internal_ids(new, pool, 'pool')[0]}"
-    return text.strip()
+def _split_ids(text: str | None) -> list[str] | None:
+    """Comma-separated ids as a list of strings (ids are matched by value or text by the library)."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _load_model_and_run(model: str, runset_dir: str, run_name: str):
+    from simfluence.methods import load_simulator
     from simfluence.runlog import RunSet
-    from simfluence.simulators import load_simulator
 
     simulator = load_simulator(model)
     runset = RunSet.load(runset_dir)
-    run = runset[run_name]
-    lrs = run.learning_rates if np.isfinite(run.learning_rates).all() else None
-    return simulator, runset, run, lrs
+    if (simulator.n_pool_, simulator.n_test_) != (runset.n_pool, runset.n_test) or \
+            list(map(str, simulator.pool_ids_)) != list(map(str, runset.pool_ids)):
+        raise SimfluenceError(f"model {model!r} was fitted on another pool/test set than {runset_dir!r}")
+    return simulator, runset, runset[run_name]
 
 
 @cli.command("whatif")
@@ -332,25 +478,21 @@ def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, s
 
     from simfluence.counterfactual import whatif
 
-    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
-    pool = _id_lookup(runset.pool_ids, "pool")
+    simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
     edits = [f"{kind}:{value}" for kind, value in
              (("remove", remove), ("keep", keep), ("duplicate", duplicate), ("move", move), ("swap", swap))
              if value] + (["reverse"] if reverse else [])
-    named = {}
-    if edits:
-        named["edited"] = [_translate_edit(edit, pool) for edit in edits]
-    for text in scenarios:
-        named[text] = [_translate_edit(edit, pool) for edit in text.split(";") if edit.strip()]
+    named = {"edited": ";".join(edits)} if edits else {}
+    named.update({text: text for text in scenarios})
     if not named:
         raise SimfluenceError("no edits given (use --remove, --keep, --duplicate, --move, --swap, --reverse "
                               "or --scenario)")
-    result = whatif(simulator, run.curriculum, named, run.initial_losses, lrs, test_ids=runset.test_ids)
+    result = whatif(simulator, run, named)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         click.echo(result.summary().to_string(float_format=lambda v: f"{v:.4f}"))
         final = result.final()
         if tests:
-            columns = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test")
+            columns = [int(i) for i in simulator.test_index.positions(tests)]
         else:
             columns = list(np.argsort(-np.abs(result.change[1:, -1]).max(axis=0))[:5])
         click.echo("\npredicted final loss of selected test examples:")
@@ -372,13 +514,12 @@ def loo_command(model, runset_dir, run_name, top, tests, step, csv_out) -> None:
     """Leave-one-out effect of every pool example of a run's curriculum (exact and fast for linear models)."""
     from simfluence.counterfactual import loo_effects
 
-    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
-    chosen = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests else None
-    effects = loo_effects(simulator, run.curriculum, run.initial_losses, lrs, step=step,
-                          pool_ids=runset.pool_ids, test_ids=runset.test_ids)
-    target = "all test examples" if chosen is None else f"test {tests}"
+    simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
+    effects = loo_effects(simulator, run, step=step)
+    target = "all test examples" if tests is None else f"test {tests}"
+    table = effects.top(top, _split_ids(tests))
     click.echo(f"effect on the loss of {target} of removing each example (positive: it helps)")
-    click.echo(effects.top(top, chosen).to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
     if csv_out:
         atomic_write_bytes(csv_out, effects.frame().to_csv(index=False).encode())
         click.echo(f"wrote {csv_out}")
@@ -395,9 +536,8 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
     """Top proponents and opponents of test examples, for any saved simulator (learned or gradient-based)."""
     from simfluence.counterfactual import influence_table
 
-    simulator, runset, run, _ = _load_model_and_run(model, runset_dir, run_name)
-    chosen = (_internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests
-              else list(range(min(3, runset.n_test))))
+    simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
+    chosen = _split_ids(tests) if tests else runset.test_ids[:3]
     table = influence_table(simulator, runset, run.name, tests=chosen, top=top)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
     if csv_out:
@@ -421,36 +561,33 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
     """Greedy curriculum search: which examples to drop (or when to show them) to lower or raise chosen test losses."""
     from simfluence.counterfactual import search_curriculum, search_order
 
-    simulator, runset, run, lrs = _load_model_and_run(model, runset_dir, run_name)
-    targets = _internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test")
+    simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
+    targets = _split_ids(tests)
+    target_ids = simulator.test_index.ids_of(simulator.test_index.positions(targets))
     if reorder is not None:
         if drop is not None or subset_size is not None:
             raise SimfluenceError("give one budget: --drop, --subset or --reorder")
-        order = search_order(simulator, run.curriculum, run.initial_losses, targets, moves=reorder,
-                             maximize=maximize, learning_rates=lrs)
-        moves = [(runset.pool_ids[i], where) for i, where in order.moves]
-        click.echo("moves: " + (", ".join(f"{pid} -> {where}" for pid, where in moves) or "none improves"))
+        order = search_order(simulator, run, targets, moves=reorder, maximize=maximize)
+        click.echo("moves: " + (", ".join(f"{pid} -> {where}" for pid, where in order.moves) or "none improves"))
         click.echo(f"predicted mean final loss of the targets: {order.objective[0]:.4f} -> {order.objective[-1]:.4f}"
                    f" ({order.predicted_change:+.4f})")
         if json_out:
             atomic_write_json(json_out, {
-                "run": run.name, "tests": [runset.test_ids[i] for i in targets],
-                "moves": [[pid, where] for pid, where in moves],
+                "run": run.name, "tests": target_ids, "moves": [[pid, where] for pid, where in order.moves],
                 "objective": [float(v) for v in order.objective], "predicted_change": order.predicted_change,
             })
             click.echo(f"wrote {json_out}")
         return
-    result = search_curriculum(simulator, run.curriculum, run.initial_losses, targets, drop=drop,
-                               subset_size=subset_size, maximize=maximize, per_round=per_round,
-                               learning_rates=lrs)
-    removed = [runset.pool_ids[i] for i in result.removed]
+    result = search_curriculum(simulator, run, targets, drop=drop, subset_size=subset_size, maximize=maximize,
+                               per_round=per_round)
+    removed = result.removed
     click.echo(f"removed {len(removed)} examples: {', '.join(map(str, removed[:50]))}"
                + (" ..." if len(removed) > 50 else ""))
     click.echo(f"predicted mean final loss of the targets: {result.objective[0]:.4f} -> {result.objective[-1]:.4f}"
                f" ({result.predicted_change:+.4f})")
     if json_out:
         atomic_write_json(json_out, {
-            "run": run.name, "tests": [runset.test_ids[i] for i in targets], "removed": removed,
+            "run": run.name, "tests": target_ids, "removed": removed,
             "objective": [float(v) for v in result.objective], "predicted_change": result.predicted_change,
         })
         click.echo(f"wrote {json_out}")
@@ -465,61 +602,66 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
 @click.option("--k", default=10, show_default=True, help="Examples per edit.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for results and retrained runs.")
 @click.option("--workers", type=int, default=None, help="Parallel training processes.")
-def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers) -> None:
+@click.option("--task", "task_spec", default=None,
+              help="The runs' task as path/to/file.py:function (needed when the run set records no built-in workload).")
+def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers, task_spec) -> None:
     """Retrain real models on counterfactual curricula and compare with the simulator's predictions."""
     import pandas as pd
 
     from simfluence.apps.plot import plot_verification
     from simfluence.apps.verify import verify_counterfactuals
     from simfluence.evaluation import split_runs
+    from simfluence.methods import make_simulator
     from simfluence.runlog import RunSet
-    from simfluence.simulators import make_simulator
+    from simfluence.task import task_for_runset
 
     runset = RunSet.load(runset_dir)
-    train, heldout = split_runs(len(runset), holdout)
+    task = task_for_runset(runset, task_spec)  # before any work: a missing task is one line, nothing written
+    used = _usable_runs(runset, include_incomplete=False)
+    train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
     base = runset[run_name] if run_name else runset[heldout[-1]]
     if runset.run_names.index(base.name) in train:
         raise SimfluenceError(f"--run {base.name!r} is a training run; choose one of the last {holdout} runs")
-    targets = (_internal_ids(tests, _id_lookup(runset.test_ids, "test"), "test") if tests
-               else [int(i) for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
+    targets = (_split_ids(tests) if tests
+               else [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
     click.echo(f"fitting {method} on {len(train)} runs")
     simulator = make_simulator(method).fit(runset, runs=train)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)  # created when retraining starts, so a failure before it leaves nothing behind
     result = verify_counterfactuals(simulator, runset, base.name, targets, k=k, out=out_dir / "retrained",
-                                    workers=workers)
+                                    workers=workers, task=task)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with pd.option_context("display.width", 160):
         click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"retraining the base curriculum reproduces the logged run to {result.base_reproduction:.1e}")
     atomic_write_json(out_dir / "verify.json", {
-        "method": method, "run": base.name, "targets": [runset.test_ids[i] for i in targets], "k": k,
+        "method": method, "run": base.name, "targets": result.tests, "k": k,
         "base_reproduction": result.base_reproduction,
         "table": [{key: (None if isinstance(value, float) and not np.isfinite(value) else value)
                    for key, value in row.items()} for row in result.table.to_dict(orient="records")],
     })
-    plot_verification(result.names, result.predicted, result.actual, result.tests, path=out_dir / "verify.png")
+    plot_verification(result.names, result.predicted, result.actual, result.test_columns,
+                      path=out_dir / "verify.png")
     click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")
 
 
 # ------------------------------------------------------------------------------------------ trace
 @cli.command("trace")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--methods", default="bm25,tracin,cosine,trackstar,simfluence", show_default=True,
-              help="Comma-separated methods (also trackstar-no-opt, trackstar-no-hessian, trackstar-train-hessian, "
-                   "trackstar-no-unit).")
+@click.option("--methods", default="bm25,tracin,tracin_cos,trackstar,linear_mom", show_default=True,
+              help="Comma-separated: bm25 and any method of `simfluence methods` (gradient methods score from "
+                   "checkpoints, learned simulators by leave-one-out), e.g. trackstar_no_opt, linear.")
 @click.option("--run", "run_index", default=0, show_default=True, help="Run whose checkpoints gradient methods use.")
-@click.option("--simulator", "simulator_method", default="linear_mom", show_default=True,
-              help="Simulator behind the simfluence method.")
+@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
 @click.option("--no-tail-patch", is_flag=True, help="Skip the tail-patch (one-step influence) column.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the table as JSON records.")
-def trace_command(runset_dir, methods, run_index, simulator_method, no_tail_patch, json_out) -> None:
+def trace_command(runset_dir, methods, run_index, task_spec, no_tail_patch, json_out) -> None:
     """Fact tracing on a facts run set: MRR, recall@10, precision@10 and tail-patch per method and bucket."""
     from simfluence.apps.factbench import format_factbench, run_factbench
     from simfluence.runlog import RunSet
 
     chosen = [method.strip() for method in methods.split(",") if method.strip()]
-    frame = run_factbench(RunSet.load(runset_dir), methods=chosen, run=run_index, simulator_method=simulator_method,
-                          tail_patch=not no_tail_patch, echo=lambda message: click.echo(message, err=True))
+    frame = run_factbench(RunSet.load(runset_dir), methods=chosen, run=run_index, tail_patch=not no_tail_patch,
+                          echo=lambda message: click.echo(message, err=True), task=task_spec)
     click.echo(format_factbench(frame))
     if json_out:
         atomic_write_json(json_out, frame.to_dict(orient="records"))

@@ -15,7 +15,12 @@ Three questions, all answered by a fitted simulator, batched over curricula and 
   does the same by reordering (moving an example's occurrences to the start or the end), evaluating all
   candidate moves of a round in one batched simulation.
 
-Pool and test examples are addressed by internal position here; the CLI maps external ids.
+Pool and test examples are named by their **external ids** everywhere here (the ids of the run set the
+simulator was fitted on, ``simulator.pool_ids_`` / ``simulator.test_ids_``), as on the command line; results
+carry external ids too. A base is a logged :class:`~simfluence.runlog.Run` (its curriculum, initial losses and
+learning rates are used) or a :class:`~simfluence.curriculum.Curriculum` of pool positions with explicit
+initial losses. An edit naming an example that the base curriculum does not contain is an error, never a
+silent zero change.
 """
 from __future__ import annotations
 
@@ -27,21 +32,25 @@ import pandas as pd
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, SimfluenceError
-from simfluence.runlog import RunSet
+from simfluence.ids import IdIndex
+from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
-from simfluence.simulators.linear import SimfluenceLinear
-from simfluence.simulators.loo import linear_loo
 
 _EDIT_KINDS = ("remove", "keep", "duplicate", "move", "swap", "reverse", "replace", "truncate")
 
 
+_ID_EDITS = ("remove", "keep", "duplicate", "move", "replace")  # edits whose arguments name pool examples
+
+
 @dataclass(frozen=True)
 class Edit:
-    """One pure edit of a curriculum; ``apply`` returns the edited copy.
+    """One pure edit of a curriculum, naming pool examples by their external ids.
 
     Build them with :func:`parse_edit` (``"remove:12,40"``, ``"duplicate:5@10"``, ``"move:5@100"``,
-    ``"swap:3,7"``, ``"reverse"``, ``"keep:1,2,3"``, ``"replace:3>9"``, ``"truncate:50"``) or directly,
-    e.g. ``Edit("remove", (12, 40))``.
+    ``"swap:3,7"``, ``"reverse"``, ``"keep:1,2,3"``, ``"replace:3>9"``, ``"truncate:50"``; ids are pool ids,
+    numbers after ``@`` and the arguments of swap / truncate are steps) or directly, e.g.
+    ``Edit("remove", (12, 40))``. :meth:`apply` resolves the ids with the pool ids of a run set or fitted
+    simulator.
     """
 
     kind: str
@@ -51,23 +60,36 @@ class Edit:
         if self.kind not in _EDIT_KINDS:
             raise CurriculumError(f"unknown edit {self.kind!r}; choose from {', '.join(_EDIT_KINDS)}")
 
-    def apply(self, curriculum: Curriculum) -> Curriculum:
+    def apply(self, curriculum: Curriculum, pool: IdIndex) -> Curriculum:
+        """The edited copy of ``curriculum`` (pool positions), resolving example ids with ``pool``.
+
+        An example that must occur in the curriculum (remove, keep, move, replace's old id, duplicate without a
+        step) and does not is a ``CurriculumError`` naming it.
+        """
         args = self.args
+        if self.kind in ("swap", "reverse", "truncate"):
+            if self.kind == "swap":
+                return curriculum.swap_batches(args[0], args[1])
+            return curriculum.reverse() if self.kind == "reverse" else curriculum.truncate(args[0])
+        present = curriculum.counts(len(pool)) > 0
+
+        def occurring(example_id) -> int:
+            position = pool.position(example_id)
+            if not present[position]:
+                raise CurriculumError(f"{self}: pool id {pool.ids[position]!r} does not occur in the base curriculum")
+            return position
+
         if self.kind == "remove":
-            return curriculum.remove(list(args))
+            return curriculum.remove([occurring(i) for i in args])
         if self.kind == "keep":
-            return curriculum.keep_only(list(args))
+            return curriculum.keep_only([occurring(i) for i in args])
         if self.kind == "duplicate":
-            return curriculum.duplicate(args[0], step=args[1] if len(args) > 1 else None)
+            if len(args) > 1:
+                return curriculum.duplicate(pool.position(args[0]), step=args[1])
+            return curriculum.duplicate(occurring(args[0]))
         if self.kind == "move":
-            return curriculum.move(args[0], to_step=args[1])
-        if self.kind == "swap":
-            return curriculum.swap_batches(args[0], args[1])
-        if self.kind == "reverse":
-            return curriculum.reverse()
-        if self.kind == "replace":
-            return curriculum.replace(args[0], args[1])
-        return curriculum.truncate(args[0])
+            return curriculum.move(occurring(args[0]), to_step=args[1])
+        return curriculum.replace(occurring(args[0]), pool.position(args[1]))
 
     def __str__(self) -> str:
         if self.kind in ("remove", "keep", "swap"):
@@ -82,24 +104,33 @@ class Edit:
 
 
 def parse_edit(text: str) -> Edit:
-    """Parse ``kind[:arguments]`` (see :class:`Edit`) into an edit of internal ids and steps."""
+    """Parse ``kind[:arguments]`` (see :class:`Edit`); example ids stay text, steps become ints."""
     kind, _, rest = text.strip().partition(":")
+    kind = kind.strip()
     try:
-        if kind in ("remove", "keep", "swap"):
+        if kind in ("remove", "keep"):
+            args = tuple(part.strip() for part in rest.split(",") if part.strip())
+            if not args:
+                raise ValueError
+        elif kind == "swap":
             args = tuple(int(part) for part in rest.split(",") if part.strip())
-            if not args or (kind == "swap" and len(args) != 2):
+            if len(args) != 2:
                 raise ValueError
         elif kind in ("duplicate", "move"):
             example, _, step = rest.partition("@")
-            args = (int(example),) + ((int(step),) if step else ())
+            if not example.strip():
+                raise ValueError
+            args = (example.strip(),) + ((int(step),) if step.strip() else ())
             if kind == "move" and len(args) != 2:
                 raise ValueError
         elif kind == "replace":
             old, _, new = rest.partition(">")
-            args = (int(old), int(new))
+            if not old.strip() or not new.strip():
+                raise ValueError
+            args = (old.strip(), new.strip())
         elif kind == "truncate":
             args = (int(rest),)
-        elif kind == "reverse" and not rest:
+        elif kind == "reverse" and not rest.strip():
             args = ()
         else:
             raise CurriculumError(f"unknown edit {text!r}; choose from {', '.join(_EDIT_KINDS)}")
@@ -109,11 +140,62 @@ def parse_edit(text: str) -> Edit:
     return Edit(kind, args)
 
 
-def apply_edits(curriculum: Curriculum, edits: Sequence[Edit | str]) -> Curriculum:
-    """Apply edits in order (strings are parsed with :func:`parse_edit`)."""
+def parse_scenario(text: str) -> list[Edit]:
+    """Edits separated by ``;`` (``"remove:12,40;reverse"``)."""
+    edits = [parse_edit(part) for part in text.split(";") if part.strip()]
+    if not edits:
+        raise CurriculumError(f"scenario {text!r} has no edits")
+    return edits
+
+
+def apply_edits(curriculum: Curriculum, edits: Sequence[Edit | str], pool: IdIndex) -> Curriculum:
+    """Apply edits in order (strings are parsed with :func:`parse_edit`), resolving ids with ``pool``."""
     for edit in edits:
-        curriculum = (parse_edit(edit) if isinstance(edit, str) else edit).apply(curriculum)
+        curriculum = (parse_edit(edit) if isinstance(edit, str) else edit).apply(curriculum, pool)
     return curriculum
+
+
+@dataclass
+class Base:
+    """A base curriculum with what simulating it needs (see :func:`resolve_base`)."""
+
+    curriculum: Curriculum
+    initial_losses: np.ndarray
+    learning_rates: np.ndarray | None
+    name: str = "base"
+
+
+def resolve_base(
+    simulator: Simulator,
+    base: Run | Curriculum,
+    initial_losses: np.ndarray | None = None,
+    learning_rates: np.ndarray | None = None,
+) -> Base:
+    """The base of a counterfactual question: a logged run, or a curriculum with explicit initial losses.
+
+    For a run, its initial losses and (when logged at every step) its learning rates are used unless given.
+    """
+    simulator.check_fitted()
+    if isinstance(base, Run):
+        curriculum, name = base.curriculum, base.name
+        if initial_losses is None:
+            initial_losses = base.initial_losses
+        if learning_rates is None and np.isfinite(base.learning_rates).all():
+            learning_rates = base.learning_rates
+    elif isinstance(base, Curriculum):
+        curriculum, name = base, "base"
+        if initial_losses is None:
+            raise SimfluenceError("a Curriculum base needs initial_losses (or pass the logged Run itself)")
+    else:
+        raise SimfluenceError(f"base must be a Run or a Curriculum, not {type(base).__name__}")
+    if curriculum.ids.size and int(curriculum.ids.max()) >= simulator.n_pool_:
+        raise SimfluenceError(f"the base curriculum uses pool position {int(curriculum.ids.max())}, but the "
+                              f"simulator was fitted on {simulator.n_pool_} pool examples")
+    initial = np.asarray(initial_losses, dtype=np.float64).reshape(-1)
+    if initial.shape != (simulator.n_test_,):
+        raise SimfluenceError(f"initial_losses has {initial.size} values for {simulator.n_test_} test examples")
+    rates = None if learning_rates is None else np.asarray(learning_rates, dtype=np.float64)
+    return Base(curriculum, initial, rates, name)
 
 
 @dataclass
@@ -139,13 +221,13 @@ class WhatIf:
         return self.trajectories - self.trajectories[:1]
 
     def final(self) -> pd.DataFrame:
-        """Predicted final loss, one row per scenario, one column per test example."""
+        """Predicted final loss, one row per scenario, one column per test example (external ids)."""
         final = self.trajectories[:, -1]
         return pd.DataFrame(final, index=pd.Index(self.names, name="scenario"), columns=self._test_labels())
 
-    def summary(self, tests: Sequence[int] | None = None) -> pd.DataFrame:
-        """Per scenario: mean final loss and mean change vs base over ``tests`` (default all)."""
-        cols = slice(None) if tests is None else list(tests)
+    def summary(self, tests: Sequence | None = None) -> pd.DataFrame:
+        """Per scenario: mean final loss and mean change vs base over the test ids ``tests`` (default all)."""
+        cols = slice(None) if tests is None else IdIndex(self._test_labels(), "test").positions(tests)
         final = self.trajectories[:, -1][:, cols]
         return pd.DataFrame(
             {
@@ -175,37 +257,46 @@ class WhatIf:
         return list(self.test_ids) if self.test_ids else list(range(self.trajectories.shape[2]))
 
 
+def _schedules(learning_rates: np.ndarray | None, curricula: Sequence[Curriculum]) -> list[np.ndarray] | None:
+    """The base's learning rates for every curriculum (extended with the last rate, or cut, to its length)."""
+    if learning_rates is None:
+        return None
+    last = learning_rates[-1] if learning_rates.size else np.nan
+    return [np.concatenate([learning_rates, np.full(max(0, c.n_steps - learning_rates.size), last)])[: c.n_steps]
+            for c in curricula]
+
+
 def whatif(
     simulator: Simulator,
-    base: Curriculum,
-    scenarios: Mapping[str, Sequence[Edit | str]] | Sequence[Sequence[Edit | str]],
-    initial_losses: np.ndarray,
+    base: Run | Curriculum,
+    scenarios: Mapping[str, Sequence[Edit | str] | str] | Sequence[Sequence[Edit | str]],
+    initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
-    test_ids: Sequence | None = None,
 ) -> WhatIf:
     """Predict the base curriculum and every edited scenario in one batched ``simulate`` call.
 
     Parameters
     ----------
     simulator : a fitted simulator.
-    base : the base curriculum (e.g. a logged run's).
-    scenarios : ``{name: [edits]}`` or a list of edit lists (named by their edits).
-    initial_losses : (n_test,) losses at step 0.
-    learning_rates : (T,) learning rates of the base curriculum (reused by every scenario of the same length).
-    test_ids : external test ids for table labels.
+    base : a logged run, or a curriculum of pool positions (then ``initial_losses`` is needed).
+    scenarios : ``{name: [edits]}`` (or ``{name: "edit;edit"}``), or a list of edit lists (named by their
+        edits); edits name pool examples by external id.
+    initial_losses : (n_test,) losses at step 0 (default: the run's).
+    learning_rates : (T,) learning rates of the base (default: the run's), reused by every scenario.
     """
+    resolved = resolve_base(simulator, base, initial_losses, learning_rates)
     if not isinstance(scenarios, Mapping):
         scenarios = {" + ".join(str(e) for e in edits) or "unchanged": edits for edits in scenarios}
-    names = ["base", *scenarios]
-    curricula = [base] + [apply_edits(base, edits) for edits in scenarios.values()]
-    lrs = None
-    if learning_rates is not None:
-        schedule = np.asarray(learning_rates, dtype=np.float64)
-        last = schedule[-1] if schedule.size else np.nan
-        lrs = [np.concatenate([schedule, np.full(max(0, c.n_steps - schedule.size), last)])[: c.n_steps]
-               for c in curricula]
-    trajectories = simulator.simulate(curricula, initial_losses, lrs)
-    return WhatIf(names, curricula, trajectories, list(test_ids) if test_ids is not None else [])
+    if not scenarios:
+        raise SimfluenceError("no scenarios to simulate")
+    pool = simulator.pool_index
+    edited = {name: parse_scenario(edits) if isinstance(edits, str) else list(edits)
+              for name, edits in scenarios.items()}
+    names = ["base", *edited]
+    curricula = [resolved.curriculum] + [apply_edits(resolved.curriculum, edits, pool) for edits in edited.values()]
+    trajectories = simulator.simulate(curricula, resolved.initial_losses,
+                                      _schedules(resolved.learning_rates, curricula))
+    return WhatIf(names, curricula, trajectories, list(simulator.test_ids_))
 
 
 @dataclass
@@ -213,12 +304,21 @@ class LooEffects:
     """Leave-one-out effects: ``effects[i, m]`` = loss of test m without pool example i minus with it.
 
     Positive: removing i raises the loss, so i *helps* (a proponent); negative: i hurts (an opponent).
+    Rows and columns are positions; ``pool_ids`` / ``test_ids`` name them, and every method takes ids.
     """
 
     effects: np.ndarray
     pool_ids: list
     test_ids: list
     present: np.ndarray
+
+    def _test_columns(self, tests: Sequence | None):
+        return slice(None) if tests is None else IdIndex(self.test_ids, "test").positions(tests)
+
+    def effect(self, pool_id, test_id) -> float:
+        """The effect of removing pool example ``pool_id`` on test ``test_id``."""
+        return float(self.effects[IdIndex(self.pool_ids, "pool").position(pool_id),
+                                  IdIndex(self.test_ids, "test").position(test_id)])
 
     def frame(self) -> pd.DataFrame:
         """Long table ``test, pool, effect, rank`` (rank 1 = most helpful for that test), present examples only."""
@@ -237,10 +337,16 @@ class LooEffects:
             }
         )
 
-    def top(self, k: int = 10, tests: Sequence[int] | None = None) -> pd.DataFrame:
-        """The k most helpful (effect > 0) and most harmful (effect < 0) present examples, mean over ``tests``."""
-        cols = slice(None) if tests is None else list(tests)
-        score = self.effects[:, cols].mean(axis=1)
+    def scores(self, tests: Sequence | None = None) -> np.ndarray:
+        """(n_pool,) effect averaged over the test ids ``tests`` (default all)."""
+        return self.effects[:, self._test_columns(tests)].mean(axis=1)
+
+    def top(self, k: int = 10, tests: Sequence | None = None) -> pd.DataFrame:
+        """The k most helpful (effect > 0) and most harmful (effect < 0) present examples, mean over ``tests``.
+
+        ``tests`` are external test ids (default all); an unknown id is an error naming it.
+        """
+        score = self.scores(tests)
         rows = np.flatnonzero(self.present)
         order = rows[np.argsort(-score[rows], kind="stable")]
         helps = order[score[order] > 0][:k]
@@ -254,38 +360,27 @@ class LooEffects:
 
 def loo_effects(
     simulator: Simulator,
-    curriculum: Curriculum,
-    initial_losses: np.ndarray,
+    base: Run | Curriculum,
+    initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
     step: int | None = None,
-    pool_ids: Sequence | None = None,
-    test_ids: Sequence | None = None,
-    chunk: int = 256,
 ) -> LooEffects:
     """Effect on every test loss (at ``step``, default the final one) of removing each pool example.
 
-    Exact and fast for ``SimfluenceLinear`` and its variants (no re-simulation; clipping at zero is not
-    applied); other simulators re-simulate the leave-one-out curricula in batches of ``chunk``.
+    Exact and fast for simulators tagged ``exact_loo`` (the linear family and the gradient simulators: no
+    re-simulation, the loss floor is not applied); others re-simulate the leave-one-out curricula in batches.
     """
-    n_pool = _n_pool(simulator, curriculum)
-    present = curriculum.counts(n_pool) > 0
-    if isinstance(simulator, SimfluenceLinear):
-        effects = linear_loo(simulator, curriculum, initial_losses, learning_rates, step)
-    else:
-        effects = _loo_by_simulation(simulator, curriculum, initial_losses, learning_rates, step, present, chunk)
-    return LooEffects(
-        effects,
-        list(pool_ids) if pool_ids is not None else list(range(n_pool)),
-        list(test_ids) if test_ids is not None else list(range(effects.shape[1])),
-        present,
-    )
+    resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    effects = simulator.leave_one_out(resolved.curriculum, resolved.initial_losses, resolved.learning_rates, step)
+    present = resolved.curriculum.counts(simulator.n_pool_) > 0
+    return LooEffects(effects, list(simulator.pool_ids_), list(simulator.test_ids_), present)
 
 
 def influence_table(
     simulator: Simulator,
     runset: RunSet,
     run: int | str,
-    tests: Sequence[int] | None = None,
+    tests: Sequence | None = None,
     top: int | None = None,
 ) -> pd.DataFrame:
     """Which pool examples of a run helped or hurt each test example, under any fitted simulator.
@@ -294,21 +389,18 @@ def influence_table(
     curriculum (``loo_effects``): the same definition for learned and gradient-based simulators, in loss
     units. Positive = a *proponent* (removing it would raise the loss), negative = an *opponent*.
 
+    Parameters
+    ----------
+    tests : external test ids to keep (default all).
+    top : keep only the k strongest proponents and k strongest opponents of each test.
+
     Returns
     -------
     DataFrame ``test, pool, score, rank, role`` with external ids; rank 1 = strongest proponent per test.
-    With ``top=k`` only the k strongest proponents and k strongest opponents of each test are kept.
     """
-    chosen = runset[run]
-    lrs = chosen.learning_rates if np.isfinite(chosen.learning_rates).all() else None
-    effects = loo_effects(simulator, chosen.curriculum, chosen.initial_losses, lrs,
-                          pool_ids=runset.pool_ids, test_ids=runset.test_ids)
-    frame = effects.frame().rename(columns={"effect": "score"})
+    frame = loo_effects(simulator, runset[run]).frame().rename(columns={"effect": "score"})
     if tests is not None:
-        bad = [t for t in tests if not 0 <= int(t) < runset.n_test]
-        if bad:
-            raise SimfluenceError(f"test position {bad[0]} outside 0..{runset.n_test - 1}")
-        keep = {runset.test_ids[i] for i in tests}
+        keep = simulator.test_index.ids_of(simulator.test_index.positions(tests))
         frame = frame[frame["test"].isin(keep)]
     frame["role"] = np.where(frame["score"] > 0, "proponent", np.where(frame["score"] < 0, "opponent", "neutral"))
     if top is not None:
@@ -317,47 +409,19 @@ def influence_table(
     return frame.sort_values(["test", "rank"], kind="stable").reset_index(drop=True)
 
 
-def _n_pool(simulator: Simulator, curriculum: Curriculum) -> int:
-    for name in ("A_", "B_"):
-        if hasattr(simulator, name):
-            return int(getattr(simulator, name).shape[0])
-    if hasattr(simulator, "scores_"):  # fixed-effects simulators: (K, n_pool, n_test)
-        return int(simulator.scores_.shape[-2])
-    if curriculum.n_pool is not None:
-        return int(curriculum.n_pool)
-    return int(curriculum.ids.max(initial=-1)) + 1
-
-
-def _loo_by_simulation(simulator, curriculum, initial_losses, learning_rates, step, present, chunk) -> np.ndarray:
-    lrs = None if learning_rates is None else [np.asarray(learning_rates, dtype=np.float64)]
-    step = curriculum.n_steps if step is None else int(step)
-    if not 0 <= step <= curriculum.n_steps:
-        raise SimfluenceError(f"step {step} outside 0..{curriculum.n_steps}")
-    base = simulator.simulate(curriculum, initial_losses, lrs)[0, step]
-    effects = np.zeros((present.size, base.size))
-    candidates = np.flatnonzero(present)
-    for lo in range(0, candidates.size, chunk):  # batches of leave-one-out curricula
-        ids = candidates[lo : lo + chunk]
-        edited = [curriculum.remove([int(i)]) for i in ids]
-        out = simulator.simulate(edited, initial_losses, None if lrs is None else lrs * len(edited))
-        effects[ids] = out[:, step] - base
-    return effects
-
-
 @dataclass
 class SearchResult:
     """Outcome of :func:`search_curriculum`.
 
     Attributes
     ----------
-    curriculum : the curriculum found.
-    removed : pool positions removed, in the order chosen.
+    curriculum : the curriculum found (pool positions).
+    removed : external pool ids removed, in the order chosen.
     objective : (n_rounds + 1,) predicted mean final loss of the target tests after each round.
-    predicted_change : objective[-1] - objective[0].
     """
 
     curriculum: Curriculum
-    removed: list[int]
+    removed: list
     objective: np.ndarray
 
     @property
@@ -365,46 +429,53 @@ class SearchResult:
         return float(self.objective[-1] - self.objective[0])
 
 
+def _targets(simulator: Simulator, tests: Sequence) -> np.ndarray:
+    columns = simulator.test_index.positions(tests)
+    if columns.size == 0:
+        raise SimfluenceError("search needs at least one target test example")
+    return columns
+
+
 def search_curriculum(
     simulator: Simulator,
-    base: Curriculum,
-    initial_losses: np.ndarray,
-    tests: Sequence[int],
+    base: Run | Curriculum,
+    tests: Sequence,
     drop: int | None = None,
     subset_size: int | None = None,
     maximize: bool = False,
     per_round: int = 1,
+    initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
 ) -> SearchResult:
     """Greedily remove pool examples to lower (``maximize=False``) or raise the targets' mean final loss.
 
-    Exactly one budget: ``drop`` (remove at most that many examples; stops early when no removal helps)
-    or ``subset_size`` (keep that many distinct examples of the base curriculum). Each round ranks every
-    present example by its leave-one-out effect on the objective (fast and exact for linear simulators)
-    and removes the best ``per_round``; the objective is then re-simulated, so the reported gains are the
-    simulator's predictions for the curricula actually found.
+    ``tests`` are external test ids. Exactly one budget: ``drop`` (remove at most that many examples; stops
+    early when no removal helps) or ``subset_size`` (keep that many distinct examples of the base curriculum).
+    Each round ranks every present example by its leave-one-out effect on the objective (fast and exact for
+    linear simulators) and removes the best ``per_round``; the objective is then re-simulated, so the reported
+    gains are the simulator's predictions for the curricula actually found.
     """
-    tests = list(tests)
-    if not tests:
-        raise SimfluenceError("search needs at least one target test example")
+    resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    columns = _targets(simulator, tests)
     if (drop is None) == (subset_size is None):
         raise SimfluenceError("give exactly one budget: drop=k or subset_size=m")
     sign = -1.0 if maximize else 1.0
-    lrs = None if learning_rates is None else [np.asarray(learning_rates, dtype=np.float64)]
+    lrs = None if resolved.learning_rates is None else [resolved.learning_rates]
 
     def objective(cur: Curriculum) -> float:
-        return float(simulator.simulate(cur, initial_losses, lrs)[0, -1, tests].mean())
+        return float(simulator.simulate(cur, resolved.initial_losses, lrs)[0, -1, columns].mean())
 
-    n_pool = _n_pool(simulator, base)
-    present_count = int((base.counts(n_pool) > 0).sum())
+    current = resolved.curriculum
+    present_count = int((current.counts(simulator.n_pool_) > 0).sum())
     budget = drop if drop is not None else present_count - int(subset_size)
     if budget < 0 or (subset_size is not None and subset_size < 1):
         raise SimfluenceError(f"subset_size must lie in 1..{present_count} (the examples the base curriculum uses)")
-    current, removed, values = base, [], [objective(base)]
+    removed: list[int] = []
+    values = [objective(current)]
     while len(removed) < budget:
-        effects = loo_effects(simulator, current, initial_losses, learning_rates)
-        gain = sign * effects.effects[:, tests].mean(axis=1)  # objective change if removed; want negative
-        candidates = np.flatnonzero(effects.present)
+        effects = simulator.leave_one_out(current, resolved.initial_losses, resolved.learning_rates)
+        gain = sign * effects[:, columns].mean(axis=1)  # objective change if removed; want negative
+        candidates = np.flatnonzero(current.counts(simulator.n_pool_) > 0)
         if candidates.size == 0:
             break
         order = candidates[np.argsort(gain[candidates], kind="stable")]
@@ -416,11 +487,11 @@ def search_curriculum(
         current = current.remove(take.tolist())
         removed.extend(int(i) for i in take)
         values.append(objective(current))
-    return SearchResult(current, removed, np.array(values))
+    return SearchResult(current, simulator.pool_index.ids_of(removed), np.array(values))
 
 
 def move_all(curriculum: Curriculum, example: int, to_step: int) -> Curriculum:
-    """Move every occurrence of ``example`` into the batch of ``to_step`` (1-based)."""
+    """Move every occurrence of pool position ``example`` into the batch of ``to_step`` (1-based)."""
     while True:
         steps = curriculum.step_of_entries()[curriculum.ids == example]
         steps = steps[steps != to_step]
@@ -436,12 +507,12 @@ class ReorderResult:
     Attributes
     ----------
     curriculum : the reordered curriculum (same examples, same counts).
-    moves : ``(pool position, "start" | "end")`` in the order chosen.
+    moves : ``(pool id, "start" | "end")`` in the order chosen.
     objective : (n_moves + 1,) predicted mean final loss of the targets after each move.
     """
 
     curriculum: Curriculum
-    moves: list[tuple[int, str]]
+    moves: list[tuple]
     objective: np.ndarray
 
     @property
@@ -451,38 +522,36 @@ class ReorderResult:
 
 def search_order(
     simulator: Simulator,
-    base: Curriculum,
-    initial_losses: np.ndarray,
-    tests: Sequence[int],
+    base: Run | Curriculum,
+    tests: Sequence,
     moves: int = 5,
     candidates: int = 20,
     maximize: bool = False,
+    initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
 ) -> ReorderResult:
     """Greedy reordering: move one example's occurrences to the first or last step per round.
 
-    Each round takes the ``candidates`` present examples with the largest leave-one-out effect on the
-    targets, builds two curricula per candidate (all its occurrences moved to step 1, or to the last step),
-    simulates them all in one batched call and keeps the best, if it improves the objective. The set of
-    examples (and how often each is seen) never changes — only when they are seen.
+    ``tests`` are external test ids. Each round takes the ``candidates`` present examples with the largest
+    leave-one-out effect on the targets, builds two curricula per candidate (all its occurrences moved to
+    step 1, or to the last step), simulates them all in one batched call and keeps the best, if it improves
+    the objective. The set of examples (and how often each is seen) never changes — only when they are seen.
     """
-    tests = list(tests)
-    if not tests:
-        raise SimfluenceError("search needs at least one target test example")
+    resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    columns = _targets(simulator, tests)
     sign = -1.0 if maximize else 1.0
-    lrs = None if learning_rates is None else np.asarray(learning_rates, dtype=np.float64)
 
     def objectives(curricula: list[Curriculum]) -> np.ndarray:
-        rates = None if lrs is None else [lrs] * len(curricula)
-        return simulator.simulate(curricula, initial_losses, rates)[:, -1, tests].mean(axis=1)
+        rates = None if resolved.learning_rates is None else [resolved.learning_rates] * len(curricula)
+        return simulator.simulate(curricula, resolved.initial_losses, rates)[:, -1, columns].mean(axis=1)
 
-    current, chosen = base, []
-    values = [float(objectives([base])[0])]
+    current, chosen = resolved.curriculum, []
+    values = [float(objectives([current])[0])]
     moved: set[int] = set()
     for _ in range(moves):
-        effects = loo_effects(simulator, current, initial_losses, learning_rates)
-        strength = np.abs(effects.effects[:, tests].mean(axis=1))
-        pool = [int(i) for i in np.flatnonzero(effects.present) if int(i) not in moved]
+        effects = simulator.leave_one_out(current, resolved.initial_losses, resolved.learning_rates)
+        strength = np.abs(effects[:, columns].mean(axis=1))
+        pool = [int(i) for i in np.flatnonzero(current.counts(simulator.n_pool_) > 0) if int(i) not in moved]
         if not pool:
             break
         picks = sorted(pool, key=lambda i: -strength[i])[:candidates]
@@ -496,4 +565,5 @@ def search_order(
         chosen.append(options[best])
         moved.add(options[best][0])
         values.append(float(scores[best]))
-    return ReorderResult(current, chosen, np.array(values))
+    named = [(simulator.pool_ids_[i], where) for i, where in chosen]
+    return ReorderResult(current, named, np.array(values))

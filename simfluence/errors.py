@@ -33,3 +33,7 @@ class ModelFileError(SimfluenceError):
 
 class UnknownIdError(SimfluenceError):
     """An id that is not among the pool or test ids it was looked up in."""
+
+
+class TaskError(SimfluenceError):
+    """A task (model, data, loss, optimizer) cannot be loaded, does not fit a run set, or is missing."""

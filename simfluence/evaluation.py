@@ -16,9 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from simfluence.errors import SimfluenceError
+from simfluence.methods import DEFAULT_METHODS, METHODS, method
 from simfluence.metrics import trajectory_metrics
 from simfluence.runlog import RunSet
-from simfluence.simulators import DEFAULT_METHODS, Simulator, make_simulator, rollout_runs
+from simfluence.simulators import Simulator, rollout_runs
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Evaluation:
     ----------
     metrics : {method: {metric: value, ..., "fit_seconds": s}}.
     train_runs, heldout_runs : run names used for fitting and for scoring.
+    excluded_runs : names of the incomplete runs left out (see ``include_incomplete``).
     simulators : {method: fitted simulator}.
     predicted : {method: (n_heldout, T + 1, n_test) rolled-out trajectories}.
     actual : (n_heldout, T + 1, n_test) logged losses (NaN where not logged).
@@ -42,6 +44,7 @@ class Evaluation:
     predicted: dict[str, np.ndarray] = field(default_factory=dict)
     actual: np.ndarray | None = None
     mask: np.ndarray | None = None
+    excluded_runs: list[str] = field(default_factory=list)
 
     def best(self, metric: str = "all_mse") -> str:
         """Method with the lowest value of an error metric (highest for a ``rho_*`` metric)."""
@@ -59,46 +62,88 @@ def split_runs(n_runs: int, holdout: int) -> tuple[list[int], list[int]]:
     return list(range(n_runs - holdout)), list(range(n_runs - holdout, n_runs))
 
 
+def complete_positions(runset: RunSet, include_incomplete: bool = False) -> tuple[list[int], list[str]]:
+    """Positions of the runs to use and names of the incomplete runs left out (none if ``include_incomplete``)."""
+    excluded = [] if include_incomplete else [run.name for run in runset if not run.complete]
+    used = [index for index, run in enumerate(runset) if include_incomplete or run.complete]
+    return used, excluded
+
+
 def evaluate(
     runset: RunSet,
     methods: Iterable[str] = DEFAULT_METHODS,
     holdout: int = 8,
     params: dict[str, dict[str, Any]] | None = None,
     progress: bool = False,
+    task: Any = None,
+    include_incomplete: bool = False,
 ) -> Evaluation:
     """Fit every method on all but the last ``holdout`` runs and score it on those runs.
 
     Parameters
     ----------
-    runset : the logged runs (in run-set order; the last ``holdout`` are held out).
-    methods : method names (see ``simfluence.simulators.METHODS``).
+    runset : the logged runs (in run-set order; the last ``holdout`` complete runs are held out).
+    methods : method names (see :data:`simfluence.methods.METHODS`).
     holdout : number of held-out runs.
     params : optional extra hyper-parameters per method, e.g. ``{"linear": {"lam": 1.0}}``.
     progress : show a progress bar over methods.
+    task : the :class:`~simfluence.task.Task` (or ``"file.py:function"``) for methods that need a model
+        (gradient methods); default: the built-in workload recorded in the run set.
+    include_incomplete : also use runs whose logger never closed (by default they are left out and listed in
+        ``Evaluation.excluded_runs``: a killed run's prefix is not a run of the curriculum it logged).
     """
     methods = list(methods)
     if not methods:
         raise SimfluenceError("no methods to evaluate")
-    simulators = {name: make_simulator(name, **(params or {}).get(name, {})) for name in methods}
-    train, heldout = split_runs(len(runset), holdout)
+    simulators = {name: method(name).build(**(params or {}).get(name, {})) for name in methods}
+    used, excluded = complete_positions(runset, include_incomplete)
+    train, heldout = (([used[i] for i in part]) for part in split_runs(len(used), holdout))
     result = Evaluation(
         metrics={},
         train_runs=[runset[i].name for i in train],
         heldout_runs=[runset[i].name for i in heldout],
+        excluded_runs=excluded,
     )
     for name in tqdm(methods, desc="fit + evaluate", disable=not progress, leave=False):
         simulator = simulators[name]
         start = time.perf_counter()
-        simulator.fit(runset, runs=train)
+        if "task" in METHODS[name].needs:
+            simulator.fit(runset, runs=train, task=task)
+        else:
+            simulator.fit(runset, runs=train)
         fit_seconds = time.perf_counter() - start
-        predicted, actual, mask = rollout_runs(simulator, runset, heldout)
-        scores = trajectory_metrics(predicted, actual, mask=mask)
-        scores["fit_seconds"] = fit_seconds
-        result.metrics[name] = scores
-        result.simulators[name] = simulator
-        result.predicted[name] = predicted
-        result.actual, result.mask = actual, mask
+        _score_into(result, name, simulator, runset, heldout)
+        result.metrics[name]["fit_seconds"] = fit_seconds
     return result
+
+
+def score(simulators: dict[str, Simulator], runset: RunSet, runs: Sequence[int]) -> Evaluation:
+    """Score already-fitted simulators (e.g. loaded from files) on the runs at positions ``runs``.
+
+    The caller is responsible for ``runs`` not having been used to fit them; ``train_runs`` is left empty.
+    """
+    if not simulators:
+        raise SimfluenceError("no simulators to score")
+    runs = [int(i) for i in runs]
+    if not runs:
+        raise SimfluenceError("no runs to score on")
+    result = Evaluation(metrics={}, train_runs=[], heldout_runs=[runset[i].name for i in runs])
+    for name, simulator in simulators.items():
+        _score_into(result, name, simulator, runset, runs)
+    return result
+
+
+def _score_into(result: Evaluation, name: str, simulator: Simulator, runset: RunSet, runs: Sequence[int]) -> None:
+    simulator.check_fitted()
+    if (getattr(simulator, "n_pool_", runset.n_pool), getattr(simulator, "n_test_", runset.n_test)) != (
+            runset.n_pool, runset.n_test):
+        raise SimfluenceError(f"{name} was fitted on {simulator.n_pool_} pool / {simulator.n_test_} test examples, "
+                              f"the run set has {runset.n_pool} / {runset.n_test}")
+    predicted, actual, mask = rollout_runs(simulator, runset, runs)
+    result.metrics[name] = trajectory_metrics(predicted, actual, mask=mask)
+    result.simulators[name] = simulator
+    result.predicted[name] = predicted
+    result.actual, result.mask = actual, mask
 
 
 def metrics_json(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
@@ -111,8 +156,6 @@ def metrics_json(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     """``"a,b"`` or a list into a list of method names (checked)."""
-    from simfluence.simulators import METHODS
-
     names = [part.strip() for part in (text.split(",") if isinstance(text, str) else text) if part.strip()]
     unknown = [name for name in names if name not in METHODS]
     if unknown:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, ImportTableError, RunLogError
-from simfluence.runlog import Run, RunSet, check_run_name, natural_key
+from simfluence.runlog import Run, RunSet, check_replaceable, check_run_name, natural_key
 
 __all__ = [
     "import_gptdynamics",
@@ -55,6 +55,10 @@ _CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,17})"  # ints that survive str -> int -> 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # pandas < 3 parses floats only approximately unless asked; pandas 3 is exact and deprecates the option
 _CSV_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+_ID_COLUMNS = ("run", "example", "test")
+_NA_TEXTS = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")  # pandas' missing-value texts, for numbers
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _MIN_STEP_LIMIT = 1_000_000  # a run may have up to max(this, 100 x its rows) steps (guards against step typos)
 
 
@@ -84,9 +88,11 @@ def import_tables(
         re-loaded from disk.
     overwrite : replace an existing run set at ``out``.
     metadata : free JSON metadata of the run set.
-    pool_ids, test_ids : the external ids, in internal order. By default the sorted unique ``example`` /
-        ``test`` values (integers numerically, strings lexicographically; a column mixing both is read as
-        strings). Given ids must cover every value in the tables; unused pool ids are fine.
+    pool_ids, test_ids : the external ids, in internal order. By default the unique ``example`` / ``test``
+        values in *natural order*: integers numerically; strings by :func:`~simfluence.runlog.natural_key`, so
+        embedded numbers compare as numbers (``t2`` before ``t10``); a column mixing both is read as strings.
+        So column j of a run set exported with ids ``t0..t11`` is column j again after the import. Given ids
+        must cover every value in the tables; unused pool ids are fine.
 
     Returns
     -------
@@ -272,8 +278,12 @@ class _Table:
 
 
 def _check_out(out: str | os.PathLike | None, overwrite: bool) -> None:
-    if out is not None and Path(out).exists() and not overwrite:
+    """Before anything is read: ``out`` must be free, or (with ``overwrite``) a run set or an empty folder."""
+    if out is None or not os.path.lexists(out):
+        return
+    if not overwrite:
         raise RunLogError(f"{str(out)!r} already exists (pass overwrite=True to replace it)")
+    check_replaceable(out)
 
 
 def _table_format(path: Path) -> str:
@@ -309,8 +319,12 @@ def _read_table(source: TableLike, kind: str) -> _Table:
             ) from None
     try:
         if table_format in ("csv", "tsv"):
-            as_text = {column: str for column in ("run", "example", "test")}
-            frame = pd.read_csv(path, sep="\t" if table_format == "tsv" else ",", dtype=as_text, **_CSV_FLOATS)
+            sep = "\t" if table_format == "tsv" else ","
+            header = pd.read_csv(path, sep=sep, nrows=0).columns
+            # Ids are text: "NA", "None", "null", "nan" are ids like any other; only an empty field is missing
+            missing = {column: [""] if column in _ID_COLUMNS else list(_NA_TEXTS) for column in header}
+            frame = pd.read_csv(path, sep=sep, dtype={column: str for column in _ID_COLUMNS},
+                                keep_default_na=False, na_values=missing, **_CSV_FLOATS)
             for column in ("example", "test"):
                 if column in frame.columns:
                     frame[column] = _canonical_ints(frame[column])
@@ -323,10 +337,18 @@ def _read_table(source: TableLike, kind: str) -> _Table:
                 frame = pd.read_json(path, orient="records", dtype=False, precise_float=True)
             except ValueError:  # JSON lines named .json
                 frame = pd.read_json(path, lines=True, orient="records", dtype=False, precise_float=True)
-    except (ValueError, OSError, UnicodeDecodeError) as err:
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ImportTableError(f"{label}: cannot read as {table_format}: {first_line}") from None
     return _Table(frame, label)
+
+
+def _reason(err: BaseException) -> str:
+    """First line of an exception's message (its type for an empty one or a RecursionError)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _canonical_ints(column: pd.Series) -> pd.Series:
@@ -357,16 +379,18 @@ def _gptdynamics_records(source: str | os.PathLike | Iterable[dict]) -> tuple[li
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ImportTableError(f"{label}: not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # also ints of too many digits, nesting too deep
+            raise ImportTableError(f"{label}: not valid JSON: {_reason(err)}") from None
+        if not isinstance(records, list):
+            raise ImportTableError(f"{label}: expected a JSON list of records")
         return records, label
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ImportTableError(f"{label}: line {number} is not valid JSON: {err}") from None
+            except (ValueError, RecursionError) as err:
+                raise ImportTableError(f"{label}: line {number} is not valid JSON: {_reason(err)}") from None
     return records, label
 
 
@@ -403,6 +427,8 @@ def _id_values(table: _Table, column: str) -> np.ndarray:
     if pd.api.types.is_bool_dtype(values.dtype):
         table.fail(f"{where(0)}{what} {_show(values.iat[0])} is a boolean; ids must be integers or strings", 0)
     if pd.api.types.is_integer_dtype(values.dtype):
+        if pd.api.types.is_unsigned_integer_dtype(values.dtype) and int(values.max()) > _INT64_MAX:
+            return _exact_ints(values)
         return values.to_numpy(dtype=np.int64)
     if pd.api.types.is_float_dtype(values.dtype):
         numbers = values.to_numpy(dtype=np.float64)
@@ -418,7 +444,7 @@ def _id_values(table: _Table, column: str) -> np.ndarray:
         try:
             return values.to_numpy(dtype=np.int64)
         except OverflowError:
-            return values.astype(str).to_numpy(dtype=object)
+            return _exact_ints(values)
     allowed = values.map(lambda v: isinstance(v, (str, int, np.integer)) and not isinstance(v, (bool, np.bool_)))
     ok = allowed.to_numpy(dtype=bool)
     if not ok.all():
@@ -427,6 +453,12 @@ def _id_values(table: _Table, column: str) -> np.ndarray:
         kind = type(value).__name__
         table.fail(f"{where(row)}{what} {_show(value)} has type {kind}; ids must be integers or strings", row)
     return values.astype(str).to_numpy(dtype=object)
+
+
+def _exact_ints(values: pd.Series) -> np.ndarray:
+    """Integer ids beyond int64 (uint64 hashes, say) as an object array of Python ints: kept exactly, never
+    wrapped around."""
+    return np.array([int(value) for value in values], dtype=object)
 
 
 def _numbers(
@@ -456,6 +488,8 @@ def _check_runs_and_steps(table: _Table, first_step: int) -> None:
     runs = _id_values(table, "run")
     if runs.dtype != object:
         runs = runs.astype(str).astype(object)
+    elif not all(isinstance(run, str) for run in pd.unique(runs)):  # integers beyond int64
+        runs = np.array([str(run) for run in runs], dtype=object)
     for name in pd.unique(runs):
         try:
             check_run_name(name)
@@ -464,6 +498,9 @@ def _check_runs_and_steps(table: _Table, first_step: int) -> None:
     table.runs = runs
     values = table.frame["step"]
     if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        if pd.api.types.is_unsigned_integer_dtype(values.dtype) and len(values) and int(values.max()) > _INT64_MAX:
+            row = _first(values.to_numpy() > _INT64_MAX)
+            table.fail(f"run {str(runs[row])!r}: step {values.iat[row]} is too large", row)
         steps = values.to_numpy(dtype=np.int64)
     else:
         numbers = np.full(len(values), np.nan)
@@ -482,12 +519,20 @@ def _check_runs_and_steps(table: _Table, first_step: int) -> None:
     table.steps = steps
 
 
+def _natural_id_key(value: int | str) -> tuple:
+    """Natural order of ids: integers numerically, then strings with embedded numbers compared as numbers."""
+    return (0, value, ()) if isinstance(value, int) else (1, 0, natural_key(value))
+
+
 def _id_codes(table: _Table, column: str, given: Sequence | None, what: str) -> tuple[np.ndarray, list]:
     """Internal positions of one id column and the external ids in internal order."""
     values = _id_values(table, column)
     if given is None:
-        codes, uniques = pd.factorize(values, sort=True)
-        return codes.astype(np.int64), [v.item() if isinstance(v, np.generic) else v for v in uniques]
+        if values.dtype != object:  # int64: numeric order
+            codes, uniques = pd.factorize(values, sort=True)
+            return codes.astype(np.int64), [v.item() for v in uniques]
+        uniques = sorted(pd.unique(values), key=_natural_id_key)
+        return pd.Index(uniques, dtype=object).get_indexer(values).astype(np.int64), uniques
     known = [v.item() if isinstance(v, np.generic) else v for v in given]
     index = pd.Index(known, dtype=object)
     if not index.is_unique:
@@ -526,6 +571,8 @@ def _import(
     lr_columns = [column for column in LR_COLUMNS if column in curriculum.frame.columns]
     if len(lr_columns) > 1:
         curriculum.fail("has both 'lr' and 'learning_rate' columns; keep one")
+    if len(curriculum.frame) == 0:
+        curriculum.fail("has no rows (only a header?): there is no run to import")
     _check_runs_and_steps(curriculum, first_step=1)
     _check_runs_and_steps(losses, first_step=0)
 

@@ -22,19 +22,26 @@ run whose every completed step is readable. Runs are ordered by the natural sort
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from simfluence._io import atomic_write_json
+try:
+    import fcntl
+except ImportError:  # Windows: loggers take no lock
+    fcntl = None
+
+from simfluence._io import atomic_write_json, map_readonly
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, RunLogError
 from simfluence.ids import IdIndex
@@ -44,9 +51,15 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RUNS_DIR = "runs"
 RUN_JSON = "run.json"
+LOCKS_DIR = ".locks"  # in runs/: one lock file per run name, held by its RunLogger
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_JSON_BYTES = 1 << 30  # a manifest or run.json beyond this is not read (a sparse or runaway file)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
+_LAZY_ARRAYS = ("curriculum", "logged_steps", "losses", "learning_rates")
+_CHECK_CHUNK = 1 << 20  # elements checked at a time: validation memory does not grow with a run's size
 _FILES = {
     "batch_sizes": ("batch_sizes.bin", np.dtype("<i8")),
     "batch_ids": ("batch_ids.bin", np.dtype("<i8")),
@@ -69,7 +82,7 @@ def natural_key(name: str) -> tuple:
 
 def check_run_name(name: str) -> str:
     """Return ``name`` if it is a valid run name (letters, digits, ``._-``; used as a folder name)."""
-    if not isinstance(name, str) or not _RUN_NAME.match(name):
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
         raise RunLogError(
             f"invalid run name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -103,16 +116,20 @@ def _json_ids(ids: Iterable[Any], what: str) -> list:
     return out
 
 
-@dataclass(eq=False)
 class Run:
     """One logged training run.
+
+    A run loaded from disk reads its arrays on first use of ``curriculum``, ``logged_steps``, ``losses`` or
+    ``learning_rates`` (``name``, ``metadata``, ``complete``, ``n_steps`` and ``n_test`` come from its
+    ``run.json``), so opening a run set of many runs costs no memory and no open file per run.
 
     Attributes
     ----------
     name : run name (unique within its run set).
     curriculum : the batches of steps 1..n_steps (internal pool ids).
     logged_steps : (n_logged,) int64, strictly increasing steps in [0, n_steps] at which losses were logged.
-    losses : (n_logged, n_test) float32 test losses at ``logged_steps`` (memory-mapped when loaded from disk).
+    losses : (n_logged, n_test) float32 test losses at ``logged_steps`` (memory-mapped read-only when loaded
+        from disk; the mapping holds no open file).
     learning_rates : (n_steps,) float64 learning rate of each step, NaN where unknown.
     metadata : free JSON metadata (seed, optimizer, ...).
     complete : False for a run whose logger did not close (a readable prefix).
@@ -122,24 +139,57 @@ class Run:
     curriculum: Curriculum
     logged_steps: np.ndarray
     losses: np.ndarray
-    learning_rates: np.ndarray | None = None
-    metadata: dict = field(default_factory=dict)
-    complete: bool = True
+    learning_rates: np.ndarray
+    metadata: dict
+    complete: bool
 
-    def __post_init__(self) -> None:
-        check_run_name(self.name)
-        self.logged_steps = np.asarray(self.logged_steps, dtype=np.int64)
-        self.losses = np.asarray(self.losses) if not isinstance(self.losses, np.memmap) else self.losses
-        if self.learning_rates is None:
-            self.learning_rates = np.full(self.curriculum.n_steps, np.nan)
-        self.learning_rates = np.asarray(self.learning_rates, dtype=np.float64)
+    def __init__(
+        self,
+        name: str,
+        curriculum: Curriculum,
+        logged_steps: np.ndarray | Sequence[int],
+        losses: np.ndarray,
+        learning_rates: np.ndarray | Sequence[float] | None = None,
+        metadata: dict | None = None,
+        complete: bool = True,
+    ) -> None:
+        self.name = check_run_name(name)
+        self.curriculum = curriculum
+        self.logged_steps = np.asarray(logged_steps, dtype=np.int64)
+        self.losses = losses if isinstance(losses, np.memmap) else np.asarray(losses)
+        if learning_rates is None:
+            learning_rates = np.full(curriculum.n_steps, np.nan)
+        self.learning_rates = np.asarray(learning_rates, dtype=np.float64)
+        self.metadata = {} if metadata is None else metadata
+        self.complete = complete
+
+    @classmethod
+    def _on_disk(cls, name: str, files: _RunFiles, metadata: dict, complete: bool) -> Run:
+        """A run whose arrays are read from ``files`` on first use."""
+        run = cls.__new__(cls)
+        run.__dict__.update(name=name, metadata=metadata, complete=complete, _files=files)
+        return run
+
+    def __getattr__(self, attribute: str) -> Any:  # only called for attributes not set yet
+        files = self.__dict__.get("_files")
+        if files is None or attribute not in _LAZY_ARRAYS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
+        for key, value in _read_run_arrays(files).items():
+            self.__dict__.setdefault(key, value)  # arrays set by the user meanwhile are kept
+        return self.__dict__[attribute]
 
     @property
     def n_steps(self) -> int:
+        files = self.__dict__.get("_files")
+        if files is not None and "curriculum" not in self.__dict__:
+            return files.n_steps
         return self.curriculum.n_steps
 
     @property
     def n_test(self) -> int:
+        files = self.__dict__.get("_files")
+        if files is not None and "losses" not in self.__dict__:
+            return files.n_test
         return int(self.losses.shape[1])
 
     @property
@@ -169,7 +219,8 @@ class Run:
         return grid, mask
 
     def validate(self, n_pool: int, n_test: int, test_ids: Sequence | None = None, where: str = "") -> None:
-        """Check ids, shapes, steps and finiteness; raise ``RunLogError`` naming the run/step/id at fault."""
+        """Check ids, shapes, steps, learning rates and finite losses; raise ``RunLogError`` naming the
+        run/step/id at fault. Memory use does not grow with the size of the loss matrix."""
         label = f"run {self.name!r}{where}"
         curriculum = self.curriculum
         if curriculum.ids.size and (curriculum.ids.min() < 0 or curriculum.ids.max() >= n_pool):
@@ -184,23 +235,35 @@ class Run:
                 f"{label}: losses have shape {tuple(self.losses.shape)}, expected ({len(steps)}, {n_test})"
             )
         if len(steps):
-            if steps[0] < 0 or steps[-1] > curriculum.n_steps:
-                bad_step = int(steps[0] if steps[0] < 0 else steps[-1])
+            outside = (steps < 0) | (steps > curriculum.n_steps)
+            if outside.any():
+                bad_step = int(steps[np.flatnonzero(outside)[0]])
                 raise RunLogError(f"{label}: losses logged at step {bad_step}, outside 0..{curriculum.n_steps}")
-            if np.any(np.diff(steps) <= 0):
-                i = int(np.flatnonzero(np.diff(steps) <= 0)[0])
+            not_increasing = steps[1:] <= steps[:-1]  # a comparison, not a difference: no overflow
+            if not_increasing.any():
+                i = int(np.flatnonzero(not_increasing)[0])
                 raise RunLogError(f"{label}: logged steps not strictly increasing at step {int(steps[i + 1])}")
-        finite = np.isfinite(self.losses) & (np.abs(self.losses) <= FLOAT32_MAX)
-        if not finite.all():
-            row, col = (int(v[0]) for v in np.nonzero(~finite))
-            test = test_ids[col] if test_ids is not None else col
-            raise RunLogError(
-                f"{label}: loss of test {test!r} at step {int(steps[row])} is {float(self.losses[row, col])}"
-            )
-        if self.learning_rates is not None and len(self.learning_rates) != curriculum.n_steps:
-            raise RunLogError(
-                f"{label}: {len(self.learning_rates)} learning rates for {curriculum.n_steps} steps"
-            )
+        rows_per_chunk = max(1, _CHECK_CHUNK // max(n_test, 1))
+        for start in range(0, len(steps), rows_per_chunk):
+            chunk = np.asarray(self.losses[start : start + rows_per_chunk])
+            finite = np.isfinite(chunk) & (np.abs(chunk) <= FLOAT32_MAX)
+            if not finite.all():
+                row, col = (int(v[0]) for v in np.nonzero(~finite))
+                test = test_ids[col] if test_ids is not None else col
+                raise RunLogError(
+                    f"{label}: loss of test {test!r} at step {int(steps[start + row])} is {float(chunk[row, col])}"
+                )
+        rates = self.learning_rates
+        if rates is not None and len(rates) != curriculum.n_steps:
+            raise RunLogError(f"{label}: {len(rates)} learning rates for {curriculum.n_steps} steps")
+        if rates is not None:
+            bad_rate = ~np.isnan(rates) & ~(np.isfinite(rates) & (rates >= 0))
+            if bad_rate.any():
+                step = int(np.flatnonzero(bad_rate)[0]) + 1
+                raise RunLogError(
+                    f"{label}: learning rate of step {step} is {float(rates[step - 1])}; "
+                    "it must be a finite number >= 0 (NaN = unknown)"
+                )
 
     def __repr__(self) -> str:
         state = "" if self.complete else ", incomplete"
@@ -223,6 +286,10 @@ class RunSet:
     n_pool : number of pool examples (defaults to ``len(pool_ids)``).
     pool_ids, test_ids : external ids (default ``range``).
     metadata : free JSON metadata about the run set (task, model, ...).
+
+    Attributes
+    ----------
+    skipped : ``(run name, reason)`` of every corrupt run that ``load(..., skip_corrupt=True)`` left out.
     """
 
     def __init__(
@@ -255,6 +322,7 @@ class RunSet:
         if len(set(names)) != len(names):
             raise RunLogError(f"run name {next(n for n in names if names.count(n) > 1)!r} appears twice")
         self.runs: list[Run] = runs
+        self.skipped: list[tuple[str, str]] = []
         if validate:
             for run in runs:
                 run.validate(self.n_pool, self.n_test, self.test_ids)
@@ -301,9 +369,18 @@ class RunSet:
         return self.test_index.positions(ids)
 
     def select(self, runs: Iterable[int | str] | slice) -> RunSet:
-        """A run set with a subset of the runs (by position, name or slice); shares the arrays."""
+        """A run set with a subset of the runs (by position, name or slice); shares the arrays (and ``skipped``)."""
         chosen = self.runs[runs] if isinstance(runs, slice) else [self[key] for key in runs]
-        return RunSet(chosen, self.n_pool, self.pool_ids, self.test_ids, self.metadata, self.path, validate=False)
+        subset = RunSet(chosen, self.n_pool, self.pool_ids, self.test_ids, self.metadata, self.path, validate=False)
+        subset.skipped = list(self.skipped)
+        return subset
+
+    def complete_only(self) -> RunSet:
+        """The runs whose logger closed normally (``run.complete``); shares the arrays.
+
+        ``len(self) - len(self.complete_only())`` runs are left out: killed, aborted or still running.
+        """
+        return self.select([index for index, run in enumerate(self.runs) if run.complete])
 
     def _where(self) -> str:
         return f" {str(self.path)!r}" if self.path is not None else ""
@@ -400,11 +477,16 @@ class RunSet:
         """Write the whole run set to a new folder ``path``.
 
         Everything is written to a temporary sibling folder that is renamed into place at the end, so an
-        interrupted save leaves no half-written run set.
+        interrupted save leaves no half-written run set: ``path`` holds the old set or the new one, or (after a
+        stop between the two final renames) the next open of ``path`` finishes the save. ``overwrite`` only
+        ever replaces a run set or an empty folder; anything else at ``path`` is an error and is left alone.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise RunLogError(f"{str(path)!r} already exists (pass overwrite=True to replace it)")
+        _recover_interrupted_save(path)
+        if os.path.lexists(path):
+            if not overwrite:
+                raise RunLogError(f"{str(path)!r} already exists (pass overwrite=True to replace it)")
+            check_replaceable(path)
         _check_json(self.metadata, "run set metadata")
         for run in self.runs:
             _check_json(run.metadata, f"metadata of run {run.name!r}")
@@ -417,9 +499,11 @@ class RunSet:
             for run in self.runs:
                 _write_run(tmp / RUNS_DIR / run.name, run, self.n_test)
             # Swap by renames only: ``path`` holds the old run set or the new one, never half of one (the old
-            # one is deleted only once the new one is in place).
-            if path.exists():
-                old = _hidden_dir(path.parent, path.name, ".old")
+            # one is deleted only once the new one is in place). The old one is set aside under the token of
+            # the new one, which tells a later open that the save got that far (see _recover_interrupted_save).
+            if os.path.lexists(path):
+                old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+                old.mkdir()
                 os.replace(path, old / path.name)
             os.replace(tmp, path)
         except BaseException:
@@ -435,37 +519,73 @@ class RunSet:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, validate: bool = True, include_incomplete: bool = True) -> RunSet:
-        """Open a run set folder; loss arrays are memory-mapped.
+    def load(
+        cls,
+        path: str | os.PathLike,
+        validate: bool = True,
+        include_incomplete: bool = True,
+        skip_corrupt: bool = False,
+    ) -> RunSet:
+        """Open a run set folder. Each run's arrays are read on first use; losses are memory-mapped.
+
+        Nothing outside the folder is read: a symbolic link in it (run folder, ``run.json``, array file) makes
+        that run corrupt.
 
         Parameters
         ----------
-        validate : check every run's ids, shapes, steps and finite losses (names the run/step/id at fault).
-        include_incomplete : keep runs whose logger never closed (their committed prefix).
+        validate : check every run's ids, shapes, steps, learning rates and finite losses (names the
+            run/step/id at fault). This reads every run's arrays now.
+        include_incomplete : keep runs whose logger never closed (their committed prefix); see also
+            :meth:`complete_only`.
+        skip_corrupt : leave out runs that cannot be read or fail validation, listing them in ``skipped``
+            as ``(run name, reason)``, instead of raising on the first. A corrupt manifest is always an error.
         """
         path = Path(path)
         manifest = _read_manifest(path)
-        runs_dir = path / RUNS_DIR
-        runs = []
-        if runs_dir.is_dir():
-            for run_dir in sorted(runs_dir.iterdir(), key=lambda p: natural_key(p.name)):
-                if not run_dir.is_dir() or run_dir.name.startswith("."):
-                    continue
-                run = _read_run(run_dir, n_test=len(manifest["test_ids"]), check_n_test=True)
-                if run.complete or include_incomplete:
-                    runs.append(run)
         try:
-            return cls(
-                runs,
-                n_pool=manifest["n_pool"],
-                pool_ids=manifest["pool_ids"],
-                test_ids=manifest["test_ids"],
-                metadata=manifest.get("metadata") or {},
-                path=path,
-                validate=validate,
-            )
+            empty = cls([], n_pool=manifest["n_pool"], pool_ids=manifest["pool_ids"],
+                        test_ids=manifest["test_ids"], metadata=manifest.get("metadata") or {}, path=path)
         except RunLogError as err:
-            raise RunLogError(f"{str(path)!r}: {err}") from None
+            raise RunLogError(f"{str(path / MANIFEST)!r}: {err}") from None
+        runs, skipped = [], []
+        for run_dir in _run_folders(path):
+            try:
+                run = _read_run(run_dir, n_test=empty.n_test, check_n_test=True)  # errors name the run's files
+                if not (run.complete or include_incomplete):
+                    continue
+                if validate:
+                    try:
+                        run.validate(empty.n_pool, empty.n_test, empty.test_ids)
+                    except RunLogError as err:
+                        raise RunLogError(f"{str(path)!r}: {err}") from None
+            except RunLogError as err:
+                if not skip_corrupt:
+                    raise
+                skipped.append((run_dir.name, str(err)))
+                continue
+            runs.append(run)
+        runset = cls(runs, empty.n_pool, empty.pool_ids, empty.test_ids, empty.metadata, path, validate=False)
+        runset.skipped = skipped
+        return runset
+
+
+def _run_folders(path: Path) -> list[Path]:
+    """The run entries of ``path/runs`` in natural order of their names (hidden entries and plain files left
+    out; a symbolic link is listed, so that reading it fails naming it)."""
+    runs_dir = path / RUNS_DIR
+    if not os.path.lexists(runs_dir):
+        return []
+    if not _is_plain_dir(runs_dir):
+        raise RunLogError(f"{str(runs_dir)!r} is not a folder (or is a symbolic link; run sets never follow links)")
+    try:
+        with os.scandir(runs_dir) as entries:
+            names = [
+                entry.name for entry in entries
+                if not entry.name.startswith(".") and (entry.is_dir(follow_symlinks=False) or entry.is_symlink())
+            ]
+    except OSError as err:
+        raise RunLogError(f"cannot list {str(runs_dir)!r}: {err.strerror or err}") from None
+    return [runs_dir / name for name in sorted(names, key=natural_key)]
 
 
 def _hidden_dir(parent: Path, name: str, suffix: str) -> Path:
@@ -480,6 +600,41 @@ def _hidden_dir(parent: Path, name: str, suffix: str) -> Path:
             continue
 
 
+def _lock_run(run_dir: Path) -> int | None:
+    """Take the exclusive lock of one run (``runs/.locks/<name>.lock``); the open descriptor holds it.
+
+    The lock file is never deleted (deleting it could let two writers lock two different files), so it
+    outlives overwrites of the run. Without ``fcntl`` (Windows) there is no lock and None is returned.
+    """
+    if fcntl is None:
+        return None
+    locks = run_dir.parent / LOCKS_DIR
+    path = locks / f"{run_dir.name}.lock"
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o666)
+    except OSError as err:
+        raise RunLogError(f"cannot open the lock file {str(path)!r} of run {run_dir.name!r}: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunLogError(
+            f"run {run_dir.name!r} in {str(run_dir.parent.parent)!r} is being written by another RunLogger "
+            f"(it holds {str(path)!r}); a run has one writer at a time"
+        ) from None
+    except OSError as err:
+        os.close(fd)
+        raise RunLogError(f"cannot lock {str(path)!r} of run {run_dir.name!r}: {err.strerror}") from None
+    return fd
+
+
+def _unlock(lock: int | None) -> None:
+    """Release a lock taken by :func:`_lock_run` (closing the descriptor releases the flock); returns None."""
+    if lock is not None:
+        os.close(lock)
+
+
 def _remove_tree(path: Path) -> None:
     """Delete a folder by first renaming it to a hidden name, so an interrupted delete leaves no half folder."""
     trash = _hidden_dir(path.parent, path.name, ".old")
@@ -487,10 +642,77 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _recover_interrupted_save(path: Path) -> None:
+    """Finish a :meth:`RunSet.save` that stopped between its two renames, if that is what left ``path`` missing.
+
+    ``save`` writes the new set to ``.<name>.<token>.tmp``, moves the old one to ``.<name>.<token>.old/<name>``,
+    then renames the new one to ``path``. Only a stop between those renames leaves ``path`` missing with
+    both folders of one token present; the new set was complete by then, so its rename is done now.
+    """
+    if not path.name or os.path.lexists(path):
+        return
+    prefix = f".{path.name}."
+    try:
+        with os.scandir(path.parent) as entries:
+            aside = [entry.name for entry in entries if entry.name.startswith(prefix) and entry.name.endswith(".old")]
+        for name in sorted(aside):
+            token = name[len(prefix) : -len(".old")]
+            old, new = path.parent / name, path.parent / f"{prefix}{token}.tmp"
+            if _is_plain_dir(old / path.name) and _is_plain_dir(new) and (new / MANIFEST).is_file():
+                os.replace(new, path)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+    except OSError:  # best effort: a concurrent save or no permission; the reader then reports the missing set
+        return
+
+
+def _is_plain_dir(path: Path) -> bool:
+    """True for a folder that is not a symbolic link."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_runset(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder (not a link) holding a ``manifest.json`` of the run-set format."""
+    path = Path(path)
+    if not _is_plain_dir(path):
+        return False
+    try:
+        return _read_json(path / MANIFEST).get("format") == FORMAT_NAME
+    except RunLogError:
+        return False
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise ``RunLogError`` unless ``path`` may be replaced by a new run set: absent, an empty folder or a run set.
+
+    Overwriting never deletes anything else (a user's folder, a file, a link).
+    """
+    path = Path(path)
+    if not os.path.lexists(path) or is_runset(path):
+        return
+    if _is_plain_dir(path):
+        try:
+            empty = not any(os.scandir(path))
+        except OSError as err:
+            raise RunLogError(f"cannot read {str(path)!r}: {err.strerror}") from None
+        if empty:
+            return
+        raise RunLogError(
+            f"{str(path)!r} is not a run set (no {MANIFEST} of format {FORMAT_NAME!r}); refusing to replace it: "
+            "choose another folder or delete it yourself"
+        )
+    kind = "a symbolic link" if os.path.islink(path) else "not a folder"
+    raise RunLogError(f"{str(path)!r} is {kind}; refusing to replace it with a run set")
+
+
 def _read_manifest(path: Path) -> dict:
     """Read and check ``path/manifest.json``: format name, version and the types of the keys readers use."""
+    _recover_interrupted_save(path)
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise RunLogError(f"{str(path)!r} is not a run set: {MANIFEST} not found")
     manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT_NAME:
@@ -515,33 +737,156 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_json(path: Path) -> dict:
+def _open_plain(path: Path, what: str = "file") -> int:
+    """Open a regular file for reading without following a symbolic link; ``RunLogError`` for anything else.
+
+    ``O_NONBLOCK`` keeps a FIFO planted in a run folder from blocking the reader; it changes nothing for
+    regular files.
+    """
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunLogError(f"{str(path)!r} is not valid JSON: {err}") from None
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+    except FileNotFoundError:
+        raise RunLogError(f"{str(path)!r} is missing") from None
+    except OSError as err:
+        if os.path.islink(path):
+            raise RunLogError(f"{str(path)!r} is a symbolic link; run sets never follow links") from None
+        raise RunLogError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or (_O_NOFOLLOW == 0 and os.path.islink(path)):
+        os.close(fd)
+        raise RunLogError(f"{str(path)!r} is not a regular {what}")
+    return fd
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a regular file; every way it can be malformed is one ``RunLogError`` line."""
+    fd = _open_plain(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > _MAX_JSON_BYTES:
+            raise RunLogError(f"{str(path)!r} holds {size} bytes, more than the {_MAX_JSON_BYTES} a JSON file may hold")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = json.loads(handle.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, too many digits in an int
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunLogError(f"{str(path)!r} is not valid JSON: {reason}") from None
+    except RecursionError:
+        raise RunLogError(f"{str(path)!r} is not valid JSON: nested too deeply") from None
+    except OSError as err:
+        raise RunLogError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
     if not isinstance(data, dict):
         raise RunLogError(f"{str(path)!r}: expected a JSON object")
     return data
 
 
-def _read_array(run_dir: Path, key: str, count: int, n_cols: int | None = None) -> np.ndarray:
-    """Memory-map the committed prefix of one append-only file of a run."""
+@dataclass(frozen=True)
+class _RunFiles:
+    """Where the arrays of one run live and how many elements of each ``run.json`` commits."""
+
+    run_dir: Path
+    n_steps: int
+    n_entries: int
+    n_logged: int
+    n_test: int
+
+    def count(self, key: str) -> tuple[int, ...]:
+        """The committed shape of one array."""
+        return {
+            "batch_sizes": (self.n_steps,),
+            "batch_ids": (self.n_entries,),
+            "learning_rates": (self.n_steps,),
+            "logged_steps": (self.n_logged,),
+            "losses": (self.n_logged, self.n_test),
+        }[key]
+
+
+def _open_array(files: _RunFiles, key: str) -> tuple[int | None, tuple[int, ...]]:
+    """Open one array file of a run after checking it holds the committed bytes: (fd or None if empty, shape).
+
+    The size is checked against the file's real size before anything is allocated or mapped.
+    """
     filename, dtype = _FILES[key]
-    file = run_dir / filename
-    shape = (count,) if n_cols is None else (count, n_cols)
-    needed = int(np.prod(shape)) * dtype.itemsize
-    if not file.is_file():
-        if needed == 0:
-            return np.zeros(shape, dtype=dtype)
-        raise RunLogError(f"{str(file)!r} is missing")
-    size = file.stat().st_size
+    path = files.run_dir / filename
+    shape = files.count(key)
+    needed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for any count in run.json
+    if needed == 0 and not os.path.lexists(path):
+        return None, shape
+    fd = _open_plain(path)
+    size = os.fstat(fd).st_size
     if size < needed:
-        raise RunLogError(f"{str(file)!r} holds {size} bytes, run.json promises {needed} (file truncated?)")
+        os.close(fd)
+        raise RunLogError(f"{str(path)!r} holds {size} bytes, run.json promises {needed} (file truncated?)")
     if needed == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+        os.close(fd)
+        return None, shape
+    return fd, shape
+
+
+def _read_in_memory(files: _RunFiles, key: str) -> np.ndarray:
+    """The committed prefix of one array file, read into a read-only in-memory array."""
+    fd, shape = _open_array(files, key)
+    dtype = _FILES[key][1]
+    if fd is None:
+        array = np.zeros(shape, dtype=dtype)
+    else:
+        with os.fdopen(fd, "rb") as handle:
+            array = np.fromfile(handle, dtype=dtype, count=math.prod(shape)).reshape(shape)
+    array.flags.writeable = False
+    return array
+
+
+def _map(files: _RunFiles, key: str) -> np.ndarray:
+    """The committed prefix of one array file, memory-mapped read-only (no file stays open)."""
+    fd, shape = _open_array(files, key)
+    dtype = _FILES[key][1]
+    if fd is None:
+        array = np.zeros(shape, dtype=dtype)
+        array.flags.writeable = False
+        return array
+    try:
+        return map_readonly(fd, dtype, shape)
+    except OSError as err:
+        raise RunLogError(f"cannot map {str(files.run_dir / _FILES[key][0])!r}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
+def _offsets(files: _RunFiles) -> np.ndarray:
+    """(n_steps + 1,) curriculum offsets from ``batch_sizes.bin``, checked without overflow.
+
+    Every size must lie in ``0..n_entries`` and the sizes must add up to ``n_entries`` exactly; a float sum
+    rules out the int64 wrap-around that could otherwise make a crafted file add up.
+    """
+    sizes = _read_in_memory(files, "batch_sizes")
+    where = str(files.run_dir)
+    bad = (sizes < 0) | (sizes > files.n_entries)
+    if bad.any():
+        step = int(np.flatnonzero(bad)[0]) + 1
+        raise RunLogError(
+            f"{where!r}: step {step} has batch size {int(sizes[step - 1])} in batch_sizes.bin, outside "
+            f"0..{files.n_entries} (the committed n_entries)"
+        )
+    if float(sizes.sum(dtype=np.float64)) > files.n_entries * (1 + 1e-9) + 1 or int(sizes.sum()) != files.n_entries:
+        raise RunLogError(f"{where!r}: batch sizes do not add up to {files.n_entries} entries")
+    offsets = np.empty(len(sizes) + 1, dtype=np.int64)
+    offsets[0] = 0
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def _read_run_arrays(files: _RunFiles) -> dict[str, Any]:
+    """Read the arrays of one run (the committed prefixes); losses are mapped, the rest read into memory."""
+    try:
+        curriculum = Curriculum(_offsets(files), _read_in_memory(files, "batch_ids"))
+    except CurriculumError as err:
+        raise RunLogError(f"{str(files.run_dir)!r}: {err}") from None
+    return {
+        "curriculum": curriculum,
+        "logged_steps": _read_in_memory(files, "logged_steps"),
+        "losses": _map(files, "losses"),
+        "learning_rates": _read_in_memory(files, "learning_rates"),
+    }
 
 
 def read_run(run_dir: str | os.PathLike, n_test: int) -> Run:
@@ -550,45 +895,62 @@ def read_run(run_dir: str | os.PathLike, n_test: int) -> Run:
 
 
 def _read_run(run_dir: Path, n_test: int, check_n_test: bool) -> Run:
-    """``read_run``; with ``check_n_test`` the run's own ``n_test`` must match the manifest's."""
+    """``read_run``; with ``check_n_test`` the run's own ``n_test`` must match the manifest's.
+
+    Reads ``run.json``, checks every count against the real size of its file and checks the batch sizes;
+    the other arrays are read on first use (see :class:`Run`).
+    """
+    if os.path.islink(run_dir):
+        raise RunLogError(f"{str(run_dir)!r} is a symbolic link; run sets never follow links")
+    if not _is_plain_dir(run_dir):
+        raise RunLogError(f"{str(run_dir)!r} is not a run folder")
     info_path = run_dir / RUN_JSON
-    if not info_path.is_file():
+    if not os.path.lexists(info_path):
         raise RunLogError(f"{str(run_dir)!r}: {RUN_JSON} not found (not a run folder?)")
     info = _read_json(info_path)
     counts = {}
     for key in ("n_steps", "n_entries", "n_logged"):
         value = info.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise RunLogError(f"{str(info_path)!r}: {key} must be an integer >= 0, got {value!r}")
+            raise RunLogError(f"{str(info_path)!r}: {key} must be an integer >= 0, got {_short(value)}")
         counts[key] = value
     n_steps, n_entries, n_logged = counts["n_steps"], counts["n_entries"], counts["n_logged"]
     if check_n_test and "n_test" in info and info["n_test"] != n_test:
         raise RunLogError(
-            f"{str(info_path)!r}: the run logged {info['n_test']!r} test losses per step, "
+            f"{str(info_path)!r}: the run logged {_short(info['n_test'])} test losses per step, "
             f"the manifest lists {n_test} test ids"
         )
-    batch_sizes = np.asarray(_read_array(run_dir, "batch_sizes", n_steps))
-    if np.any(batch_sizes < 0) or int(batch_sizes.sum()) != n_entries:
-        raise RunLogError(f"{str(run_dir)!r}: batch sizes do not add up to {n_entries} entries")
-    offsets = np.concatenate([[0], np.cumsum(batch_sizes)])
-    ids = np.asarray(_read_array(run_dir, "batch_ids", n_entries))
-    try:
-        curriculum = Curriculum(offsets, ids)
-    except CurriculumError as err:
-        raise RunLogError(f"{str(run_dir)!r}: {err}") from None
+    if n_logged > n_steps + 1:
+        raise RunLogError(
+            f"{str(info_path)!r}: {n_logged} logged steps in a run of {n_steps} steps "
+            "(losses are logged at distinct steps in 0..n_steps)"
+        )
     try:
         name = check_run_name(info.get("name", run_dir.name))
     except RunLogError as err:
         raise RunLogError(f"{str(info_path)!r}: {err}") from None
-    return Run(
-        name=name,
-        curriculum=curriculum,
-        logged_steps=np.asarray(_read_array(run_dir, "logged_steps", n_logged)),
-        losses=_read_array(run_dir, "losses", n_logged, n_test),
-        learning_rates=np.asarray(_read_array(run_dir, "learning_rates", n_steps)),
-        metadata=info.get("metadata") or {},
-        complete=info.get("status") == "complete",
-    )
+    if name != run_dir.name:
+        raise RunLogError(f"{str(info_path)!r}: run name {name!r} differs from its folder name {run_dir.name!r}")
+    metadata = info.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise RunLogError(f"{str(info_path)!r}: metadata must be a JSON object, got {type(metadata).__name__}")
+    files = _RunFiles(run_dir, n_steps, n_entries, n_logged, n_test)
+    for key in _FILES:
+        fd, _ = _open_array(files, key)  # sizes and file types now, before any array is read
+        if fd is not None:
+            os.close(fd)
+    _offsets(files)
+    return Run._on_disk(name, files, metadata, complete=info.get("status") == "complete")
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a JSON value for a one-line message, cut to 60 characters."""
+    if isinstance(value, int) and abs(value) >= 10**50:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _write_run(run_dir: Path, run: Run, n_test: int) -> None:
@@ -646,6 +1008,10 @@ class RunLogger:
     to the process, every completed step stays readable. Leaving the ``with`` block normally marks the
     run ``complete``; an exception marks it ``aborted`` (still readable, its prefix is kept).
 
+    A logger holds an exclusive lock on its run name (``flock`` on ``runs/.locks/<name>.lock``) from its creation
+    to ``close``; a second logger of the same run, in any process, fails with ``RunLogError`` whatever
+    ``overwrite`` says. The lock dies with the process that holds it.
+
     Parameters
     ----------
     runset_path : folder made by :meth:`RunSet.create`.
@@ -675,23 +1041,32 @@ class RunLogger:
         _check_json(self.metadata, f"metadata of run {self.name!r}")  # fail now, not at the first step
         self.fsync = fsync
         self.run_dir = self.runset_path / RUNS_DIR / self.name
-        if self.run_dir.exists():
-            if not overwrite:
-                raise RunLogError(f"run {self.name!r} already exists in {str(self.runset_path)!r}")
-            _remove_tree(self.run_dir)
         self.n_steps = 0
         self.n_entries = 0
         self.n_logged = 0
         self._last_logged = -1
         self._closed = True  # until the files are open
-        # The run folder appears complete with its first run.json (readers skip hidden folders), so a crash
-        # here never leaves a run folder that makes the run set unreadable.
-        staging = _hidden_dir(self.run_dir.parent, self.name, ".tmp")
-        for filename, _ in _FILES.values():
-            (staging / filename).touch()
-        atomic_write_json(staging / RUN_JSON, self._info("running"), fsync=self.fsync)
-        os.replace(staging, self.run_dir)
-        self._handles = {key: open(self.run_dir / filename, "ab") for key, (filename, _) in _FILES.items()}
+        self._lock = _lock_run(self.run_dir)
+        try:
+            if os.path.lexists(self.run_dir):
+                if not overwrite:
+                    raise RunLogError(f"run {self.name!r} already exists in {str(self.runset_path)!r}")
+                _remove_tree(self.run_dir)
+            # The run folder appears complete with its first run.json (readers skip hidden folders), so a crash
+            # here never leaves a run folder that makes the run set unreadable.
+            staging = _hidden_dir(self.run_dir.parent, self.name, ".tmp")
+            for filename, _ in _FILES.values():
+                (staging / filename).touch()
+            atomic_write_json(staging / RUN_JSON, self._info("running"), fsync=self.fsync)
+            try:
+                os.replace(staging, self.run_dir)
+            except OSError as err:  # something that is no logger made the folder meanwhile
+                shutil.rmtree(staging, ignore_errors=True)
+                raise RunLogError(f"cannot create run {self.name!r} in {str(self.runset_path)!r}: {err}") from None
+            self._handles = {key: open(self.run_dir / filename, "ab") for key, (filename, _) in _FILES.items()}
+        except BaseException:
+            self._lock = _unlock(self._lock)
+            raise
         self._closed = False
 
     # -------------------------------------------------------------------------------------- logging
@@ -718,16 +1093,12 @@ class RunLogger:
         step = self.n_steps + 1
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise RunLogError(f"run {self.name!r}, step {step}: batch ids must be integers, got {ids.dtype}")
-        ids = ids.astype(np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_pool):
-            bad = int(ids[(ids < 0) | (ids >= self.n_pool)][0])
+        ids = ids.reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_pool):  # before the cast: uint64 must not wrap
+            bad = ids[(ids < 0) | (ids >= self.n_pool)][0]
             raise RunLogError(f"run {self.name!r}, step {step}: pool id {bad} outside 0..{self.n_pool - 1}")
-        try:
-            lr = np.nan if learning_rate is None else float(learning_rate)
-        except (TypeError, ValueError):
-            raise RunLogError(
-                f"run {self.name!r}, step {step}: learning rate {learning_rate!r} is not a number"
-            ) from None
+        ids = ids.astype(np.int64)
+        lr = self._check_learning_rate(learning_rate, step)
         loss_row = None if losses is None else self._check_losses(losses, step)
         self._append("batch_ids", ids)
         self._append("batch_sizes", np.array([ids.size]))
@@ -747,13 +1118,16 @@ class RunLogger:
         self._commit()
 
     def close(self, status: str = "complete") -> None:
-        """Flush, mark the run ``status`` and close the files (idempotent)."""
+        """Flush, mark the run ``status``, close the files and release the run's lock (idempotent)."""
         if self._closed:
             return
         for handle in self._handles.values():
             handle.close()
         self._closed = True
-        self._commit(status)
+        try:
+            self._commit(status)
+        finally:
+            self._lock = _unlock(self._lock)
 
     def __enter__(self) -> RunLogger:
         return self
@@ -766,14 +1140,44 @@ class RunLogger:
             for handle in self._handles.values():
                 handle.close()
             self._closed = True
+            self._lock = _unlock(self._lock)
 
     # -------------------------------------------------------------------------------------- internals
     def _check_open(self) -> None:
         if self._closed:
             raise RunLogError(f"run {self.name!r}: logger is closed")
 
+    def _check_learning_rate(self, learning_rate: Any, step: int) -> float:
+        """The learning rate as a float: finite and >= 0, or NaN for None (unknown)."""
+        if learning_rate is None:
+            return float("nan")
+        problem = None
+        if isinstance(learning_rate, (bool, np.bool_, str, bytes)):
+            problem = "is not a number"
+        else:
+            try:
+                lr = float(learning_rate)
+            except (TypeError, ValueError):
+                problem = "is not a number"
+            else:
+                if not np.isnan(lr) and not (np.isfinite(lr) and lr >= 0):
+                    problem = "must be a finite number >= 0 (or None when unknown)"
+        if problem:
+            raise RunLogError(f"run {self.name!r}, step {step}: learning rate {learning_rate!r} {problem}")
+        return lr
+
     def _check_losses(self, losses: np.ndarray, step: int) -> np.ndarray:
-        row = np.asarray(losses, dtype=np.float64).reshape(-1)
+        try:
+            given = np.asarray(losses)
+            if given.dtype.kind not in "iuf":  # bool, str, complex, object ...
+                given = given.astype(np.float64) if given.dtype.kind == "O" else None
+        except (TypeError, ValueError, OverflowError):
+            given = None
+        if given is None:
+            raise RunLogError(
+                f"run {self.name!r}, step {step}: losses must be numbers, got {_short(losses)}"
+            )
+        row = given.astype(np.float64).reshape(-1)
         if row.shape != (self.n_test,):
             raise RunLogError(
                 f"run {self.name!r}, step {step}: {row.size} losses for {self.n_test} test examples"

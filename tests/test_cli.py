@@ -137,10 +137,12 @@ def test_counterfactual_commands(runset_dir, tmp_path, capsys):
     result = tmp_path / "search.json"
     assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--drop", "3",
                  "--json", str(result)]) == 0
-    assert json.loads(result.read_text())["predicted_change"] <= 0
+    found = json.loads(result.read_text())
+    assert found["predicted_change"] < 0 and 1 <= len(found["removed"]) <= 3 and found["tests"] == [0, 1]
     assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--reorder", "2",
                  "--json", str(result)]) == 0
-    assert json.loads(result.read_text())["predicted_change"] <= 0
+    reordered = json.loads(result.read_text())
+    assert reordered["predicted_change"] < 0 and len(reordered["moves"]) >= 1
     assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0", "--reorder", "2",
                  "--drop", "1"]) == 2
     assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--remove", "999"]) == 2
@@ -160,3 +162,138 @@ def test_generate_facts_mini(tmp_path):
     assert main(["generate", "facts", "--out", str(out), "--tier", "mini", "--runs", "2", "--workers", "1"]) == 0
     runset = RunSet.load(out)
     assert len(runset) == 2 and runset.metadata["workload"] == "facts"
+
+
+# ------------------------------------------------------------------------------- a new user's own run set
+@pytest.fixture(scope="module")
+def imported_dir(tmp_path_factory):
+    """A run set imported from CSV in which pool ids 0..7 are never used, and test ids t0..t11.
+
+    So external pool id p sits at position p - 8 and test ids sort differently as text than as numbers.
+    """
+    import pandas as pd
+
+    runset, _, _ = known_linear_runset(n_pool=30, n_test=12, n_runs=10, n_steps=20, batch_size=4, noise=0.005,
+                                       subset_size=15)
+    folder = tmp_path_factory.mktemp("own")
+    curriculum = runset.curriculum_frame()
+    curriculum["example"] = curriculum["example"] + 8
+    losses = runset.to_frame()
+    losses["test"] = "t" + losses["test"].astype(str)
+    pd.DataFrame(curriculum).to_csv(folder / "curriculum.csv", index=False)
+    losses.to_csv(folder / "losses.csv", index=False)
+    out = folder / "imported"
+    assert main(["import", str(folder / "curriculum.csv"), str(folder / "losses.csv"), "--out", str(out)]) == 0
+    return str(out)
+
+
+def test_a_new_users_ids_mean_the_same_in_python_and_on_the_command_line(imported_dir, tmp_path, capsys):
+    from simfluence.counterfactual import loo_effects, whatif
+    from simfluence.methods import load_simulator
+    from simfluence.runlog import RunSet
+
+    runset = RunSet.load(imported_dir)
+    assert runset.pool_ids[0] == 8 and runset.test_ids[:3] == ["t0", "t1", "t2"]  # natural order, not t0,t1,t10
+    model = tmp_path / "model.npz"
+    assert main(["fit", imported_dir, "--holdout", "2", "--out", str(model)]) == 0  # no --method: linear_mom
+    assert "fitted linear_mom" in capsys.readouterr().out
+    sim = load_simulator(model)
+    run = runset["run-009"]
+    present = [runset.pool_ids[p] for p in np.flatnonzero(run.curriculum.counts(runset.n_pool) > 0)]
+    chosen = present[:2]
+    # Python: the id the user knows removes that example
+    result = whatif(sim, run, {"drop": f"remove:{chosen[0]},{chosen[1]}"})
+    expected = sim.simulate(run.curriculum.remove(runset.pool_positions(chosen)), run.initial_losses)[0, -1]
+    np.testing.assert_allclose(result.trajectories[1, -1], expected)
+    top = loo_effects(sim, run).top(5, tests=["t0"])
+    assert set(top["pool"]) <= set(present)
+    # the command line gives the same numbers for the same ids
+    csv = tmp_path / "whatif.csv"
+    assert main(["whatif", str(model), imported_dir, "--run", "run-009", "--remove", f"{chosen[0]},{chosen[1]}",
+                 "--csv", str(csv)]) == 0
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    final = frame[(frame["scenario"] == "edited") & (frame["step"] == 20)]
+    np.testing.assert_allclose(final["loss"].to_numpy(), expected, rtol=1e-12)
+    assert list(final["test"]) == runset.test_ids
+    # an example the run never used: an error, not a silent zero
+    absent = next(p for p in runset.pool_ids if p not in present)
+    capsys.readouterr()
+    assert main(["whatif", str(model), imported_dir, "--run", "run-009", "--remove", str(absent)]) == 2
+    err = capsys.readouterr().err
+    assert f"pool id {absent} does not occur in the base curriculum" in err and len(err.splitlines()) == 1
+    assert main(["loo", str(model), imported_dir, "--run", "run-009", "--tests", "t99"]) == 2
+    assert "unknown test id 't99'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "{runs}", "--method", "tracin", "--lam", "1", "--out", "{tmp}/m.npz"],
+         "method 'tracin' has no option 'lam'"),
+        (["fit", "{runs}", "--method", "trackstar", "--lam", "1", "--out", "{tmp}/m.npz"],
+         "method 'trackstar' has no option 'lam'"),
+        (["fit", "{runs}", "--method", "mean_curve", "--lam", "1", "--out", "{tmp}/m.npz"],
+         "method 'mean_curve' has no option 'lam'"),
+        (["fit", "{runs}", "--method", "tracin", "--out", "{tmp}/m.npz"], "--task"),
+        (["fit", "{runs}", "--param", "momentum", "--out", "{tmp}/m.npz"], "expected NAME=VALUE"),
+        (["evaluate", "{runs}", "--param", "linear.lam=1", "--methods", "mean_curve"], "not among the methods"),
+    ],
+)
+def test_options_a_method_does_not_have_are_one_line_errors(runset_dir, tmp_path, capsys, args, message):
+    args = [a.format(runs=runset_dir, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_fit_takes_any_hyper_parameter(runset_dir, tmp_path):
+    from simfluence.methods import load_simulator
+
+    model = tmp_path / "m.npz"
+    assert main(["fit", runset_dir, "--method", "linear_mom", "--param", "momentum=0.5", "--param", "lam=0.1",
+                 "--out", str(model)]) == 0
+    sim = load_simulator(model)
+    assert sim.momentum_ == 0.5 and sim.lam_ == 0.1
+
+
+def test_incomplete_runs_are_left_out_and_counted(runset_dir, tmp_path, capsys):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(runset_dir, partial)
+    info = json.loads((partial / "runs" / "run-009" / "run.json").read_text())
+    info["status"] = "running"  # as a killed logger leaves it
+    (partial / "runs" / "run-009" / "run.json").write_text(json.dumps(info))
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(partial), "--holdout", "2", "--methods", "mean_curve", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "left out 1 incomplete run(s): run-009" in captured.err
+    assert "fit on 7 runs, scored on 2 held-out runs" in captured.out
+    assert main(["evaluate", str(partial), "--holdout", "2", "--methods", "mean_curve", "--include-incomplete"]) == 0
+    assert "fit on 8 runs" in capsys.readouterr().out
+
+
+def test_plot_a_saved_model_and_what_if_scenarios_without_refitting(runset_dir, tmp_path, capsys):
+    model = tmp_path / "model.npz"
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
+    plots = tmp_path / "plots"
+    assert main(["plot", runset_dir, "--model", str(model), "--out", str(plots)]) == 0
+    for name in ("trajectories.png", "final_scatter.png", "error_over_steps.png"):
+        assert (plots / name).stat().st_size > 0
+    assert main(["plot", runset_dir, "--model", str(model), "--run", "run-009", "--scenario", "reverse",
+                 "--scenario", "remove:1,2", "--out", str(plots)]) == 0
+    assert (plots / "whatif.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["plot", runset_dir, "--model", str(model), "--scenario", "reverse", "--out", str(plots)]) == 2
+    assert "--scenario needs exactly one --model and a --run" in capsys.readouterr().err
+
+
+def test_methods_lists_the_registry(capsys):
+    from simfluence.methods import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in METHODS) and "linear_mom" in out and "(default)" in out

@@ -6,21 +6,31 @@ import pytest
 
 from simfluence.counterfactual import (
     Edit,
-    _loo_by_simulation,
     apply_edits,
     loo_effects,
     parse_edit,
     search_curriculum,
     whatif,
 )
-from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.errors import CurriculumError, SimfluenceError, UnknownIdError
+from simfluence.ids import IdIndex
+from simfluence.runlog import RunSet
 from simfluence.simulators import MeanCurve, SimfluenceLinear
 from simfluence.synthetic import known_linear_runset
+
+# external ids that differ from positions: pool id of position p is 100 + 7 p, test ids are strings
+POOL_IDS = [100 + 7 * p for p in range(25)]
+TEST_IDS = ["t0", "t1", "t2", "t10"]
+
+
+def pid(position: int) -> int:
+    return POOL_IDS[position]
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    runset, _, _ = known_linear_runset(n_pool=25, n_test=4, n_runs=8, n_steps=30, batch_size=4, seed=0)
+    synthetic, _, _ = known_linear_runset(n_pool=25, n_test=4, n_runs=8, n_steps=30, batch_size=4, seed=0)
+    runset = RunSet(synthetic.runs, pool_ids=POOL_IDS, test_ids=TEST_IDS)
     return runset, SimfluenceLinear(lam=1.0, alpha_center=1.0, momentum=0.3).fit(runset)
 
 
@@ -30,28 +40,53 @@ def test_parse_edit_round_trips(text):
     assert str(parse_edit(text)) == text
 
 
-@pytest.mark.parametrize("text", ["remove:", "move:5", "swap:1", "shuffle", "remove:a", "reverse:3"])
+@pytest.mark.parametrize("text", ["remove:", "move:5", "swap:1", "shuffle", "swap:a,b", "reverse:3", "move:5@x"])
 def test_bad_edits_are_clear_errors(text):
     with pytest.raises(CurriculumError):
         parse_edit(text)
 
 
-def test_apply_edits_matches_curriculum_methods(fitted):
+def test_apply_edits_resolve_external_ids(fitted):
     runset, _ = fitted
-    cur = runset[0].curriculum
-    assert apply_edits(cur, ["remove:1,2", "reverse"]) == cur.remove([1, 2]).reverse()
-    assert apply_edits(cur, [Edit("swap", (1, 2))]) == cur.swap_batches(1, 2)
+    cur, pool = runset[0].curriculum, runset.pool_index
+    present = np.flatnonzero(cur.counts(25) > 0)
+    a, b = int(present[0]), int(present[1])
+    assert apply_edits(cur, [f"remove:{pid(a)},{pid(b)}", "reverse"], pool) == cur.remove([a, b]).reverse()
+    assert apply_edits(cur, [Edit("remove", (pid(a),))], pool) == cur.remove([a])
+    assert apply_edits(cur, [Edit("swap", (1, 2))], pool) == cur.swap_batches(1, 2)
+    assert apply_edits(cur, [f"duplicate:{pid(a)}@3"], pool) == cur.duplicate(a, step=3)
+
+
+def test_an_edit_naming_an_absent_or_unknown_example_is_an_error(fitted):
+    runset, sim = fitted
+    run = runset[0]
+    cur = run.curriculum.keep_only(range(10))
+    absent = pid(20)
+    with pytest.raises(CurriculumError, match=f"pool id {absent} does not occur"):
+        apply_edits(cur, [f"remove:{absent}"], runset.pool_index)
+    with pytest.raises(CurriculumError, match="does not occur"):
+        apply_edits(cur, [f"move:{absent}@3"], runset.pool_index)
+    with pytest.raises(UnknownIdError, match="unknown pool id '3'"):  # a position is not an id
+        whatif(sim, run, {"x": "remove:3"})
+    # adding an example that the base lacks at a given step is a legitimate edit
+    assert apply_edits(cur, [f"duplicate:{absent}@2"], runset.pool_index).counts(25)[20] == 1
 
 
 def test_whatif_batches_scenarios_and_reports_change(fitted):
     runset, sim = fitted
     run = runset[0]
-    result = whatif(sim, run.curriculum, {"drop": ["remove:3,4"], "rev": ["reverse"]}, run.initial_losses,
-                    test_ids=runset.test_ids)
+    present = np.flatnonzero(run.curriculum.counts(25) > 0)
+    a, b = int(present[3]), int(present[4])
+    result = whatif(sim, run, {"drop": [f"remove:{pid(a)},{pid(b)}"], "rev": "reverse"})
     assert result.names == ["base", "drop", "rev"]
-    expected = sim.simulate(run.curriculum.remove([3, 4]), run.initial_losses)[0]
+    np.testing.assert_allclose(result.trajectories[0], sim.simulate(run.curriculum, run.initial_losses)[0])
+    expected = sim.simulate(run.curriculum.remove([a, b]), run.initial_losses)[0]
     np.testing.assert_allclose(result.trajectories[1], expected)
-    assert np.all(result.change[0] == 0)
+    np.testing.assert_allclose(result.change[1], expected - result.trajectories[0])
+    assert np.abs(result.change[1, -1]).max() > 1e-4  # removing two examples changes the prediction
+    assert result.test_ids == TEST_IDS and list(result.final().columns) == TEST_IDS
+    summary = result.summary(tests=["t10"])
+    np.testing.assert_allclose(summary.loc["drop", "mean_change"], result.change[1, -1, 3])
     frame = result.frame()
     assert list(frame.columns) == ["scenario", "step", "test", "loss", "change"]
     assert len(frame) == 3 * 31 * 4
@@ -60,51 +95,64 @@ def test_whatif_batches_scenarios_and_reports_change(fitted):
 
 
 def test_loo_effects_exact_path_equals_generic_path(fitted):
+    from simfluence.simulators import Simulator
+
     runset, sim = fitted
     run = runset[2]
-    exact = loo_effects(sim, run.curriculum, run.initial_losses)
-    generic = _loo_by_simulation(sim, run.curriculum, run.initial_losses, None, None, exact.present, 7)
+    assert SimfluenceLinear.tags["exact_loo"] and not MeanCurve.tags["exact_loo"]
+    exact = loo_effects(sim, run)
+    generic = Simulator.leave_one_out(sim, run.curriculum, run.initial_losses, chunk=7)  # re-simulation
     np.testing.assert_allclose(exact.effects, generic, atol=1e-10)
     frame = exact.frame()
     assert set(frame["rank"]) == set(range(1, int(exact.present.sum()) + 1))
-    top = exact.top(3, tests=[0])
+    assert set(frame["pool"]) <= set(POOL_IDS) and set(frame["test"]) == set(TEST_IDS)
+    top = exact.top(3, tests=["t0"])
     assert list(top["role"]) == ["helps"] * 3 + ["hurts"] * 3
     assert top["effect"].iloc[0] >= top["effect"].iloc[2]
+    best = top["pool"].iloc[0]
+    assert exact.effect(best, "t0") == top["effect"].iloc[0]
+    np.testing.assert_allclose(exact.effect(best, "t0"), exact.effects[POOL_IDS.index(best), 0])
+    with pytest.raises(UnknownIdError, match="unknown test id 0"):
+        exact.top(3, tests=[0])
 
 
 def test_loo_effects_of_the_mean_curve_are_zero(fitted):
     runset, _ = fitted
-    effects = loo_effects(MeanCurve().fit(runset), runset[0].curriculum, runset[0].initial_losses)
+    effects = loo_effects(MeanCurve().fit(runset), runset[0])
     assert np.all(effects.effects == 0)
 
 
 def test_search_drop_lowers_the_target_loss_monotonically(fitted):
     runset, sim = fitted
     run = runset[3]
-    result = search_curriculum(sim, run.curriculum, run.initial_losses, tests=[0, 1], drop=4)
+    result = search_curriculum(sim, run, tests=["t0", "t1"], drop=4)
     assert len(result.removed) <= 4 and result.predicted_change < 0
     assert np.all(np.diff(result.objective) < 0)
-    assert result.curriculum == run.curriculum.remove(result.removed)
-    up = search_curriculum(sim, run.curriculum, run.initial_losses, tests=[0, 1], drop=2, maximize=True)
+    assert set(result.removed) <= set(POOL_IDS)
+    assert result.curriculum == run.curriculum.remove([POOL_IDS.index(i) for i in result.removed])
+    up = search_curriculum(sim, run, tests=["t0", "t1"], drop=2, maximize=True)
     assert up.predicted_change > 0
 
 
 def test_search_subset_keeps_the_requested_number(fitted):
     runset, sim = fitted
     run = runset[3]
-    result = search_curriculum(sim, run.curriculum, run.initial_losses, tests=[2], subset_size=10, per_round=3)
+    result = search_curriculum(sim, run.curriculum, tests=["t2"], subset_size=10, per_round=3,
+                               initial_losses=run.initial_losses)
     assert int((result.curriculum.counts(25) > 0).sum()) == 10
     with pytest.raises(SimfluenceError, match="exactly one budget"):
-        search_curriculum(sim, run.curriculum, run.initial_losses, tests=[2])
+        search_curriculum(sim, run, tests=["t2"])
+    with pytest.raises(SimfluenceError, match="needs initial_losses"):
+        search_curriculum(sim, run.curriculum, tests=["t2"], drop=1)
 
 
 def test_influence_table_ranks_proponents_and_opponents(fitted):
     from simfluence.counterfactual import influence_table
 
     runset, sim = fitted
-    table = influence_table(sim, runset, 2, tests=[0, 1], top=3)
+    table = influence_table(sim, runset, 2, tests=["t0", "t10"], top=3)
     assert list(table.columns) == ["test", "pool", "score", "rank", "role"]
-    assert set(table["test"]) == {0, 1} and len(table) == 12
+    assert set(table["test"]) == {"t0", "t10"} and len(table) == 12
     for _, group in table.groupby("test"):
         assert group["score"].is_monotonic_decreasing
         assert group["role"].iloc[0] == "proponent" and group["role"].iloc[-1] == "opponent"
@@ -117,7 +165,7 @@ def test_loo_effects_of_a_fixed_effects_simulator_are_its_summed_effects(fitted)
     scores = np.random.default_rng(0).normal(size=(25, 4))
     sim = FixedEffectsSimulator(weighting="sum", clip_negative=False).set_scores(scores).fit(runset, runs=range(6))
     run = runset[7]
-    effects = loo_effects(sim, run.curriculum, run.initial_losses)
+    effects = loo_effects(sim, run)
     counts = run.curriculum.counts(25)
     # additive and order-free: removing i undoes each of its occurrences' effect -s * score_i
     np.testing.assert_allclose(effects.effects, counts[:, None] * sim.scale_ * scores, atol=1e-10)
@@ -128,18 +176,20 @@ def test_search_order_keeps_the_examples_and_improves_the_objective(fitted):
 
     runset, sim = fitted
     run = runset[3]
-    result = search_order(sim, run.curriculum, run.initial_losses, tests=[0, 1], moves=3, candidates=5)
+    result = search_order(sim, run, tests=["t0", "t1"], moves=3, candidates=5)
     assert np.array_equal(result.curriculum.counts(25), run.curriculum.counts(25))  # same examples, same counts
     assert len(result.moves) >= 1 and result.predicted_change < 0
     assert np.all(np.diff(result.objective) < 0)
     example, where = result.moves[0]
-    first = move_all(run.curriculum, example, 1 if where == "start" else run.curriculum.n_steps)
+    assert example in POOL_IDS
+    position = IdIndex(POOL_IDS, "pool").position(example)
+    first = move_all(run.curriculum, position, 1 if where == "start" else run.curriculum.n_steps)
     np.testing.assert_allclose(sim.simulate(first, run.initial_losses)[0, -1, [0, 1]].mean(), result.objective[1])
 
 
 def test_top_labels_follow_the_sign_of_the_effect(fitted):
     runset, sim = fitted
-    effects = loo_effects(sim, runset[0].curriculum, runset[0].initial_losses)
+    effects = loo_effects(sim, runset[0])
     top = effects.top(50)
     assert np.all(top.loc[top["role"] == "helps", "effect"] > 0)
     assert np.all(top.loc[top["role"] == "hurts", "effect"] < 0)

@@ -164,9 +164,31 @@ def test_mixed_int_and_string_ids_are_read_as_strings():
     curriculum = pd.DataFrame({"run": [0, 0, 0], "step": [1, 1, 2], "example": [10, "a", 9]})
     losses = pd.DataFrame({"run": [0, 0], "step": [0, 2], "test": ["t", "t"], "loss": [1.0, 0.5]})
     imported = import_tables(curriculum, losses)
-    assert imported.pool_ids == ["10", "9", "a"]
+    assert imported.pool_ids == ["9", "10", "a"]  # natural order: numbers in the text compare as numbers
     assert imported.run_names == ["0"]
     assert external_batches(imported, imported["0"]) == [["10", "a"], ["9"]]
+
+
+def test_logged_test_ids_keep_their_column_order_through_csv(tmp_path):
+    runset, _, _ = known_linear_runset(n_pool=6, n_test=12, n_runs=2, n_steps=3, batch_size=2)
+    named = RunSet(runset.runs, pool_ids=[f"ex{i}" for i in range(6)], test_ids=[f"t{j}" for j in range(12)])
+    curriculum = write_table(export_curriculum(named), tmp_path / "c.csv")
+    losses = write_table(named.to_frame(), tmp_path / "l.csv")
+    imported = import_tables(curriculum, losses)
+    assert imported.test_ids == named.test_ids  # t0, t1, ..., t9, t10, t11: not t0, t1, t10, t11, t2, ...
+    assert imported.pool_ids == named.pool_ids
+    for want, got in zip(named, imported, strict=True):
+        np.testing.assert_array_equal(got.losses, np.asarray(want.losses, dtype=np.float32))
+        assert got.curriculum == want.curriculum
+
+
+def test_default_ids_are_in_natural_order():
+    curriculum = pd.DataFrame({"run": "r", "step": [1, 1, 1, 1], "example": ["b10", "b2", "a", "b02"]})
+    losses = pd.DataFrame({"run": "r", "step": 0, "test": [100, 20, 3], "loss": [1.0, 2.0, 3.0]})
+    imported = import_tables(curriculum, losses)
+    assert imported.pool_ids == ["a", "b02", "b2", "b10"]
+    assert imported.test_ids == [3, 20, 100]
+    assert imported["r"].losses.tolist() == [[3.0, 2.0, 1.0]]
 
 
 def test_ragged_batches_empty_steps_and_repeats_are_kept(tables):
@@ -206,15 +228,18 @@ def test_import_gives_the_same_run_set_in_memory_and_saved(tables, tmp_path):
     curriculum, losses = tables
     in_memory = import_tables(curriculum, losses)
     saved = import_tables(curriculum, losses, tmp_path / "runs")
-    assert isinstance(saved["r1"].losses, np.memmap)
+    assert saved.path == tmp_path / "runs" and not saved["r1"].losses.flags.owndata  # mapped from disk
     assert_same_runs(in_memory, saved)
     assert RunSet.load(tmp_path / "runs").pool_ids == in_memory.pool_ids
 
 
-def test_empty_tables_give_an_empty_run_set(tables, tmp_path):
+def test_tables_with_only_a_header_are_an_error(tables, tmp_path):
     curriculum, losses = tables
-    runset = import_tables(curriculum.iloc[:0], losses.iloc[:0], tmp_path / "runs", test_ids=["q0", "q1"])
-    assert len(runset) == 0 and runset.n_pool == 0 and runset.test_ids == ["q0", "q1"]
+    expect_error(curriculum.iloc[:0], losses.iloc[:0], tmp_path / "runs", "curriculum table", "no rows",
+                 test_ids=["q0", "q1"])
+    files = write_table(curriculum.iloc[:0], tmp_path / "c.csv"), write_table(losses.iloc[:0], tmp_path / "l.csv")
+    expect_error(*files, tmp_path / "runs", "c.csv", "only a header")
+    expect_error(curriculum, losses.iloc[:0], tmp_path / "runs", "run 'r1'", "no losses")
 
 
 def test_existing_out_needs_overwrite(tables, tmp_path):
@@ -445,3 +470,99 @@ def test_any_run_set_survives_export_and_import(runset, through_csv):
             [[str(i) for i in b] for b in external_batches(runset, want)]
         order = [list(map(str, inferred.test_ids)).index(str(test)) for test in runset.test_ids]
         np.testing.assert_array_equal(np.asarray(got.losses)[:, order], want.losses)
+
+
+# ------------------------------------------------------------------------------------------- hostile inputs
+def test_overwrite_never_replaces_a_folder_that_is_not_a_run_set(tables, tmp_path):
+    curriculum, losses = tables
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "chapter1.tex").write_text("years of work")
+    with pytest.raises(RunLogError, match="is not a run set.*refusing to replace it"):
+        import_tables(curriculum, losses, users, overwrite=True)
+    assert (users / "chapter1.tex").read_text() == "years of work"
+    plain_file = tmp_path / "notes.txt"
+    plain_file.write_text("keep")
+    with pytest.raises(RunLogError, match="not a folder"):
+        import_tables(curriculum, losses, plain_file, overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(users, target_is_directory=True)
+    with pytest.raises(RunLogError, match="symbolic link"):
+        import_tables(curriculum, losses, link, overwrite=True)
+    assert plain_file.read_text() == "keep" and link.is_symlink() and (users / "chapter1.tex").exists()
+    (tmp_path / "empty").mkdir()
+    assert import_tables(curriculum, losses, tmp_path / "empty", overwrite=True).run_names == ["r1", "r2"]
+
+
+def test_cli_import_overwrite_of_a_folder_that_is_not_a_run_set_is_one_error_line(tables, tmp_path, capsys):
+    from simfluence.cli import main
+
+    curriculum, losses = tables
+    files = [str(write_table(curriculum, tmp_path / "c.csv")), str(write_table(losses, tmp_path / "l.csv"))]
+    users = tmp_path / "somedir"
+    users.mkdir()
+    (users / "data.bin").write_bytes(b"\x00" * 10)
+    assert main(["import", *files, "--out", str(users), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simfluence: error:") and err.count("\n") == 1 and "not a run set" in err
+    assert (users / "data.bin").read_bytes() == b"\x00" * 10
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "json", "parquet"])
+def test_ids_beyond_int64_are_kept_exactly(tmp_path, extension):
+    big = [2**63, 2**64 - 1, 2**63 + 7]
+    curriculum = pd.DataFrame({"run": "r", "step": [1, 1, 2], "example": np.array(big, dtype=np.uint64)})
+    losses = pd.DataFrame({"run": "r", "step": [0, 0], "test": np.array(big[:2], dtype=np.uint64),
+                           "loss": [1.0, 2.0]})
+    if extension == "parquet":
+        files = write_table(curriculum, tmp_path / "c.parquet"), write_table(losses, tmp_path / "l.parquet")
+    else:  # pandas cannot write uint64 >= 2**63 as JSON: write the text by hand
+        files = []
+        for frame, name in ((curriculum, "c"), (losses, "l")):
+            records = [json.dumps({k: (int(v) if isinstance(v, np.integer) else v) for k, v in row.items()})
+                       for row in frame.to_dict("records")]
+            path = tmp_path / f"{name}.{extension}"
+            path.write_text("\n".join(records) if extension == "jsonl" else "[" + ",".join(records) + "]")
+            files.append(path)
+    imported = import_tables(*files, out=tmp_path / "runs")
+    assert imported.pool_ids == [2**63, 2**63 + 7, 2**64 - 1] and imported.test_ids == [2**63, 2**64 - 1]
+    assert external_batches(imported, imported["r"]) == [[2**63, 2**64 - 1], [2**63 + 7]]
+    assert RunSet.load(tmp_path / "runs").pool_ids == imported.pool_ids  # JSON ints survive exactly
+
+
+def test_uint64_step_beyond_int64_is_an_error(tables, tmp_path):
+    curriculum, losses = tables
+    curriculum["step"] = curriculum["step"].astype(np.uint64)
+    curriculum.loc[curriculum.index[3], "step"] = np.uint64(2**64 - 1)
+    expect_error(curriculum, losses, tmp_path / "o", "run 'r1'", "too large", "(row 4)")
+
+
+def test_na_like_texts_are_ids_and_an_empty_field_is_missing(tmp_path):
+    names = ["NA", "None", "null", "nan", "N/A", "NaN"]
+    curriculum = tmp_path / "c.csv"
+    curriculum.write_text("run,step,example,lr\n" + "".join(f"NA,1,{name},\n" for name in names))
+    losses = tmp_path / "l.csv"
+    losses.write_text("run,step,test,loss\n" + "".join(f"NA,{step},{test},1.5\n" for step in (0, 1)
+                                                          for test in ("None", "null")))
+    imported = import_tables(curriculum, losses)
+    assert imported.run_names == ["NA"] and sorted(imported.pool_ids) == sorted(names)
+    assert imported.test_ids == ["None", "null"] and np.isnan(imported["NA"].learning_rates).all()
+    curriculum.write_text("run,step,example\nNA,1,\n")
+    expect_error(curriculum, losses, tmp_path / "o", "missing example id")
+    curriculum.write_text("run,step,example\nNA,1,a\n")
+    losses.write_text("run,step,test,loss\nNA,0,x,NA\n")
+    expect_error(curriculum, losses, tmp_path / "o", "run 'NA', step 0, test 'x'", "not finite")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[" + "9" * 5000 + "]",
+                                  '{"id": ' + "7" * 5000 + ', "loss_trajectory": []}'])
+def test_deep_or_huge_json_is_one_import_error(tmp_path, text):
+    path = tmp_path / "all_loss_trajectory.out"
+    path.write_text(text)
+    with pytest.raises(ImportTableError) as info:
+        read_gptdynamics_losses(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    table = tmp_path / "c.json"
+    table.write_text(text)
+    with pytest.raises(ImportTableError):
+        import_tables(table, table)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from simfluence.simulators import SimfluenceLinear
-from simfluence.simulators.loo import linear_loo
 from simfluence.synthetic import known_linear_runset
 
 VARIANTS = [
@@ -36,7 +35,7 @@ def test_loo_equals_brute_force(runset, variant, step):
     sim = SimfluenceLinear(lam=1.0, **variant).fit(runset)
     curriculum = runset[0].curriculum.duplicate(3, step=5)  # a repeated id within one batch too
     initial = runset[0].initial_losses
-    fast = linear_loo(sim, curriculum, initial, step=step)
+    fast = sim.leave_one_out(curriculum, initial, step=step)
     brute = _brute_force(sim, curriculum, initial, 30 if step is None else step)
     np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-8 * max(1.0, np.abs(brute).max()))
     assert np.abs(brute).max() > 1e-3  # the check is not vacuous
@@ -48,12 +47,12 @@ def test_loo_is_exact_with_zero_and_negative_alpha(runset, alpha_scale):
     sim.A_ = sim.A_ * alpha_scale  # alpha = 0 everywhere, or negative: no division, no log
     curriculum, initial = runset[1].curriculum, runset[1].initial_losses
     with np.errstate(all="raise"):
-        fast = linear_loo(sim, curriculum, initial)
+        fast = sim.leave_one_out(curriculum, initial)
     np.testing.assert_allclose(fast, _brute_force(sim, curriculum, initial, 30), atol=1e-8)
 
 
 def test_loo_of_absent_examples_is_zero(runset):
     sim = SimfluenceLinear(lam=1.0).fit(runset)
     curriculum = runset[0].curriculum.keep_only(range(10))
-    effects = linear_loo(sim, curriculum, runset[0].initial_losses)
+    effects = sim.leave_one_out(curriculum, runset[0].initial_losses)
     assert np.all(effects[10:] == 0) and np.any(effects[:10] != 0)

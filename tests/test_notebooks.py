@@ -4,7 +4,8 @@ Each notebook is executed in memory (the committed file and its saved outputs ar
 kernel started from notebooks/, as a reader opening it in Jupyter would. The kernel runs the interpreter
 running the tests, so the notebooks exercise the library under test: a "python3" kernel spec pointing at
 ``sys.executable`` is written to a temporary folder that ``JUPYTER_PATH`` puts ahead of any other
-"python3" kernel installed for the user or the system. Needs the ``dev`` extra (nbclient, ipykernel).
+"python3" kernel installed for the user or the system. Needs the ``dev`` extra (nbclient, ipykernel): a
+missing one fails these tests instead of skipping them, so an incomplete environment cannot pass unseen.
 """
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from pathlib import Path
 
 import pytest
 
-nbclient = pytest.importorskip(
-    "nbclient", reason="nbclient is not installed: notebooks not executed (pip install -e '.[dev]')"
-)
-import nbformat  # noqa: E402  (installed with nbclient)
+try:
+    import ipykernel  # noqa: F401  (the kernel the notebooks run in)
+    import nbclient
+    import nbformat
+except ImportError as error:  # reported by every test below, not at collection (other modules still run)
+    nbclient = nbformat = None
+    MISSING = f"{error}; install the dev extra: pip install -e '.[dev]' (make test does)"
+else:
+    MISSING = None
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -32,12 +38,18 @@ def venv_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return KERNEL_NAME
 
 
+def test_notebook_runner_is_installed():
+    assert MISSING is None, MISSING
+
+
 def test_notebooks_exist():
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
 def test_notebook_runs_without_errors(notebook: Path, venv_kernel: str):
+    if MISSING is not None:
+        pytest.fail(MISSING)
     nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name=venv_kernel, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}

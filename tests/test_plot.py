@@ -1,4 +1,5 @@
-"""Plots draw what the evaluation holds, skip unlogged steps, write PNGs atomically and leave pyplot alone."""
+"""Plots draw what the evaluation or what-if result holds, skip unlogged steps, write PNGs atomically and leave
+pyplot alone."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -14,7 +15,10 @@ from simfluence.apps.plot import (
     plot_final_scatter,
     plot_report,
     plot_trajectories,
+    plot_whatif,
 )
+from simfluence.counterfactual import WhatIf
+from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.evaluation import Evaluation
 
@@ -124,11 +128,32 @@ def test_final_scatter_has_one_panel_per_method_with_every_run_and_test(evaluati
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 
-def test_final_scatter_falls_back_to_linear_axes_for_non_positive_values(evaluation):
+def test_final_scatter_falls_back_to_linear_axes_in_a_panel_with_non_positive_values(evaluation):
     predicted = dict(evaluation.predicted)
     predicted["linear"] = predicted["linear"] - 5.0
     fig = plot_final_scatter(predicted, evaluation.actual, evaluation.mask)
-    assert {ax.get_xscale() for ax in visible_axes(fig)} == {"linear"}
+    scales = {name: (ax.get_xscale(), ax.get_yscale()) for name, ax in zip(METHODS, visible_axes(fig), strict=True)}
+    assert scales == {"mean_curve": ("log", "log"), "additive": ("log", "log"), "linear": ("linear", "linear")}
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_final_scatter_gives_each_panel_its_own_range_with_its_diagonal(evaluation, log):
+    final = evaluation.actual[0, -1]
+    wild = evaluation.predicted["mean_curve"].copy()
+    wild[0, -1, :2] = 1e3 * final[:2]  # two outliers, far above every other point
+    predicted = {"close": evaluation.predicted["linear"], "wild": wild}
+    fig = plot_final_scatter(predicted, evaluation.actual, evaluation.mask, log=log)
+    close_ax, wild_ax = visible_axes(fig)
+    assert close_ax.get_xlim()[1] < wild_ax.get_xlim()[1] / 50
+    for ax in (close_ax, wild_ax):
+        (points,) = ax.collections
+        x, y = np.asarray(points.get_offsets()).T
+        (low, high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()
+        assert (low, high) == (y_low, y_high)
+        assert low < x.min() and x.max() < high and low < y.min() and y.max() < high
+        (diagonal,) = ax.get_lines()
+        np.testing.assert_array_equal(diagonal.get_xdata(), [low, high])
+        np.testing.assert_array_equal(diagonal.get_ydata(), [low, high])
 
 
 def test_error_over_steps_averages_only_logged_entries(evaluation):
@@ -160,3 +185,68 @@ def test_plots_reject_mismatched_or_empty_inputs(evaluation):
         plot_trajectories(evaluation.predicted, evaluation.actual, evaluation.mask, run=3)
     with pytest.raises(SimfluenceError, match="no trajectories"):
         plot_report(Evaluation(metrics={}, train_runs=[], heldout_runs=[]), "unused")
+
+
+def make_whatif(test_ids: list) -> WhatIf:
+    """A base and two scenarios over 10 steps and 8 test examples; scenario "drop" lowers test j by 0.1 j."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(1.0, 2.0, size=(1, 1, N_TEST)) * np.exp(-0.1 * np.arange(11))[None, :, None]
+    drop = base - 0.1 * np.arange(N_TEST) * np.linspace(0.0, 1.0, 11)[None, :, None]
+    rev = base + rng.normal(0.0, 0.01, size=base.shape)
+    curriculum = Curriculum.from_batches([[step % 5, 5] for step in range(10)])
+    return WhatIf(
+        names=["base", "drop", "rev"],
+        curricula=[curriculum, curriculum.remove([5]), curriculum.reverse()],
+        trajectories=np.concatenate([base, drop, rev]),
+        test_ids=test_ids,
+    )
+
+
+def test_whatif_draws_every_scenario_of_the_chosen_tests_as_given(tmp_path):
+    whatif = make_whatif([f"t{j}" for j in range(N_TEST)])
+    path = tmp_path / "whatif.png"
+    fig = plot_whatif(whatif, tests=["t3", "t0"], path=path)
+    axes = visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["test t3", "test t0"]
+    for ax, column in zip(axes, (3, 0), strict=True):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == whatif.names
+        for line, trajectory in zip(lines, whatif.trajectories[:, :, column], strict=True):
+            np.testing.assert_array_equal(line.get_xdata(), np.arange(11))
+            np.testing.assert_array_equal(line.get_ydata(), trajectory)
+        base = lines[0]
+        assert base.get_color() == "black" and base.get_linestyle() == "-"
+        assert all(line.get_color() != "black" for line in lines[1:])
+        assert ax.get_xlabel() == "step"
+    assert axes[0].get_ylabel() == "predicted test loss"
+    assert len(fig.legends) == 1
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == whatif.names
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["whatif.png"]
+
+
+def test_whatif_defaults_to_the_six_tests_whose_final_loss_changes_most():
+    fig = plot_whatif(make_whatif(list(range(100, 100 + N_TEST))))
+    assert [ax.get_title() for ax in visible_axes(fig)] == [f"test {100 + j}" for j in (7, 6, 5, 4, 3, 2)]
+
+
+def test_whatif_draws_the_logged_base_run_as_dots_at_its_logged_steps():
+    whatif = make_whatif([])
+    actual = whatif.trajectories[0] + 0.05
+    actual[1::2] = np.nan
+    fig = plot_whatif(whatif, tests=[2], actual=actual)
+    (ax,) = visible_axes(fig)
+    assert ax.get_title() == "test 2"  # no test ids: positions serve as ids
+    dots = ax.get_lines()[-1]
+    assert dots.get_linestyle() == "None" and dots.get_marker() == "o"
+    np.testing.assert_array_equal(dots.get_xdata(), np.arange(0, 11, 2))
+    np.testing.assert_array_equal(dots.get_ydata(), actual[::2, 2])
+    assert "actual" in dots.get_label()
+
+
+def test_whatif_rejects_an_unknown_test_id_by_name():
+    whatif = make_whatif([f"t{j}" for j in range(N_TEST)])
+    with pytest.raises(SimfluenceError, match="t99"):
+        plot_whatif(whatif, tests=["t1", "t99"])
+    with pytest.raises(SimfluenceError, match="shape"):
+        plot_whatif(whatif, actual=np.ones((11, N_TEST + 1)))

@@ -62,6 +62,26 @@ def test_same_seed_gives_identical_losses_in_process_and_across_workers(tmp_path
         np.testing.assert_allclose(a.losses, c.losses, rtol=0, atol=1e-6)
 
 
+def test_initial_weights_come_from_the_tasks_init_seed_unless_given(tmp_path, curricula):
+    task = digits_task(pool_size=POOL, test_size=TEST, n_steps=STEPS)
+    task.init_seed = 5
+    own = generate_runs(task, curricula[:1], tmp_path / "own", workers=1, progress=False)
+    task.init_seed = 0
+    given = generate_runs(task, curricula[:1], tmp_path / "given", init_seed=5, workers=1, progress=False)
+    zero = generate_runs(task, curricula[:1], tmp_path / "zero", workers=1, progress=False)
+    assert own.metadata["generator"]["init_seed"] == 5 and zero.metadata["generator"]["init_seed"] == 0
+    assert np.array_equal(own[0].losses, given[0].losses)
+    assert not np.array_equal(own[0].initial_losses, zero[0].initial_losses)
+
+
+def test_run_seeds_can_be_given_per_run(tmp_path, task, curricula):
+    runs = generate_runs(task, curricula, tmp_path / "rs", seeds=[11, 12, 13], workers=1, progress=False)
+    assert [run.metadata["seed"] for run in runs] == [11, 12, 13]
+    with pytest.raises(RunLogError, match="2 seeds for 3 curricula"):
+        generate_runs(task, curricula, tmp_path / "other", seeds=[1, 2], workers=1, progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_rerun_redoes_only_incomplete_runs(tmp_path, task, curricula):
     out = tmp_path / "rs"
     first = generate_runs(task, curricula, out, workers=1, progress=False)

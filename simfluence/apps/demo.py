@@ -13,9 +13,9 @@ from pathlib import Path
 
 from simfluence.apps.report import write_report
 from simfluence.evaluation import evaluate
+from simfluence.methods import DEFAULT_METHODS
 from simfluence.metrics import format_table
 from simfluence.runlog import RunSet
-from simfluence.simulators import DEFAULT_METHODS
 
 HOLDOUT = 8
 GRADIENT_METHODS = ("tracin", "tracin_cos", "influence", "trackstar")

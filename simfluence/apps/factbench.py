@@ -6,16 +6,17 @@ corpus's gold labels (documents stating the query's exact triple):
 
 - ``bm25``: lexical retrieval (``bm25s``, Lucene BM25) of the query's full statement (prompt + target) among
   the document texts: the baseline FTRACE and TrackStar find hard to beat at *attribution*;
-- ``tracin``: TracIn-CP gradient dot products over the saved checkpoints of one run (learning-rate weighted);
-- ``cosine``: the same with gradient cosines;
-- ``trackstar``: TrackStar-style features (Adam second-moment correction, random projection, mixed
-  task-specific Hessian, unit norm) at that run's final checkpoint; the ablations ``trackstar-no-opt``,
-  ``trackstar-no-hessian``, ``trackstar-train-hessian`` and ``trackstar-no-unit`` switch one step off;
-- ``simfluence``: the learned simulator's influence. A Simfluence simulator (``linear_mom`` by default) is
-  fitted on the run set's runs; a document's score for a query is its leave-one-out effect on the query's
-  *final* loss (:func:`~simfluence.counterfactual.loo_effects`), **averaged over the runs whose curriculum
-  contains it** (each run trains on a random half of the documents, so one base run would leave half the
-  documents unscored); a document in no run scores ``-inf``.
+- any method of the registry (:data:`simfluence.methods.METHODS`), by the same name as everywhere else:
+  - the gradient methods score from the saved checkpoints of one run: ``tracin`` (TracIn-CP gradient dot
+    products, learning-rate weighted over the checkpoints), ``tracin_cos`` (gradient cosines), ``trackstar``
+    (Adam second-moment correction, random projection, mixed task-specific Hessian, unit norm, at the final
+    checkpoint) and its ablations ``trackstar_no_opt``, ``trackstar_no_hessian``, ``trackstar_train_hessian``,
+    ``trackstar_no_unit``;
+  - a learned simulator (``linear_mom``, ``linear``, ...) is fitted on the run set's runs; a document's score
+    for a query is its leave-one-out effect on the query's *final* loss
+    (:func:`~simfluence.counterfactual.loo_effects`), **averaged over the runs whose curriculum contains it**
+    (each run trains on a random half of the documents, so one base run would leave half the documents
+    unscored); a document in no run scores ``-inf``.
 
 Metrics, per query (``retrieval_metrics``, vectorised over queries), then averaged overall and per frequency
 bucket: ``mrr`` (reciprocal rank of the first gold document), ``recall@10`` (TrackStar's hit rate: at
@@ -45,19 +46,12 @@ import torch
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 
-__all__ = ["METHODS", "TRACKSTAR_VARIANTS", "bm25_scores", "candidate_mask", "format_factbench", "gold_matrix",
+__all__ = ["DEFAULT_METHODS", "bm25_scores", "candidate_mask", "format_factbench", "gold_matrix",
            "method_scores", "rank_positions", "retrieval_metrics", "run_factbench", "simfluence_scores",
            "tail_patch_deltas"]
 
-TRACKSTAR_VARIANTS: dict[str, dict] = {
-    "trackstar": {},
-    "trackstar-no-opt": {"optimizer_correction": False},
-    "trackstar-no-hessian": {"hessian": "none"},
-    "trackstar-train-hessian": {"hessian": "train"},
-    "trackstar-no-unit": {"unit_normalize": False},
-}
-METHODS = ("bm25", "tracin", "cosine", *TRACKSTAR_VARIANTS, "simfluence")
-DEFAULT_METHODS = ("bm25", "tracin", "cosine", "trackstar", "simfluence")
+BASELINES = ("bm25",)  # retrieval baselines of this benchmark; every other method comes from the registry
+DEFAULT_METHODS = ("bm25", "tracin", "tracin_cos", "trackstar", "linear_mom")
 METRICS = ("mrr", "recall@10", "strict_recall@10", "precision@10")
 
 
@@ -153,44 +147,47 @@ def simfluence_scores(runset: RunSet, method: str = "linear_mom", runs: Sequence
     mean over the runs that contain it (``-inf`` if none does).
     """
     from simfluence.counterfactual import loo_effects
-    from simfluence.simulators import make_simulator
+    from simfluence.methods import make_simulator
 
     if simulator is None:
         simulator = make_simulator(method).fit(runset)
     total = np.zeros((runset.n_pool, runset.n_test))
     count = np.zeros(runset.n_pool)
     for index in range(len(runset)) if runs is None else runs:
-        run = runset[index]
-        lrs = run.learning_rates if np.isfinite(run.learning_rates).all() else None
-        effects = loo_effects(simulator, run.curriculum, run.initial_losses, lrs)
+        effects = loo_effects(simulator, runset[index])
         total[effects.present] += effects.effects[effects.present]
         count += effects.present
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count[:, None] > 0, total / count[:, None], -np.inf)
 
 
-def method_scores(method: str, runset: RunSet, corpus: dict, run: int = 0, simulator_method: str = "linear_mom",
-                  projection_dim: int = 1024, seed: int = 0, task=None) -> np.ndarray:
+def _check_method(method: str) -> None:
+    from simfluence.methods import METHODS
+
+    if method not in BASELINES and (method not in METHODS or "scores" in METHODS[method].needs):
+        known = ", ".join([*BASELINES, *(name for name, entry in METHODS.items() if "scores" not in entry.needs)])
+        raise SimfluenceError(f"unknown fact-tracing method {method!r}; choose from {known}")
+
+
+def method_scores(method: str, runset: RunSet, corpus: dict, run: int = 0, projection_dim: int = 1024,
+                  seed: int = 0, task=None) -> np.ndarray:
     """(n_docs, n_queries) scores of one method (see the module docstring for the methods)."""
+    from simfluence.methods import METHODS
+
+    _check_method(method)
     if method == "bm25":
         return bm25_scores([doc["text"] for doc in corpus["documents"]], query_statements(corpus))
-    if method == "simfluence":
-        return simfluence_scores(runset, simulator_method)
-    if method not in METHODS:
-        raise SimfluenceError(f"unknown fact-tracing method {method!r}; choose from {', '.join(METHODS)}")
-    from simfluence.attribution import load_checkpoints, tracin_scores, trackstar_scores
-    from simfluence.workloads.facts import facts_task_from_runset
-
-    task = facts_task_from_runset(runset) if task is None else task
-    checkpoints = load_checkpoints(runset, run)
-    model = task.make_model(0)
-    examples = (task.pool_inputs, task.pool_targets, task.test_inputs, task.test_targets)
-    if method in ("tracin", "cosine"):
-        return tracin_scores(model, task.loss_fn, *examples, checkpoints,
-                             variant="dot" if method == "tracin" else "cosine", dtype=torch.float32)
-    # large chunks: the projection matrix is regenerated page by page for every chunk of examples
-    return trackstar_scores(model, task.loss_fn, *examples, checkpoints[-1:], projection_dim=projection_dim,
-                            seed=seed, chunk_size=256, **TRACKSTAR_VARIANTS[method])
+    entry = METHODS[method]
+    if "task" not in entry.needs:
+        return simfluence_scores(runset, method)
+    simulator = entry.build()
+    options = simulator.get_params()
+    if "time_varying" in options:  # TracIn-CP: one learning-rate-weighted matrix over the checkpoints
+        simulator.set_params(time_varying=False)
+    if "projection_dim" in options:  # large chunks: the projection is regenerated page by page for every chunk
+        simulator.set_params(projection_dim=projection_dim, seed=seed, chunk_size=256)
+    scores, _ = simulator.compute_scores(runset, run, task=task)
+    return scores[-1]
 
 
 # --------------------------------------------------------------------------------------------- tail-patch
@@ -236,7 +233,6 @@ def run_factbench(
     runset: RunSet,
     methods: Sequence[str] = DEFAULT_METHODS,
     run: int = 0,
-    simulator_method: str = "linear_mom",
     k: int = 10,
     candidates: bool = True,
     tail_patch: bool = True,
@@ -244,6 +240,7 @@ def run_factbench(
     projection_dim: int = 1024,
     seed: int = 0,
     echo: Callable[[str], None] | None = None,
+    task=None,
 ) -> pd.DataFrame:
     """Score every method on every query and tabulate the retrieval metrics overall and per frequency bucket.
 
@@ -251,9 +248,8 @@ def run_factbench(
     ----------
     runset : a ``facts`` run set loaded from disk (its folder holds the corpus; gradient methods need
         checkpoints of run ``run``).
-    methods : names from :data:`METHODS`.
+    methods : ``bm25`` or names of :data:`simfluence.methods.METHODS`.
     run : the run whose checkpoints the gradient methods use.
-    simulator_method : the Simfluence simulator behind ``simfluence``.
     k : the cut-off of recall / precision.
     candidates : also report FTRACE's candidate-set reranking (setting ``candidates``).
     tail_patch : also report the tail-patch score of each method's top ``k``.
@@ -261,6 +257,8 @@ def run_factbench(
     projection_dim : TrackStar's projection dimension.
     seed : seed of the projection and of the random candidates.
     echo : progress messages (e.g. ``click.echo``).
+    task : the run set's :class:`~simfluence.task.Task` (or ``"file.py:function"``); default: rebuilt from
+        the facts run set.
 
     Returns
     -------
@@ -268,21 +266,20 @@ def run_factbench(
     [, tail_patch], seconds`` with ``setting`` in ``full`` / ``candidates`` and ``bucket`` in ``all``, ``1``,
     ``2``, ``4``, ``8``; ``seconds`` is the time to score the method.
     """
+    from simfluence.methods import METHODS
+    from simfluence.task import task_for_runset
     from simfluence.workloads.facts import load_corpus
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SimfluenceError(f"unknown fact-tracing method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    for method in methods:
+        _check_method(method)
     say = echo or (lambda _message: None)
     corpus = load_corpus(runset)
     if len(corpus["documents"]) != runset.n_pool or len(corpus["queries"]) != runset.n_test:
         raise SimfluenceError(f"the corpus of run set {str(runset.path)!r} does not match its pool / test sizes")
     gold = gold_matrix(corpus)
     buckets = np.array([q["frequency"] for q in corpus["queries"]])
-    task = None
-    if tail_patch or any(m not in ("bm25", "simfluence") for m in methods):
-        from simfluence.workloads.facts import facts_task_from_runset
-        task = facts_task_from_runset(runset)
+    if tail_patch or any(method in METHODS and "task" in METHODS[method].needs for method in methods):
+        task = task_for_runset(runset, task)
 
     bm25 = method_scores("bm25", runset, corpus)
     settings = {"full": None}
@@ -300,7 +297,6 @@ def run_factbench(
     for method in methods:
         started = time.perf_counter()
         scores = bm25 if method == "bm25" else method_scores(method, runset, corpus, run=run,
-                                                             simulator_method=simulator_method,
                                                              projection_dim=projection_dim, seed=seed, task=task)
         seconds = time.perf_counter() - started
         say(f"{method}: scored in {seconds:.1f}s")

@@ -1,15 +1,17 @@
-"""Pictures of simulated vs real training runs: trajectories, final losses, error over steps.
+"""Pictures of simulated vs real training runs: trajectories, final losses, error over steps, what-ifs.
 
-This module reads results (the arrays of an :class:`~simfluence.evaluation.Evaluation`) and draws;
-it never fits or rolls out anything. Every function builds a :class:`matplotlib.figure.Figure`
-directly, without pyplot, so no global figure state is created and no interactive backend is needed;
-PNGs are written atomically (temp file in the same folder, then rename).
+This module reads results (the arrays of an :class:`~simfluence.evaluation.Evaluation` or a
+:class:`~simfluence.counterfactual.WhatIf`) and draws; it never fits or rolls out anything. Every
+function builds a :class:`matplotlib.figure.Figure` directly, without pyplot, so no global figure state
+is created and no interactive backend is needed; PNGs are written atomically (temp file in the same
+folder, then rename).
 
 Conventions shared by every plot: ``predicted`` maps method names to ``(n_runs, T + 1, n_test)``
 rolled-out losses, ``actual`` is ``(n_runs, T + 1, n_test)`` logged losses (NaN where not logged) and
 ``mask`` ``(n_runs, T + 1)`` says which steps each run logged (default: every non-NaN step). Index
 ``t`` along axis 1 is the loss after step ``t`` (0: before training). Each method keeps one colour in
-every plot (:func:`method_styles`); the ``mean_curve`` baseline is grey and dashed.
+every plot (:func:`method_styles`); the ``mean_curve`` baseline is grey and dashed. :func:`plot_whatif`
+draws one rollout per scenario instead, ``(n_scenarios, T + 1, n_test)``, addressed by external test ids.
 """
 from __future__ import annotations
 
@@ -17,15 +19,20 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from simfluence._io import atomic_write_bytes
 from simfluence.errors import SimfluenceError
+from simfluence.ids import IdIndex
 from simfluence.metrics import trajectory_metrics
+
+if TYPE_CHECKING:
+    from simfluence.counterfactual import WhatIf
 
 DPI = 120
 BASELINE = "mean_curve"
@@ -225,6 +232,48 @@ def plot_trajectories(
     return fig
 
 
+def _square_limits(values: np.ndarray, log: bool) -> tuple[bool, tuple[float, float]]:
+    """Whether a scatter panel is log-log, and its (low, high) limits for both axes.
+
+    Parameters
+    ----------
+    values : (n,) every coordinate the panel plots (x and y together); non-finite ones are ignored.
+    log : whether log axes are wanted; granted only when every finite value is positive.
+
+    Returns
+    -------
+    log : the scale to use.
+    limits : (low, high), padded by a factor 1.3 on log axes or 5 % of the range on linear ones.
+    """
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return False, (0.0, 1.0)
+    if log and values.min() > 0:
+        return True, (float(values.min()) / 1.3, float(values.max()) * 1.3)
+    pad = 0.05 * (float(values.max() - values.min()) or max(abs(float(values.max())), 1.0))
+    return False, (float(values.min()) - pad, float(values.max()) + pad)
+
+
+def _plain_log_labels(ax: Axes, span: float) -> None:
+    """Plain-number tick labels (``0.2``, ``1``, ``50``) on both log axes of a square scatter panel.
+
+    A panel spanning less than 100x also labels some minor ticks (at 2 and 5 times a power of ten; below
+    8x at 2, 3, 4, 5, 6 and 8 times), so that a narrow panel is not left with one label or none.
+    """
+    labelled = (2, 3, 4, 5, 6, 8) if span < 8 else (2, 5) if span < 100 else ()
+
+    def plain(value: float, _position: int) -> str:
+        return f"{value:g}"
+
+    def minor(value: float, _position: int) -> str:
+        mantissa = int(np.round(value / 10.0 ** np.floor(np.log10(value) + 1e-9)))
+        return f"{value:g}" if mantissa in labelled else ""
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(plain))
+        axis.set_minor_formatter(FuncFormatter(minor))
+
+
 def plot_final_scatter(
     predicted: Mapping[str, np.ndarray],
     actual: np.ndarray,
@@ -240,29 +289,21 @@ def plot_final_scatter(
     actual : (n_runs, T + 1, n_test) logged losses, NaN where not logged.
     mask : (n_runs, T + 1) True where logged; default where ``actual`` is finite. A run's final loss is
         the one at its last logged step.
-    log : log-log axes, applied only when every plotted value is positive.
+    log : log-log axes for each panel whose plotted values are all positive (the others stay linear).
     path : optional PNG file to write.
 
     Returns
     -------
-    fig : one panel per method with the y = x diagonal and shared limits; each title gives the method, its
-        final-step MSE and ``rho_final`` (Spearman across test examples, averaged over runs), the same
-        numbers as :func:`simfluence.metrics.trajectory_metrics`.
+    fig : one panel per method with the y = x diagonal; each panel has its own square limits covering
+        its points (the same range on both axes), so one method's outliers do not squash another's
+        points into a corner. Each title gives the method, its final-step MSE and ``rho_final``
+        (Spearman across test examples, averaged over runs), the same numbers as
+        :func:`simfluence.metrics.trajectory_metrics`.
     """
     predicted, actual, mask = _check_inputs(predicted, actual, mask)
     take = _final_steps(mask)[:, None, None]
     actual_final = np.take_along_axis(actual, take, axis=1)[:, 0]
     finals = {name: np.take_along_axis(values, take, axis=1)[:, 0] for name, values in predicted.items()}
-    everything = np.concatenate([actual_final.ravel(), *(values.ravel() for values in finals.values())])
-    everything = everything[np.isfinite(everything)]
-    log = bool(log) and everything.size > 0 and everything.min() > 0
-    if everything.size == 0:
-        low, high = 0.0, 1.0
-    elif log:
-        low, high = everything.min() / 1.3, everything.max() * 1.3
-    else:
-        pad = 0.05 * (everything.max() - everything.min() or 1.0)
-        low, high = everything.min() - pad, everything.max() + pad
 
     styles = method_styles(list(predicted))
     cols = len(predicted) if len(predicted) <= 3 else int(np.ceil(np.sqrt(len(predicted))))
@@ -271,12 +312,14 @@ def plot_final_scatter(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, values) in zip(axes.flat, finals.items(), strict=False):
         scores = trajectory_metrics(predicted[name], actual, mask=mask)
+        panel_log, (low, high) = _square_limits(np.concatenate([actual_final.ravel(), values.ravel()]), log)
         ax.plot([low, high], [low, high], color="0.6", linewidth=1, linestyle=":", zorder=1)
         point_style = {"s": 9, "alpha": 0.5, "color": styles[name]["color"], "edgecolors": "none"}
         ax.scatter(actual_final.ravel(), values.ravel(), zorder=2, **point_style)
-        if log:
+        if panel_log:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            _plain_log_labels(ax, high / low)
         ax.set_xlim(low, high)
         ax.set_ylim(low, high)
         ax.set_title(f"{name}\nMSE {scores['final_mse']:.3g}, Spearman \u03c1 {scores['rho_final']:.3f}", fontsize=10)
@@ -425,5 +468,86 @@ def plot_verification(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("Counterfactual curricula: predicted vs retrained (change against the base curriculum)")
+    _save(fig, path)
+    return fig
+
+
+def plot_whatif(
+    whatif: WhatIf,
+    tests: Sequence | None = None,
+    actual: np.ndarray | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Predicted loss trajectories of every what-if scenario, one small panel per test example.
+
+    Parameters
+    ----------
+    whatif : a :class:`~simfluence.counterfactual.WhatIf` result: ``names`` (n_scenarios,) with ``"base"``
+        first, ``trajectories`` (n_scenarios, T + 1, n_test) predicted losses, ``test_ids`` (n_test,)
+        external test ids (empty: column positions serve as ids).
+    tests : external test ids to show; default the (up to) 6 whose predicted final loss changes most
+        against the base in any scenario, largest change first.
+    actual : (T_base + 1, n_test) logged losses of the base run (T_base <= T), drawn as dots; NaN where
+        not logged.
+    path : optional PNG file to write.
+
+    Returns
+    -------
+    fig : one panel per test example with a line per scenario (the base black and solid), one legend for
+        the figure. A panel whose losses span more than 50x uses a log y-axis.
+    """
+    trajectories = np.asarray(whatif.trajectories, dtype=float)
+    names = [str(name) for name in whatif.names]
+    if trajectories.ndim != 3 or trajectories.shape[0] == 0:
+        raise SimfluenceError(f"what-if trajectories must have shape (n_scenarios, T + 1, n_test), got "
+                              f"{trajectories.shape}")
+    if len(names) != trajectories.shape[0]:
+        raise SimfluenceError(f"what-if result names {len(names)} scenario(s) but holds {trajectories.shape[0]}")
+    n_test = trajectories.shape[2]
+    test_ids = list(whatif.test_ids) if len(whatif.test_ids) else list(range(n_test))
+    if len(test_ids) != n_test:
+        raise SimfluenceError(f"what-if result has {len(test_ids)} test ids for {n_test} test examples")
+    if actual is not None:
+        actual = np.asarray(actual, dtype=float)
+        if actual.ndim != 2 or actual.shape[1] != n_test or actual.shape[0] > trajectories.shape[1]:
+            raise SimfluenceError(f"actual must have shape (at most {trajectories.shape[1]} steps, {n_test} tests), "
+                                  f"got {actual.shape}")
+    if tests is None:
+        change = np.abs(np.asarray(whatif.change, dtype=float)[:, -1])
+        change = np.where(np.isfinite(change), change, 0.0).max(axis=0)
+        columns = np.argsort(-change, kind="stable")[:6]
+    else:
+        columns = IdIndex(test_ids, "test").positions(tests)
+    if columns.size == 0:
+        raise SimfluenceError("no test example to plot")
+
+    steps = np.arange(trajectories.shape[1])
+    styles = {**method_styles(names[1:]), names[0]: {"color": "black", "linestyle": "-"}}
+    rows, cols = _grid(columns.size, 2 if columns.size == 4 else 3)
+    fig = Figure(figsize=(11, 3.0 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, column in zip(axes.flat, columns, strict=False):
+        for index, name in enumerate(names):
+            ax.plot(steps, trajectories[index, :, column], linewidth=2.0 if index == 0 else 1.4, label=name,
+                    zorder=3 if index == 0 else 2, **styles[name])
+        reference = trajectories[0, :, column]
+        if actual is not None:
+            logged = np.flatnonzero(np.isfinite(actual[:, column]))
+            ax.plot(logged, actual[logged, column], color="black", marker="o", markersize=3, linestyle="none",
+                    label="actual (base, logged)", zorder=4)
+            reference = actual[logged, column]
+        _log_scale_if_wide(ax, reference, list(trajectories[:, :, column]))
+        ax.set_title(f"test {_shorten(test_ids[column])}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    for ax in axes.flat[columns.size:]:
+        ax.set_visible(False)
+    for position, ax in enumerate(axes.flat[: columns.size]):
+        if position + cols >= columns.size:  # nothing visible below it
+            ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("predicted test loss")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
+    fig.suptitle(f"Predicted test loss under {len(names) - 1} what-if scenario(s) against {names[0]!r}")
     _save(fig, path)
     return fig

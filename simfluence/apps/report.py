@@ -12,24 +12,11 @@ import numpy as np
 
 from simfluence._io import atomic_write_bytes, atomic_write_json
 from simfluence.evaluation import Evaluation, metrics_json
+from simfluence.methods import METHODS
 from simfluence.metrics import format_markdown_table
 from simfluence.runlog import RunSet
 
 BASELINE = "mean_curve"
-_METHOD_NOTES = {
-    "mean_curve": "baseline: the average training-run loss change, whatever the curriculum",
-    "additive": "Simfluence-Additive (alpha = 1): L_t = L_{t-1} + sum B_i",
-    "linear": "Simfluence-Linear exactly as the paper: L_t = (sum A_i) L_{t-1} + sum B_i, ridge towards 0",
-    "linear_res": "the paper's model with alpha shrunk towards 1 instead of 0",
-    "linear_step": "alpha shrunk towards 1, per-step terms shared across runs, effects scaled by the learning rate",
-    "linear_mom": "linear_step plus a velocity (momentum) term, second-order like the optimizer; mu chosen on "
-    "validation runs",
-    "tracin": "TracIn-CP (gradient dot products x learning rate) as an additive simulator, scale fitted on training "
-    "runs",
-    "tracin_cos": "TracIn-CP with gradient cosine similarity",
-    "influence": "influence functions (Gauss-Newton Hessian + damping, final checkpoint) as an additive simulator",
-    "trackstar": "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity",
-}
 
 
 def verdicts(metrics: dict[str, dict[str, float]], baseline: str = BASELINE) -> list[str]:
@@ -90,7 +77,7 @@ def write_report(
         "",
         "## Methods",
         "",
-        *[f"- `{name}`: {_METHOD_NOTES.get(name, '')}" for name in evaluation.metrics],
+        *[f"- `{name}`: {METHODS[name].description if name in METHODS else ''}" for name in evaluation.metrics],
         "",
     ]
     if extra:

@@ -4,7 +4,11 @@ Starting from a logged run that the simulator never saw, build counterfactual cu
 k pool examples predicted most harmful for a set of target test examples, remove k random examples
 (the control), move the k predicted most helpful examples to the last steps, reverse the order, and the
 curriculum found by the greedy search — then train real models on them (same task, same initial
-weights) and compare the simulator's predicted trajectories with the real ones.
+weights, same run seed) and compare the simulator's predicted trajectories with the real ones.
+
+The model comes from a :class:`~simfluence.task.Task`: the one given (``task=``; a Task of your own, or a
+``file.py:function`` spec), else the built-in workload the run set records
+(:func:`~simfluence.task.task_for_runset`). An imported run set records none, so there a task must be given.
 
 Per edit type: ``all_mse`` of the predicted trajectories, ``rho_change`` (Spearman across test examples
 of predicted vs actual change of the final loss against the retrained base curriculum) and, for the
@@ -14,18 +18,23 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from simfluence.counterfactual import loo_effects, move_all, search_curriculum
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, TaskError
 from simfluence.metrics import spearman
-from simfluence.runlog import RunSet
+from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
+
+if TYPE_CHECKING:
+    from simfluence.task import Task
 
 
 @dataclass
@@ -38,7 +47,8 @@ class Verification:
         target_actual_change``.
     names : curriculum names (``base`` first).
     predicted, actual : (n_curricula, T + 1, n_test) trajectories.
-    tests : target test positions.
+    tests : target test ids.
+    test_columns : their positions (loss columns of ``predicted`` / ``actual``).
     base_reproduction : largest |retrained base - logged base| loss (0 when retraining is deterministic).
     """
 
@@ -46,39 +56,39 @@ class Verification:
     names: list[str]
     predicted: np.ndarray
     actual: np.ndarray
-    tests: list[int]
+    tests: list
+    test_columns: list[int]
     base_reproduction: float = float("nan")
 
 
 def counterfactual_curricula(
     simulator: Simulator,
-    base: Curriculum,
-    initial_losses: np.ndarray,
-    learning_rates: np.ndarray | None,
-    tests: list[int],
+    base: Run,
+    tests: Sequence,
     k: int = 10,
     seed: int = 0,
 ) -> dict[str, Curriculum]:
-    """The edited curricula to verify, by name (``base`` first)."""
-    effects = loo_effects(simulator, base, initial_losses, learning_rates)
+    """The edited curricula to verify, by name (``base`` first); ``tests`` are the target test ids."""
+    effects = loo_effects(simulator, base)
     present = np.flatnonzero(effects.present)
     if present.size <= k:
         raise SimfluenceError(f"the base curriculum uses only {present.size} examples; choose k < {present.size}")
-    score = effects.effects[:, tests].mean(axis=1)  # > 0: removing raises the targets' loss (helpful)
+    score = effects.scores(tests)  # > 0: removing raises the targets' loss (helpful)
     order = present[np.argsort(score[present], kind="stable")]
     harmful, helpful = order[:k], order[::-1][:k]
     rng = np.random.default_rng(seed)
     random_ids = rng.choice(present, size=k, replace=False)
-    moved = base
+    curriculum = base.curriculum
+    moved = curriculum
     for rank, example in enumerate(helpful):  # every occurrence of a helpful example goes to one of the last 4 steps
-        moved = move_all(moved, int(example), base.n_steps - rank % 4)
-    searched = search_curriculum(simulator, base, initial_losses, tests, drop=k, learning_rates=learning_rates)
+        moved = move_all(moved, int(example), curriculum.n_steps - rank % 4)
+    searched = search_curriculum(simulator, base, tests, drop=k)
     return {
-        "base": base,
-        f"remove {k} most harmful": base.remove(harmful.tolist()),
-        f"remove {k} random (control)": base.remove(random_ids.tolist()),
+        "base": curriculum,
+        f"remove {k} most harmful": curriculum.remove(harmful.tolist()),
+        f"remove {k} random (control)": curriculum.remove(random_ids.tolist()),
         f"move {k} most helpful to the end": moved,
-        "reverse order": base.reverse(),
+        "reverse order": curriculum.reverse(),
         f"searched (drop <= {k})": searched.curriculum,
     }
 
@@ -87,45 +97,79 @@ def verify_counterfactuals(
     simulator: Simulator,
     runset: RunSet,
     run: int | str,
-    tests: list[int],
+    tests: Sequence,
     k: int = 10,
     out: str | os.PathLike | None = None,
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    task: Task | str | None = None,
 ) -> Verification:
     """Train real runs on counterfactual curricula of ``run`` and score the simulator's predictions.
+
+    Every retrained run starts from the run set's initial weights (the init seed its generator recorded,
+    else ``task.init_seed``) and uses the torch seed the base run was logged with (its ``metadata["seed"]``,
+    else ``init_seed + 1``), so retraining the unedited base reproduces the log (``base_reproduction``).
 
     Parameters
     ----------
     simulator : fitted on runs that exclude ``run``.
-    runset : a run set of a built-in workload (its task is rebuilt from the manifest).
+    runset : the logged (or imported) runs.
     run : the base run (position or name).
-    tests : target test positions for the harmful/helpful edits and the search.
+    tests : target test ids for the harmful/helpful edits and the search.
     k : examples per edit.
-    out : folder for the retrained runs (default: a temporary folder, removed afterwards).
+    out : folder for the retrained runs (default: a temporary folder, removed afterwards); created only
+        when training starts.
+    seed : seed of the random (control) edit.
+    workers : training processes (see :func:`~simfluence.workloads.generator.generate_runs`).
+    progress : show a progress bar.
+    task : the runs' task (a Task or ``file.py:function``); default: the built-in workload the run set records.
+
+    Raises
+    ------
+    TaskError : no task given and the run set records none, the task lacks an id of the run set, or its
+        learning-rate schedule differs from the one the base run logged.
     """
-    from simfluence.workloads import generate_runs, task_from_runset
-    from simfluence.workloads.generator import generator_init_seed
+    from simfluence.task import task_for_runset
+    from simfluence.workloads.generator import generate_runs
 
     base_run = runset[run]
-    task = task_from_runset(runset)
+    task = task_for_runset(runset, task)
+    recorded_seed = (runset.metadata.get("generator") or {}).get("init_seed")
+    init_seed = task.init_seed if recorded_seed is None else int(recorded_seed)
+    run_seed = int(base_run.metadata.get("seed", init_seed + 1))
+    _check_schedule(task, base_run)
     lrs = base_run.learning_rates if np.isfinite(base_run.learning_rates).all() else None
     initial = base_run.initial_losses
-    curricula = counterfactual_curricula(simulator, base_run.curriculum, initial, lrs, tests, k, seed)
+    columns = [int(i) for i in simulator.test_index.positions(tests)]
+    curricula = counterfactual_curricula(simulator, base_run, tests, k, seed)
     names = list(curricula)
     predicted = simulator.simulate(list(curricula.values()), initial, None if lrs is None else [lrs] * len(names))
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out) if out is not None else Path(scratch) / "verify"
         retrained = generate_runs(task, list(curricula.values()), folder,
-                                  names=[f"cf-{i:02d}" for i in range(len(names))],
-                                  init_seed=generator_init_seed(runset), workers=workers, progress=progress,
+                                  names=[f"cf-{i:02d}" for i in range(len(names))], init_seed=init_seed,
+                                  seeds=[run_seed] * len(names), workers=workers, progress=progress,
                                   overwrite=True)
         actual = np.stack([np.asarray(r.losses, dtype=np.float64) for r in retrained])
     logged, _ = base_run.dense_losses()
     reproduction = float(np.nanmax(np.abs(actual[0] - logged)))
-    return Verification(_fidelity(names, predicted, actual, tests), names, predicted, actual, list(tests),
-                        reproduction)
+    return Verification(_fidelity(names, predicted, actual, columns), names, predicted, actual,
+                        simulator.test_index.ids_of(columns), columns, reproduction)
+
+
+def _check_schedule(task: Task, run: Run) -> None:
+    """The task's learning rates must be the ones the run logged (where it logged them), else retraining differs."""
+    logged = np.asarray(run.learning_rates, dtype=np.float64)
+    steps = np.flatnonzero(np.isfinite(logged)) + 1
+    if steps.size == 0:
+        return
+    rates = np.array([float(task.lr_at(int(step))) for step in steps])
+    wrong = np.flatnonzero(~np.isclose(rates, logged[steps - 1], rtol=1e-6, atol=0.0))
+    if wrong.size:
+        step = int(steps[wrong[0]])
+        raise TaskError(f"the task's learning rate at step {step} is {rates[wrong[0]]:g} but run {run.name!r} "
+                        f"logged {logged[step - 1]:g}: the task does not describe this run")
 
 
 def _fidelity(names: list[str], predicted: np.ndarray, actual: np.ndarray, tests: list[int]) -> pd.DataFrame:

@@ -4,7 +4,8 @@ The journey of this subpackage: a model and its per-example loss ``--gradients--
 gradients (``torch.func``) ``--projection-->`` optional (n, d) random projections ``--tracin / influence /
 trackstar-->`` (n_pool, n_test) score matrices. Scores use one sign convention throughout: **positive means
 a proponent**, i.e. training on the pool example is predicted to *lower* the test example's loss.
-:mod:`simfluence.simulators.gradient` turns a score matrix into an additive training-run simulator.
+:mod:`simfluence.attribution.simulators` turns score matrices into additive training-run simulators
+(:class:`~simfluence.simulators.fixed_effects.FixedEffectsSimulator`).
 
 Nothing here reads run sets except :mod:`~simfluence.attribution.checkpoints`, which loads the saved model
 and optimizer states of a run.

@@ -6,12 +6,20 @@ any curriculum, starting from given initial losses::
     sim = SimfluenceLinear().fit(runset, runs=range(40))
     trajectories = sim.simulate(curricula, initial_losses)   # (n_curricula, T + 1, n_test)
 
-Hyper-parameters are ``__init__`` arguments (scikit-learn style, shown by ``repr``); fitted state lives
-in attributes ending in ``_``. ``save`` writes one ``.npz`` file (arrays + JSON hyper-parameters) that
-``load_simulator`` reads back with ``allow_pickle=False``.
+scikit-learn conventions: hyper-parameters are ``__init__`` arguments stored unchanged (checked in
+``fit``), shown by ``repr`` and read/written by ``get_params`` / ``set_params``; :func:`clone` makes an
+unfitted copy; fitted state lives in attributes ending in ``_``. A fitted simulator remembers the external
+ids of the pool and test examples it was fitted on (``pool_ids_``, ``test_ids_``), so that questions can be
+asked with the ids a user knows. Capabilities are declared in the class attribute ``tags`` (for example
+``tags["exact_loo"]``: leave-one-out effects are computed exactly without re-simulation), never discovered
+with ``isinstance``.
+
+``save`` writes one ``.npz`` file (arrays + JSON hyper-parameters and state) that
+:func:`simfluence.methods.load_simulator` reads back with ``allow_pickle=False``.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Sequence
@@ -20,14 +28,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from simfluence._io import atomic_savez, load_npz
+from simfluence._io import atomic_savez
 from simfluence.curriculum import Curriculum
-from simfluence.errors import ModelFileError, NotFittedError, SimfluenceError
+from simfluence.errors import NotFittedError, SimfluenceError
+from simfluence.ids import IdIndex
 from simfluence.runlog import RunSet
 
 MODEL_FORMAT = "simfluence-simulator"
 MODEL_VERSION = 1
-REGISTRY: dict[str, type[Simulator]] = {}
 
 
 def as_curricula(curricula: Curriculum | Sequence[Curriculum]) -> list[Curriculum]:
@@ -55,17 +63,27 @@ def as_initial(initial_losses: np.ndarray, n_curricula: int, n_test: int) -> np.
     return initial
 
 
-def register(cls: type[Simulator]) -> type[Simulator]:
-    """Class decorator: make a simulator class loadable by its ``kind``."""
-    REGISTRY[cls.kind] = cls
-    return cls
+def training_runs(runset: RunSet, runs: Sequence[int] | None) -> list[int]:
+    """Positions of the runs to fit on (default all), checked non-empty and in range."""
+    chosen = list(range(len(runset))) if runs is None else [int(i) for i in runs]
+    if not chosen:
+        raise SimfluenceError("no runs to fit on")
+    bad = [i for i in chosen if not 0 <= i < len(runset)]
+    if bad:
+        raise SimfluenceError(f"run position {bad[0]} outside 0..{len(runset) - 1}")
+    return chosen
 
 
 class Simulator:
-    """Base class: the fit / simulate / save protocol. Subclasses set ``kind`` and the array attributes."""
+    """Base class: the fit / simulate / leave-one-out / save protocol.
+
+    Subclasses set ``kind`` (the name of the method in :data:`simfluence.methods.METHODS` that builds the
+    class with default parameters), ``_fitted_arrays`` (attributes saved as arrays) and ``tags``.
+    """
 
     kind: ClassVar[str] = "simulator"
     _fitted_arrays: ClassVar[tuple[str, ...]] = ()
+    tags: ClassVar[dict[str, Any]] = {"exact_loo": False}
 
     # --------------------------------------------------------------------- scikit-learn-like params
     @classmethod
@@ -77,13 +95,28 @@ class Simulator:
         """Hyper-parameters as given to ``__init__``."""
         return {name: getattr(self, name) for name in self._param_names()}
 
+    def set_params(self, **params: Any) -> Simulator:
+        """Set hyper-parameters (unknown names are an error naming them); returns self."""
+        unknown = [name for name in params if name not in self._param_names()]
+        if unknown:
+            raise SimfluenceError(
+                f"{type(self).__name__} has no option {unknown[0]!r} (options: {', '.join(self._param_names())})"
+            )
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
     def __repr__(self) -> str:
         defaults = inspect.signature(type(self).__init__).parameters
-        shown = [
-            f"{name}={value!r}"
-            for name, value in self.get_params().items()
-            if defaults[name].default is inspect.Parameter.empty or defaults[name].default != value
-        ]
+        shown = []
+        for name, value in self.get_params().items():
+            default = defaults[name].default
+            try:
+                same = default is not inspect.Parameter.empty and bool(default == value)
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                shown.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # --------------------------------------------------------------------- protocol
@@ -101,7 +134,7 @@ class Simulator:
 
         Parameters
         ----------
-        curricula : one curriculum or a sequence of n_curricula.
+        curricula : one curriculum or a sequence of n_curricula (pool positions, as in ``Run.curriculum``).
         initial_losses : (n_test,) or (n_curricula, n_test) losses at step 0.
         learning_rates : per curriculum, (n_steps,) learning rate of each step; only simulators that use
             learning rates read it (default: the schedule seen in fitting, by step).
@@ -113,18 +146,103 @@ class Simulator:
         """
         raise NotImplementedError
 
+    def simulate_frame(
+        self,
+        curricula: Curriculum | Sequence[Curriculum],
+        initial_losses: np.ndarray,
+        learning_rates: Sequence[np.ndarray] | None = None,
+        names: Sequence[str] | None = None,
+    ):
+        """:meth:`simulate` as a tidy DataFrame ``curriculum, step, test, loss`` with external test ids."""
+        import pandas as pd
+
+        curricula = as_curricula(curricula)
+        predicted = self.simulate(curricula, initial_losses, learning_rates)
+        names = [str(i) for i in range(len(curricula))] if names is None else list(names)
+        if len(names) != len(curricula):
+            raise SimfluenceError(f"{len(names)} names for {len(curricula)} curricula")
+        n_cur, n_points, n_test = predicted.shape
+        cur, step, test = np.meshgrid(np.arange(n_cur), np.arange(n_points), np.arange(n_test), indexing="ij")
+        return pd.DataFrame({
+            "curriculum": np.asarray(names, dtype=object)[cur.ravel()],
+            "step": step.ravel(),
+            "test": np.asarray(self.test_ids_, dtype=object)[test.ravel()],
+            "loss": predicted.ravel(),
+        })
+
+    def leave_one_out(
+        self,
+        curriculum: Curriculum,
+        initial_losses: np.ndarray,
+        learning_rates: np.ndarray | None = None,
+        step: int | None = None,
+        chunk: int = 256,
+    ) -> np.ndarray:
+        """Loss change at ``step`` (default the last) when each pool example is removed from every batch.
+
+        This generic version re-simulates the leave-one-out curricula of the examples present, in batches of
+        ``chunk``; simulators tagged ``exact_loo`` override it with an exact method that needs no re-simulation.
+
+        Returns
+        -------
+        (n_pool, n_test) float64: loss without example i minus loss with it (positive: i helps); zero rows for
+        examples absent from the curriculum.
+        """
+        self.check_fitted()
+        step = curriculum.n_steps if step is None else int(step)
+        if not 0 <= step <= curriculum.n_steps:
+            raise SimfluenceError(f"step {step} outside 0..{curriculum.n_steps}")
+        lrs = None if learning_rates is None else [np.asarray(learning_rates, dtype=np.float64)]
+        base = self.simulate(curriculum, initial_losses, lrs)[0, step]
+        present = np.flatnonzero(curriculum.counts(self.n_pool_) > 0)
+        effects = np.zeros((self.n_pool_, base.size))
+        for lo in range(0, present.size, chunk):
+            ids = present[lo : lo + chunk]
+            edited = [curriculum.remove([int(i)]) for i in ids]
+            out = self.simulate(edited, initial_losses, None if lrs is None else lrs * len(edited))
+            effects[ids] = out[:, step] - base
+        return effects
+
     def check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load a saved one")
+
+    # --------------------------------------------------------------------- ids
+    def _remember_ids(self, runset: RunSet, runs: Sequence[int]) -> None:
+        """Record the run set's pool and test ids (and sizes) and the names of the runs fitted on."""
+        self.n_pool_, self.n_test_ = runset.n_pool, runset.n_test
+        self.pool_ids_, self.test_ids_ = list(runset.pool_ids), list(runset.test_ids)
+        self.train_runs_ = [runset[i].name for i in runs]
+
+    @property
+    def pool_index(self) -> IdIndex:
+        """Lookup of the fitted pool ids -> positions."""
+        self.check_fitted()
+        return IdIndex(self.pool_ids_, "pool")
+
+    @property
+    def test_index(self) -> IdIndex:
+        """Lookup of the fitted test ids -> positions."""
+        self.check_fitted()
+        return IdIndex(self.test_ids_, "test")
 
     # --------------------------------------------------------------------- persistence
     def _extra_state(self) -> dict[str, Any]:
         """JSON-able fitted state that is not an array (subclasses extend)."""
         return {}
 
-    def _set_extra_state(self, state: dict[str, Any]) -> None:
+    def _state(self) -> dict[str, Any]:
+        return {"n_pool_": self.n_pool_, "n_test_": self.n_test_, "pool_ids_": self.pool_ids_,
+                "test_ids_": self.test_ids_, "train_runs_": self.train_runs_, **self._extra_state()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        """Restore the JSON state written by :meth:`save` (only attributes ending in ``_``)."""
         for name, value in state.items():
             setattr(self, name, value)
+
+    def state_names(self) -> set[str]:
+        """Names of the JSON state attributes :meth:`save` writes (what a loader may set)."""
+        return set(self._state())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted simulator to one ``.npz`` file (atomic; no pickle)."""
@@ -134,40 +252,28 @@ class Simulator:
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
             "kind": self.kind,
-            "params": self.get_params(),
-            "state": self._extra_state(),
+            "params": _jsonable(self.get_params()),
+            "state": _jsonable(self._state()),
         }
         arrays = {name: getattr(self, name) for name in self._fitted_arrays}
         atomic_savez(path, arrays, meta)
         return path
 
 
-def load_simulator(path: str | os.PathLike) -> Simulator:
-    """Read a simulator written by ``Simulator.save`` (any registered kind)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{str(path)!r}: no such simulator file")
-    try:
-        arrays, meta = load_npz(path)
-    except (OSError, ValueError) as err:
-        raise ModelFileError(f"{str(path)!r} is not a simulator file: {err}") from None
-    if not meta or meta.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{str(path)!r} is not a simfluence simulator file")
-    if meta.get("version") != MODEL_VERSION:
-        raise ModelFileError(f"{str(path)!r}: simulator format version {meta.get('version')!r} is not supported")
-    kind = meta.get("kind")
-    if kind not in REGISTRY:
-        raise ModelFileError(f"{str(path)!r}: unknown simulator kind {kind!r}")
-    cls = REGISTRY[kind]
-    sim = cls(**meta["params"])
-    missing = [name for name in cls._fitted_arrays if name not in arrays]
-    if missing:
-        raise ModelFileError(f"{str(path)!r}: missing arrays {missing}")
-    for name in cls._fitted_arrays:
-        setattr(sim, name, arrays[name])
-    sim._set_extra_state(meta.get("state") or {})
-    sim.fitted_ = True
-    return sim
+def _jsonable(value: Any) -> Any:
+    """Tuples as lists and numpy scalars as Python numbers, recursively (JSON round-trips as the same value)."""
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def clone(simulator: Simulator) -> Simulator:
+    """An unfitted simulator of the same class with (deep copies of) the same hyper-parameters."""
+    return type(simulator)(**copy.deepcopy(simulator.get_params()))
 
 
 def rollout_runs(

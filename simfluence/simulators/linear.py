@@ -49,20 +49,18 @@ from typing import Any
 
 import numpy as np
 
-from simfluence.curriculum import Curriculum
-from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule, schedule_for, step_features
+from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
-from simfluence.simulators.base import Simulator, as_curricula, as_initial, register, rollout_runs
+from simfluence.simulators.base import Simulator, clone, rollout_runs, training_runs
+from simfluence.simulators.dynamics import LinearDynamics
 from simfluence.solvers import solve_ridge
 
 DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.8, 0.9)
-_SIM_CHUNK_BYTES = 128 * 2**20
 
 
-@register
-class SimfluenceLinear(Simulator):
+class SimfluenceLinear(LinearDynamics):
     """Simfluence-Linear and its time-aware variants (see the module docstring for the model).
 
     Parameters
@@ -96,6 +94,7 @@ class SimfluenceLinear(Simulator):
     validation_ : list of ``{"lam", "momentum", "mse"}``, the validation all-steps MSE of every
         candidate tried (empty when nothing was chosen).
     lr_schedule_ : (n_steps_fit,) mean learning rate per step in the training runs (NaN if unknown).
+    pool_ids_, test_ids_ : external ids of the pool and test examples of the run set fitted on.
     """
 
     kind = "linear"
@@ -128,8 +127,8 @@ class SimfluenceLinear(Simulator):
         self.momentum = momentum
         self.clip_negative = clip_negative
         self.step_lam_ratio = step_lam_ratio
-        self.lam_grid = tuple(float(v) for v in lam_grid)
-        self.momentum_grid = tuple(float(v) for v in momentum_grid)
+        self.lam_grid = lam_grid
+        self.momentum_grid = momentum_grid
         self.val_fraction = val_fraction
         self.solver = solver
         self.tol = tol
@@ -138,13 +137,12 @@ class SimfluenceLinear(Simulator):
     # ----------------------------------------------------------------------------------- fitting
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> SimfluenceLinear:
         """Fit A, B (and step terms) on the runs at positions ``runs`` (default: all); returns self."""
-        runs = list(range(len(runset))) if runs is None else [int(i) for i in runs]
-        if not runs:
-            raise SimfluenceError("no runs to fit on")
+        runs = training_runs(runset, runs)
         start = time.perf_counter()
         self._prepare(runset, runs)
-        lams = self.lam_grid if self.lam == "auto" else (self._check_lam(self.lam),)
-        momenta = self.momentum_grid if self.momentum == "auto" else (self._check_momentum(self.momentum),)
+        lams = tuple(float(v) for v in self.lam_grid) if self.lam == "auto" else (self._check_lam(self.lam),)
+        momenta = (tuple(float(v) for v in self.momentum_grid) if self.momentum == "auto"
+                   else (self._check_momentum(self.momentum),))
         if self.momentum == "auto" and not _every_step_logged(runset, runs):
             momenta = (0.0,)  # the velocity needs consecutive steps; sparser logs fall back to first order
         self.validation_ = []
@@ -174,8 +172,7 @@ class SimfluenceLinear(Simulator):
     def _prepare(self, runset: RunSet, runs: list[int]) -> None:
         """Fix the feature layout (horizon, learning-rate reference) from the training runs."""
         chosen = [runset[i] for i in runs]
-        self.n_pool_ = runset.n_pool
-        self.n_test_ = runset.n_test
+        self._remember_ids(runset, runs)
         horizon = max(run.n_steps for run in chosen)
         self.lr_schedule_ = mean_lr_schedule(chosen)
         every_step_known = all(np.isfinite(run.learning_rates).all() for run in chosen)
@@ -244,9 +241,12 @@ class SimfluenceLinear(Simulator):
         for momentum in momenta:
             theta = None
             for lam in sorted(lams, reverse=True):  # strong to weak: each solution warm-starts the next
-                theta = self._fit_fixed(transitions, lam, momentum, x0=theta)
-                self.momentum_, self.fitted_ = momentum, True
-                mse = validation_mse(self, runset, val_runs)
+                candidate = clone(self).set_params(lam=lam)
+                candidate.momentum = momentum  # additive models have no momentum option; the value is 0 then
+                candidate._prepare(runset, runs)
+                theta = candidate._fit_fixed(transitions, lam, momentum, x0=theta)
+                candidate.momentum_, candidate.lam_, candidate.fitted_ = momentum, lam, True
+                mse = validation_mse(candidate, runset, val_runs)
                 self.validation_.append({"lam": lam, "momentum": momentum, "mse": mse if np.isfinite(mse) else None})
         scored = [entry for entry in self.validation_ if entry["mse"] is not None]
         if not scored:
@@ -254,52 +254,25 @@ class SimfluenceLinear(Simulator):
         best = min(scored, key=lambda entry: entry["mse"])
         return best["lam"], best["momentum"]
 
-    # ----------------------------------------------------------------------------------- simulation
-    def simulate(
-        self,
-        curricula: Curriculum | Sequence[Curriculum],
-        initial_losses: np.ndarray,
-        learning_rates: Sequence[np.ndarray] | None = None,
-        clip: bool = True,
-    ) -> np.ndarray:
-        """Predict loss trajectories (see :meth:`Simulator.simulate`).
+    # ----------------------------------------------------------------------------------- dynamics
+    def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:
+        return (self.A_[None] if self.multiplicative else None), self.B_[None]
 
-        ``clip=False`` ignores the ``clip_negative`` floor (the plain linear dynamics, which the exact
-        leave-one-out of :mod:`simfluence.simulators.loo` reproduces).
-        """
-        self.check_fitted()
-        curricula = as_curricula(curricula)
-        n_test = self.A_.shape[1]
-        initial = as_initial(initial_losses, len(curricula), n_test)
-        lengths = np.array([cur.n_steps for cur in curricula], dtype=np.int64)
-        horizon = int(lengths.max(initial=0))
-        if self.lr_reference_ is not None and learning_rates is None:
-            learning_rates = [self._default_schedule(cur.n_steps) for cur in curricula]
-        mult = np.vstack([self.A_, self.step_alpha_])
-        add = np.vstack([self.B_, self.step_beta_])
-        out = np.empty((len(curricula), horizon + 1, n_test))
-        chunk = max(1, _SIM_CHUNK_BYTES // (16 * max(horizon, 1) * n_test))
-        for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
-            hi = min(len(curricula), lo + chunk)
-            rows = step_features(
-                curricula[lo:hi], self._spec(), None if learning_rates is None else learning_rates[lo:hi],
-                n_steps=horizon,
-            )
-            alpha = np.asarray(rows @ mult).reshape(hi - lo, horizon, n_test) + self.alpha_center
-            beta = np.asarray(rows @ add).reshape(hi - lo, horizon, n_test)
-            active = np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]
-            floor = self.loss_floor_ if clip else None
-            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self.momentum_, active, floor)
-        return out
+    def _step_constants(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.n_step_terms_:
+            return np.full((1, 1), float(self.alpha_center)), np.zeros((1, 1))
+        index = np.minimum(np.arange(1, n_steps + 1), self.n_step_terms_) - 1
+        return self.alpha_center + self.step_alpha_[index], self.step_beta_[index]
 
-    def _default_schedule(self, n_steps: int) -> np.ndarray:
-        return schedule_for(self.lr_schedule_, n_steps)
+    def _lr_reference(self) -> float | None:
+        return self.lr_reference_
+
+    def _batch_mean(self) -> bool:
+        return bool(self.batch_mean)
 
     # ----------------------------------------------------------------------------------- persistence
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "n_pool_": self.n_pool_,
-            "n_test_": self.n_test_,
             "n_step_terms_": self.n_step_terms_,
             "lr_reference_": self.lr_reference_,
             "lam_": self.lam_,
@@ -309,48 +282,6 @@ class SimfluenceLinear(Simulator):
         }
 
 
-def unroll(
-    alpha: np.ndarray,
-    beta: np.ndarray,
-    initial: np.ndarray,
-    momentum: float = 0.0,
-    active: np.ndarray | None = None,
-    floor: float | None = None,
-) -> np.ndarray:
-    """Run ``v_t = mu v_{t-1} + (alpha_t - 1) L_{t-1} + beta_t``, ``L_t = L_{t-1} + v_t`` from ``v_0 = 0``.
-
-    With ``momentum = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``.
-
-    Parameters
-    ----------
-    alpha, beta : (n_curricula, T, n_test).
-    initial : (n_curricula, n_test).
-    momentum : velocity decay mu.
-    active : (n_curricula, T) bool; at inactive steps (after a curriculum's end) the loss is held.
-    floor : lower bound of the loss (0 for non-negative losses); a step that would cross it stops there
-        and its velocity becomes the change actually made.
-
-    Returns
-    -------
-    (n_curricula, T + 1, n_test) trajectories, index 0 = ``initial``.
-    """
-    n_cur, horizon, n_test = alpha.shape
-    out = np.empty((n_cur, horizon + 1, n_test))
-    out[:, 0] = initial
-    velocity = np.zeros((n_cur, n_test))
-    with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
-        for t in range(horizon):  # the recurrence is sequential in t; all curricula and tests at once
-            velocity = momentum * velocity + (alpha[:, t] - 1.0) * out[:, t] + beta[:, t]
-            if active is not None:
-                velocity *= active[:, t, None]
-            out[:, t + 1] = out[:, t] + velocity
-            if floor is not None:
-                np.maximum(out[:, t + 1], floor, out=out[:, t + 1])
-                velocity = out[:, t + 1] - out[:, t]
-    return out
-
-
-@register
 class SimfluenceAdditive(SimfluenceLinear):
     """Simfluence-Additive: ``L_t = L_{t-1} + sum_{i in c_t} B_i`` (alpha fixed at 1, order-free).
 

@@ -1,18 +1,19 @@
-"""Exact leave-one-out for the Simfluence-Linear family, for every pool example at once.
+"""Exact leave-one-out for simulators with linear dynamics, for every pool example at once.
 
 Removing pool example i from a curriculum changes only the steps where i appears. Each step of a
-linear simulator is an affine map of the state ``s = (L, v)`` (loss and velocity)::
+linear simulator (:mod:`simfluence.simulators.dynamics`) is an affine map of the state ``s = (L, v)``
+(loss and velocity)::
 
     s_t = M_t s_{t-1} + c_t,    M_t = [[alpha_t, mu], [alpha_t - 1, mu]],    c_t = [beta_t, beta_t]
 
-(with ``mu = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``). So the leave-one-out state is the logged
-(base) state up to i's first occurrence, the edited map at each occurrence, and the *unchanged* maps in
-between. The maps in between are composed from a table of maps over 1, 2, 4, ... steps (binary
-lifting), so each example costs O(occurrences x log T) map compositions instead of a T-step rollout, and
-no map is ever inverted: zero or negative alpha needs no special care (no division, no logarithm).
+(with ``mu = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``). So the leave-one-out state is the base state
+up to i's first occurrence, the edited map at each occurrence (:meth:`StepCoefficients.without`), and the
+*unchanged* maps in between. The maps in between are composed from a table of maps over 1, 2, 4, ... steps
+(binary lifting), so each example costs O(occurrences x log T) map compositions instead of a T-step rollout,
+and no map is ever inverted: zero or negative alpha needs no special care (no division, no logarithm).
 
 The result equals re-simulating every leave-one-out curriculum (to rounding), for the unclipped
-dynamics: a simulator with ``clip_negative`` is compared with ``simulate(..., clip=False)``.
+dynamics: a simulator with a loss floor is compared with ``simulate(..., clip=False)``.
 """
 from __future__ import annotations
 
@@ -20,60 +21,9 @@ import numpy as np
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
-from simfluence.simulators.linear import unroll
+from simfluence.simulators.dynamics import StepCoefficients, unroll
 
 _CHUNK_BYTES = 256 * 2**20
-
-
-def step_coefficients(
-    sim, curriculum: Curriculum, learning_rates: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """The per-step pieces of ``alpha_t`` and ``beta_t`` of a fitted ``SimfluenceLinear`` on one curriculum.
-
-    Returns
-    -------
-    dict with ``lr_weight`` (T,), ``size`` (T,) batch sizes, ``pool_alpha``/``pool_beta`` (T, n_test) the
-    lr-weighted sums of A and B over the batch (before any batch-mean division), ``alpha``/``beta``
-    (T, n_test) the full coefficients.
-    """
-    sim.check_fitted()
-    n_steps = curriculum.n_steps
-    if curriculum.ids.size and curriculum.ids.max() >= sim.A_.shape[0]:
-        raise SimfluenceError(f"curriculum uses pool id {int(curriculum.ids.max())}, outside the fitted pool")
-    lr_weight = np.ones(n_steps)
-    if sim.lr_reference_ is not None:
-        lrs = sim._default_schedule(n_steps) if learning_rates is None else np.asarray(learning_rates, float)
-        if lrs.shape != (n_steps,) or not np.isfinite(lrs).all():
-            raise SimfluenceError(f"need {n_steps} finite learning rates for this curriculum")
-        lr_weight = lrs / sim.lr_reference_
-    counts = curriculum.to_csr(sim.A_.shape[0])
-    pool_alpha = np.asarray(counts @ sim.A_) * lr_weight[:, None]
-    pool_beta = np.asarray(counts @ sim.B_) * lr_weight[:, None]
-    size = curriculum.batch_sizes.astype(np.float64)
-    if sim.n_step_terms_:
-        index = np.minimum(np.arange(1, n_steps + 1), sim.n_step_terms_) - 1
-        step_alpha, step_beta = sim.step_alpha_[index], sim.step_beta_[index]
-    else:
-        step_alpha = step_beta = np.zeros_like(pool_alpha)
-    divisor = _divisor(size, sim.batch_mean)[:, None]
-    return {
-        "lr_weight": lr_weight,
-        "size": size,
-        "pool_alpha": pool_alpha,
-        "pool_beta": pool_beta,
-        "step_alpha": step_alpha,
-        "step_beta": step_beta,
-        "alpha": sim.alpha_center + step_alpha + pool_alpha / divisor,
-        "beta": step_beta + pool_beta / divisor,
-    }
-
-
-def _divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
-    """What pool sums are divided by: the batch size for batch-mean models (1 for an empty batch), else 1."""
-    if not batch_mean:
-        return np.ones_like(size)
-    return np.where(size > 0, size, 1.0)
-
 
 def _maps(alpha: np.ndarray, beta: np.ndarray, momentum: float) -> np.ndarray:
     """Affine maps of the state (L, v) as a stack of components ``(m00, m01, m10, m11, c0, c1)``: (6, ...)."""
@@ -123,34 +73,28 @@ def _advance(
     return loss, velocity
 
 
-def linear_loo(
-    sim,
-    curriculum: Curriculum,
-    initial_losses: np.ndarray,
-    learning_rates: np.ndarray | None = None,
-    step: int | None = None,
+def exact_loo(
+    coef: StepCoefficients, curriculum: Curriculum, initial_losses: np.ndarray, step: int | None = None
 ) -> np.ndarray:
     """Loss change at ``step`` when each pool example is removed from every batch it appears in.
 
     Parameters
     ----------
-    sim : a fitted ``SimfluenceLinear`` (any options).
+    coef : the base curriculum's coefficients (``LinearDynamics.step_coefficients``).
     curriculum : the base curriculum (T steps).
     initial_losses : (n_test,) losses at step 0.
-    learning_rates : (T,) learning rate per step (default: the schedule seen in fitting).
     step : the step whose loss is compared (default T, the final step).
 
     Returns
     -------
-    (n_pool, n_test) float64: predicted loss without example i minus predicted loss with it (positive:
-    removing i would raise the loss, i.e. i helps); zero rows for examples absent from the curriculum.
+    (n_pool, n_test) float64: loss without example i minus loss with it (positive: removing i would raise the
+    loss, i.e. i helps); zero rows for examples absent from the curriculum.
     """
-    coef = step_coefficients(sim, curriculum, learning_rates)
     n_steps = curriculum.n_steps
     step = n_steps if step is None else int(step)
     if not 0 <= step <= n_steps:
         raise SimfluenceError(f"step {step} outside 0..{n_steps}")
-    n_pool, n_test = sim.A_.shape
+    n_pool, n_test = coef.add.shape[1], coef.add.shape[2]
     initial = np.asarray(initial_losses, dtype=np.float64).reshape(-1)
     if initial.shape != (n_test,):
         raise SimfluenceError(f"initial_losses has {initial.size} values for {n_test} test examples")
@@ -169,14 +113,14 @@ def linear_loo(
     first = counts.indptr[examples]
     n_occ = per_example[examples]
 
-    momentum = float(getattr(sim, "momentum_", 0.0) or 0.0)
+    momentum = coef.momentum
     chunk = max(1, _CHUNK_BYTES // (8 * 6 * n_steps * max(1, int(np.log2(n_steps)) + 1)))
     for lo in range(0, n_test, chunk):  # chunks of test examples bound the lifting table's memory
         hi = min(n_test, lo + chunk)
-        maps = _maps(coef["alpha"][:, lo:hi], coef["beta"][:, lo:hi], momentum)
-        table = _lifting_table(maps)
-        base_loss = unroll(coef["alpha"][None, :, lo:hi], coef["beta"][None, :, lo:hi], initial[None, lo:hi],
-                           momentum)[0]  # (T + 1, n_chunk) unclipped base trajectory
+        cols = slice(lo, hi)
+        alpha, beta = coef.alpha[:, cols], coef.beta[:, cols]
+        table = _lifting_table(_maps(alpha, beta, momentum))
+        base_loss = unroll(alpha[None], beta[None], initial[None, cols], momentum)[0]  # (T + 1, n_chunk) unclipped
         base_velocity = np.zeros_like(base_loss)
         base_velocity[1:] = np.diff(base_loss, axis=0)
 
@@ -188,23 +132,9 @@ def linear_loo(
             at = occ_step[first[live] + rank]
             gap = at - 1 - position[live]
             part_loss, part_velocity = _advance(table, loss[live], velocity[live], position[live], gap)
-            alpha, beta = _edited_coefficients(sim, coef, examples[live], at, occ_count[first[live] + rank], lo, hi)
-            loss[live], velocity[live] = _apply(_maps(alpha, beta, momentum), part_loss, part_velocity)
+            edited_alpha, edited_beta = coef.without(examples[live], at, occ_count[first[live] + rank], cols)
+            loss[live], velocity[live] = _apply(_maps(edited_alpha, edited_beta, momentum), part_loss, part_velocity)
             position[live] = at
         loss, velocity = _advance(table, loss, velocity, position, step - position)
-        effects[examples, lo:hi] = loss - base_loss[step]
+        effects[examples, cols] = loss - base_loss[step]
     return effects
-
-
-def _edited_coefficients(
-    sim, coef: dict[str, np.ndarray], examples: np.ndarray, steps: np.ndarray, counts: np.ndarray, lo: int, hi: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """alpha_t, beta_t of the given steps with ``counts`` copies of the given examples removed."""
-    index = steps - 1
-    weight = (coef["lr_weight"][index] * counts)[:, None]
-    pool_alpha = coef["pool_alpha"][index, lo:hi] - weight * sim.A_[examples, lo:hi]
-    pool_beta = coef["pool_beta"][index, lo:hi] - weight * sim.B_[examples, lo:hi]
-    divisor = _divisor(coef["size"][index] - counts, sim.batch_mean)[:, None]
-    alpha = sim.alpha_center + coef["step_alpha"][index, lo:hi] + pool_alpha / divisor
-    beta = coef["step_beta"][index, lo:hi] + pool_beta / divisor
-    return alpha, beta

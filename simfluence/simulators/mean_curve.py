@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
-from simfluence.simulators.base import Simulator, as_curricula, as_initial, register
+from simfluence.simulators.base import Simulator, as_curricula, as_initial, training_runs
 
 
 def _interpolate_missing(values: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -32,7 +31,6 @@ def _interpolate_missing(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     return np.where(known[:, None], values, filled)
 
 
-@register
 class MeanCurve(Simulator):
     """Baseline simulator: the average training-run loss change, whatever the curriculum."""
 
@@ -43,9 +41,9 @@ class MeanCurve(Simulator):
         pass
 
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> MeanCurve:
-        chosen = [runset[i] for i in (range(len(runset)) if runs is None else runs)]
-        if not chosen:
-            raise SimfluenceError("no runs to fit on")
+        """Average the loss change of the runs at positions ``runs`` (default all); returns self."""
+        runs = training_runs(runset, runs)
+        chosen = [runset[i] for i in runs]
         horizon = max(run.n_steps for run in chosen)
         total = np.zeros((horizon + 1, runset.n_test))
         count = np.zeros(horizon + 1)
@@ -56,6 +54,7 @@ class MeanCurve(Simulator):
         known = count > 0
         mean = np.divide(total, count[:, None], out=np.zeros_like(total), where=known[:, None])
         self.mean_change_ = _interpolate_missing(mean, known)
+        self._remember_ids(runset, runs)
         self.fitted_ = True
         return self
 

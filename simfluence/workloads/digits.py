@@ -2,11 +2,11 @@
 
 It needs no download (``sklearn.datasets.load_digits`` ships with scikit-learn) and trains in milliseconds
 per run, so it is the reference workload for tests, examples and benchmarks. :func:`digits_task` builds the
-:class:`~simfluence.workloads.generator.Task`: a disjoint pool / test split of the 1,797 images, features
+:class:`~simfluence.task.Task`: a disjoint pool / test split of the 1,797 images, features
 standardised with the pool's statistics, optionally a fraction of the pool labels flipped to a wrong class
 (the "noisy" examples an attribution method should find), a 64-64-10 ReLU MLP, SGD with momentum or Adam,
 and a warm-up + cosine learning-rate schedule. :func:`generate_digits` draws random-subset curricula and
-trains one run per curriculum with :func:`~simfluence.workloads.generator.generate_runs`.
+trains one run per curriculum with :func:`~simfluence.workloads.generator.generate_random_runs`.
 
 Run-set metadata records ``pool_labels`` (the labels trained on, noise included), ``pool_clean_labels``,
 ``noisy_pool_ids``, ``test_labels`` and the dataset row of every pool and test example.
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from simfluence.curriculum import random_curricula
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
-from simfluence.workloads.generator import Task, WarmupCosine, generate_runs
+from simfluence.task import Task
+from simfluence.workloads.generator import WarmupCosine, generate_random_runs
 
 __all__ = ["digits_task", "digits_task_from_runset", "generate_digits", "DEFAULT_PEAK_LR"]
 
@@ -218,13 +218,7 @@ def generate_digits(
     """
     task = digits_task(pool_size=pool_size, test_size=test_size, n_steps=n_steps, optimizer=optimizer, lr=lr,
                        label_noise=label_noise, data_seed=data_seed)
-    if not 0.0 < subset_fraction <= 1.0:
-        raise SimfluenceError(f"subset_fraction must lie in (0, 1], got {subset_fraction}")
-    subset_size = max(1, round(subset_fraction * pool_size))
-    curricula = random_curricula(n_runs, pool_size, batch_size, n_steps, subset_size=subset_size,
-                                 seed=np.random.default_rng([seed, 2]))
-    task.metadata.update({"batch_size": batch_size, "n_steps": n_steps, "subset_size": subset_size,
-                          "curriculum_seed": seed})
-    return generate_runs(task, curricula, out, init_seed=seed, log_every=log_every,
-                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,
-                         overwrite=overwrite)
+    return generate_random_runs(task, out, n_runs=n_runs, n_steps=n_steps, batch_size=batch_size,
+                                subset_fraction=subset_fraction, seed=seed, init_seed=seed, log_every=log_every,
+                                checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,
+                                overwrite=overwrite)

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from simfluence._io import atomic_write_bytes
-from simfluence.curriculum import random_curricula
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import MANIFEST, RunSet
-from simfluence.workloads.generator import Task, WarmupCosine, _single_thread_deterministic, generate_runs
+from simfluence.task import Task
+from simfluence.workloads.generator import WarmupCosine, _single_thread_deterministic, generate_random_runs
 from simfluence.workloads.tinylm import IGNORE, PAD, TinyLM, TinyLMConfig, token_nll
 
 __all__ = ["FactsSettings", "TIERS", "RELATIONS", "build_corpus", "facts_task", "facts_task_from_runset",
@@ -501,10 +501,7 @@ def generate_facts(
     # compact: indented JSON would put every label id on its own line
     atomic_write_bytes(out / CORPUS_FILE, json.dumps(corpus, separators=(",", ":"), allow_nan=False).encode("utf-8"))
     task.make_model(seed)  # pretrain once here (and cache it) rather than in every worker
-    subset_size = max(1, round(settings.subset_fraction * task.n_pool))
-    curricula = random_curricula(n_runs, task.n_pool, settings.batch_size, settings.n_steps,
-                                 subset_size=subset_size, seed=np.random.default_rng([seed, 2]))
-    task.metadata.update({"batch_size": settings.batch_size, "n_steps": settings.n_steps,
-                          "subset_size": subset_size, "curriculum_seed": seed})
-    return generate_runs(task, curricula, out, init_seed=seed, log_every=log_every,
-                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress)
+    return generate_random_runs(task, out, n_runs=n_runs, n_steps=settings.n_steps, batch_size=settings.batch_size,
+                                subset_fraction=settings.subset_fraction, seed=seed, init_seed=seed,
+                                log_every=log_every, checkpoint_steps=checkpoint_steps, workers=workers,
+                                progress=progress)

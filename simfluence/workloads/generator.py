@@ -1,10 +1,12 @@
 """Train real torch models on many curricula and log every run with :class:`~simfluence.runlog.RunLogger`.
 
-A :class:`Task` says everything task-specific: how to build the model, the pool and test tensors, the
-per-example loss, the optimizer and the learning-rate schedule. :func:`generate_runs` then trains one run per
-curriculum, every run starting from the *same* initial weights, and logs for each step its batch, its learning
-rate and (every ``log_every`` steps) the loss of every test example. Runs are spread over worker processes,
-each single-threaded, so a run's losses do not depend on how many workers there were.
+A :class:`~simfluence.task.Task` says everything task-specific: how to build the model (and its initial
+weights), the pool and test tensors, the per-example loss, the optimizer and the learning-rate schedule.
+:func:`generate_runs` then trains one run per curriculum, every run starting from the *same* initial weights,
+and logs for each step its batch, its learning rate and (every ``log_every`` steps) the loss of every test
+example; :func:`generate_random_runs` draws random-subset curricula for it. Runs are spread over worker
+processes, each single-threaded, so a run's losses do not depend on how many workers there were; a worker
+ends as soon as the process that started it is gone (killed), so no orphan keeps writing.
 
 A re-run over the same folder skips the runs that are already complete and redoes the others, so an
 interrupted generation is resumed by calling :func:`generate_runs` again with the same arguments.
@@ -23,25 +25,29 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from simfluence._io import atomic_write_bytes
-from simfluence.curriculum import Curriculum
-from simfluence.errors import RunLogError, SimfluenceError
+from simfluence.curriculum import Curriculum, random_curricula
+from simfluence.errors import RunLogError, SimfluenceError, TaskError
 from simfluence.runlog import MANIFEST, RunLogger, RunSet, read_run, run_status
+from simfluence.task import Task, import_task_files, loaded_task_files
 
-__all__ = ["Task", "WarmupCosine", "generate_runs", "default_run_names"]
+__all__ = ["Task", "WarmupCosine", "generate_runs", "generate_random_runs", "default_run_names"]
 
 CHECKPOINTS_DIR = "checkpoints"
+PARENT_POLL_SECONDS = 0.5  # how often a worker checks that the process that started it is still there
 
 
 @dataclass
@@ -69,56 +75,6 @@ class WarmupCosine:
         """JSON description of the schedule (for run-set metadata)."""
         return {"kind": "warmup_cosine", "peak": self.peak, "n_steps": self.n_steps,
                 "warmup_steps": self.warmup_steps, "final_fraction": self.final_fraction}
-
-
-@dataclass(eq=False)
-class Task:
-    """Everything task-specific that :func:`generate_runs` needs to train and evaluate one model.
-
-    For ``workers > 1`` the task is pickled to the worker processes, so its callables must be picklable:
-    module-level functions, ``functools.partial`` of them, or instances of module-level classes (no lambdas).
-
-    Attributes
-    ----------
-    make_model : ``make_model(seed) -> nn.Module``; called under ``torch.manual_seed(seed)``.
-    pool_inputs : (n_pool, ...) inputs of the training pool; a curriculum id i is row i.
-    pool_targets : (n_pool, ...) their targets.
-    test_inputs : (n_test, ...) inputs of the test (probe) examples.
-    test_targets : (n_test, ...) their targets.
-    loss_fn : ``loss_fn(outputs, targets) -> (batch,)`` per-example loss (``reduction='none'``); the training
-        loss of a step is its mean over the batch.
-    make_optimizer : ``make_optimizer(params) -> torch.optim.Optimizer``; the learning rate it sets is
-        overwritten every step with ``lr_at(step)``.
-    lr_at : ``lr_at(step) -> float`` learning rate of step ``step`` (1-based).
-    metadata : JSON description of the task (stored in the run-set manifest).
-    pool_ids, test_ids : external ids of pool and test examples (default ``range``).
-    """
-
-    make_model: Callable[[int], nn.Module]
-    pool_inputs: torch.Tensor
-    pool_targets: torch.Tensor
-    test_inputs: torch.Tensor
-    test_targets: torch.Tensor
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-    lr_at: Callable[[int], float]
-    metadata: dict = field(default_factory=dict)
-    pool_ids: Sequence | None = None
-    test_ids: Sequence | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.pool_inputs) != len(self.pool_targets):
-            raise RunLogError(f"task: {len(self.pool_inputs)} pool inputs but {len(self.pool_targets)} targets")
-        if len(self.test_inputs) != len(self.test_targets):
-            raise RunLogError(f"task: {len(self.test_inputs)} test inputs but {len(self.test_targets)} targets")
-
-    @property
-    def n_pool(self) -> int:
-        return len(self.pool_inputs)
-
-    @property
-    def n_test(self) -> int:
-        return len(self.test_inputs)
 
 
 def default_run_names(n_runs: int) -> list[str]:
@@ -223,11 +179,23 @@ class _Trainer:
 _WORKER_TRAINER: _Trainer | None = None
 
 
-def _init_worker(*args) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker process at once when ``parent_pid`` is no longer its parent (the parent was killed)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="simfluence-parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int, task_files: dict[str, str], task_bytes: bytes, *args) -> None:
     global _WORKER_TRAINER
+    _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    _WORKER_TRAINER = _Trainer(*args)
+    import_task_files(task_files)  # the modules of task files, so that their functions unpickle
+    _WORKER_TRAINER = _Trainer(pickle.loads(task_bytes), *args)
 
 
 def _run_in_worker(job: _Job) -> str:
@@ -261,20 +229,21 @@ def generate_runs(
     curricula: Sequence[Curriculum],
     out: str | os.PathLike,
     names: Sequence[str] | None = None,
-    init_seed: int = 0,
+    init_seed: int | None = None,
     log_every: int = 1,
     checkpoint_steps: Iterable[int] = (),
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> RunSet:
     """Train one run of ``task`` per curriculum, all from the same initial weights, and log them to ``out``.
 
     Each step sets the learning rate ``task.lr_at(step)``, takes one optimizer step on the mean loss of the
     batch, and logs the batch ids, the learning rate and, every ``log_every`` steps and at the last step, the
     loss of every test example (step 0 is always logged). Training is deterministic: run r uses torch seed
-    ``init_seed + 1 + r`` (for any randomness of the model itself, e.g. dropout), one thread and
-    deterministic algorithms, so the same arguments give the same losses for any number of workers.
+    ``seeds[r]`` (default ``init_seed + 1 + r``; for any randomness of the model itself, e.g. dropout), one
+    thread and deterministic algorithms, so the same arguments give the same losses for any number of workers.
 
     Parameters
     ----------
@@ -283,18 +252,24 @@ def generate_runs(
     out : run-set folder. If it already holds a run set made with the same task, complete runs are skipped
         and the others (missing, running, aborted) are retrained from scratch.
     names : run names (default ``run-000``, ``run-001``, ...).
-    init_seed : seed of the shared initial weights (``make_model(init_seed)`` under ``torch.manual_seed``).
+    init_seed : seed of the shared initial weights (``make_model(init_seed)`` under ``torch.manual_seed``);
+        default ``task.init_seed``.
     log_every : log test losses every this many steps (and always at steps 0 and n_steps).
     checkpoint_steps : steps after which to save model and optimizer state (0 = initial state).
     workers : worker processes (default ``min(os.cpu_count(), runs to train)``); 1 trains in this process.
     progress : show a tqdm progress bar over runs.
     overwrite : delete an existing run set at ``out`` first and regenerate every run.
+    seeds : (n_runs,) torch seed of each run (recorded as the run's ``metadata["seed"]``); default
+        ``init_seed + 1 + r``.
 
     Returns
     -------
     RunSet loaded from ``out`` (losses memory-mapped).
     """
     out = Path(out)
+    if not isinstance(task, Task):
+        raise TaskError(f"task must be a simfluence.task.Task, got a {type(task).__name__}")
+    init_seed = int(task.init_seed if init_seed is None else init_seed)
     curricula = list(curricula)
     names = default_run_names(len(curricula)) if names is None else list(names)
     if len(names) != len(curricula):
@@ -309,6 +284,10 @@ def generate_runs(
         if curriculum.ids.size and curriculum.ids.max() >= task.n_pool:
             raise RunLogError(f"curricula[{index}] uses pool id {int(curriculum.ids.max())}, "
                               f"outside 0..{task.n_pool - 1}")
+    seeds = [init_seed + 1 + index for index in range(len(curricula))] if seeds is None else \
+        [int(seed) for seed in seeds]
+    if len(seeds) != len(curricula):
+        raise RunLogError(f"{len(seeds)} seeds for {len(curricula)} curricula")
     if log_every < 1:
         raise RunLogError(f"log_every must be >= 1, got {log_every}")
     checkpoint_steps = tuple(sorted({int(step) for step in checkpoint_steps}))
@@ -329,23 +308,28 @@ def generate_runs(
         raise RunLogError(f"{str(out)!r} holds a run set generated with different task settings "
                           "(pass overwrite=True to regenerate it)")
 
-    seeds = [init_seed + 1 + index for index in range(len(curricula))]
     jobs = _pending_jobs(out, names, curricula, seeds)
-    trainer_args = (task, out, init_seed, log_every, checkpoint_steps)
+    trainer_args = (out, init_seed, log_every, checkpoint_steps)
     bar = tqdm(total=len(curricula), initial=len(curricula) - len(jobs), desc=f"training {out.name}",
                unit="run", disable=not progress)
     n_workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(int(workers), max(len(jobs), 1))
     try:
         if jobs and n_workers <= 1:
             with _single_thread_deterministic():
-                trainer = _Trainer(*trainer_args)
+                trainer = _Trainer(task, *trainer_args)
                 for job in jobs:
                     trainer(job)
                     bar.update()
         elif jobs:
+            try:
+                task_bytes = pickle.dumps(task)
+            except (pickle.PicklingError, AttributeError, TypeError) as err:
+                raise TaskError(f"the task cannot be sent to worker processes ({err}); use module-level "
+                                "functions (no lambdas) in it, or workers=1") from None
             context = multiprocessing.get_context("spawn")
+            initargs = (os.getpid(), loaded_task_files(), task_bytes, *trainer_args)
             with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
-                                     initargs=trainer_args) as pool:
+                                     initargs=initargs) as pool:
                 futures = [pool.submit(_run_in_worker, job) for job in jobs]
                 try:
                     for future in as_completed(futures):
@@ -357,6 +341,53 @@ def generate_runs(
     finally:
         bar.close()
     return RunSet.load(out)
+
+
+def generate_random_runs(
+    task: Task,
+    out: str | os.PathLike,
+    n_runs: int = 48,
+    n_steps: int = 200,
+    batch_size: int = 8,
+    subset_fraction: float = 0.5,
+    seed: int = 0,
+    init_seed: int | None = None,
+    log_every: int = 1,
+    checkpoint_steps: Iterable[int] = (),
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> RunSet:
+    """Train ``n_runs`` runs of ``task``, each on a random subset of its pool in random order, and log them.
+
+    Run r trains on ``round(subset_fraction * task.n_pool)`` pool examples drawn afresh, in shuffled epochs of
+    ``batch_size`` (:func:`~simfluence.curriculum.random_curricula` seeded with ``seed``); every run starts
+    from the same initial weights. The curriculum settings are added to the run-set metadata
+    (``batch_size``, ``n_steps``, ``subset_size``, ``curriculum_seed``).
+
+    Parameters
+    ----------
+    task : the model, data, loss, optimizer and schedule.
+    out : run-set folder (resumed when it holds the same generation; see :func:`generate_runs`).
+    n_runs, n_steps, batch_size : number of runs, steps per run, examples per step.
+    subset_fraction : share of the pool each run trains on, in (0, 1].
+    seed : seed of the curricula.
+    init_seed : seed of the initial weights (default ``task.init_seed``).
+    log_every, checkpoint_steps, workers, progress, overwrite : as for :func:`generate_runs`.
+
+    Returns
+    -------
+    RunSet of ``n_runs`` runs of ``n_steps`` steps, ``task.n_test`` test losses per logged step.
+    """
+    if not 0.0 < subset_fraction <= 1.0:
+        raise SimfluenceError(f"subset_fraction must lie in (0, 1], got {subset_fraction}")
+    subset_size = max(1, round(subset_fraction * task.n_pool))
+    curricula = random_curricula(n_runs, task.n_pool, batch_size, n_steps, subset_size=subset_size,
+                                 seed=np.random.default_rng([seed, 2]))
+    task = replace(task, metadata={**task.metadata, "batch_size": batch_size, "n_steps": n_steps,
+                                   "subset_size": subset_size, "curriculum_seed": seed})
+    return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
+                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite)
 
 
 def generator_init_seed(runset: RunSet) -> int:

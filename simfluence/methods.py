@@ -1,0 +1,195 @@
+"""The one registry of methods: name, class and preset, one-line description, and what each needs.
+
+The command line (``--method``, ``--methods``), :func:`simfluence.evaluation.evaluate`, the report, the
+fact-tracing benchmark and :func:`load_simulator` all read :data:`METHODS`. A method is a simulator class with
+preset hyper-parameters; keyword arguments override the preset, and a name the class does not take is an
+error naming the method's options. Classes are named by import path and imported on first use, so the
+registry costs nothing and the gradient methods' torch code loads only when one is built.
+
+``needs`` says what fitting requires beyond logged runs: ``"task"`` (the model, data and loss: a
+:class:`~simfluence.task.Task`), ``"checkpoints"`` (saved model states in the run set) or
+``"learning_rates"`` (logged per step).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simfluence._io import load_npz
+from simfluence.errors import ModelFileError, SimfluenceError
+from simfluence.simulators.base import MODEL_FORMAT, MODEL_VERSION, Simulator
+
+__all__ = ["DEFAULT_METHODS", "DEFAULT_METHOD", "METHODS", "Method", "load_simulator", "make_simulator"]
+
+_LINEAR = "simfluence.simulators.linear:SimfluenceLinear"
+_GRADIENT_NEEDS = frozenset({"task", "checkpoints"})
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry.
+
+    Attributes
+    ----------
+    name : the method's name (``--method NAME``).
+    cls : ``"module:Class"`` of the simulator.
+    description : one line for help texts and reports.
+    preset : hyper-parameters that differ from the class defaults (overridable).
+    needs : what fitting needs besides logged runs (``"task"``, ``"checkpoints"``, ``"learning_rates"``).
+    """
+
+    name: str
+    cls: str
+    description: str
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    needs: frozenset[str] = frozenset()
+
+    def simulator_class(self) -> type[Simulator]:
+        module, _, name = self.cls.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def build(self, **params: Any) -> Simulator:
+        """A fresh (unfitted) simulator with the preset overridden by ``params``."""
+        cls = self.simulator_class()
+        options = cls._param_names()
+        unknown = [name for name in params if name not in options]
+        if unknown:
+            listed = ", ".join(options) if options else "none"
+            raise SimfluenceError(f"method {self.name!r} has no option {unknown[0]!r} (its options: {listed})")
+        return cls(**{**self.preset, **params})
+
+
+def _registry(*methods: Method) -> dict[str, Method]:
+    return {method.name: method for method in methods}
+
+
+METHODS: dict[str, Method] = _registry(
+    Method("mean_curve", "simfluence.simulators.mean_curve:MeanCurve",
+           "baseline: the average training-run loss change, whatever the curriculum"),
+    Method("additive", "simfluence.simulators.linear:SimfluenceAdditive",
+           "Simfluence-Additive (alpha = 1): L_t = L_{t-1} + sum B_i"),
+    Method("linear", _LINEAR,
+           "Simfluence-Linear exactly as the paper: L_t = (sum A_i) L_{t-1} + sum B_i, ridge towards 0"),
+    Method("linear_res", _LINEAR, "the paper's model with alpha shrunk towards 1 instead of 0",
+           {"alpha_center": 1.0}),
+    Method("linear_step", _LINEAR,
+           "alpha shrunk towards 1, per-step terms shared across runs, effects scaled by the learning rate",
+           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "clip_negative": True}),
+    Method("linear_mom", _LINEAR,
+           "linear_step plus a velocity (momentum) term, second-order like the optimizer; mu chosen on "
+           "validation runs",
+           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "momentum": "auto", "clip_negative": True}),
+    Method("fixed_effects", "simfluence.simulators.fixed_effects:FixedEffectsSimulator",
+           "any precomputed (n_pool, n_test) scores as an additive simulator, scale fitted on training runs "
+           "(Python only: set_scores() before fit())", needs=frozenset({"scores"})),
+    Method("tracin", "simfluence.attribution.simulators:TracInSimulator",
+           "TracIn-CP (gradient dot products x learning rate) as an additive simulator, scale fitted on training "
+           "runs", needs=_GRADIENT_NEEDS),
+    Method("tracin_cos", "simfluence.attribution.simulators:TracInSimulator",
+           "TracIn-CP with gradient cosine similarity", {"variant": "cosine"}, needs=_GRADIENT_NEEDS),
+    Method("influence", "simfluence.attribution.simulators:InfluenceSimulator",
+           "influence functions (Gauss-Newton Hessian + damping, final checkpoint) as an additive simulator",
+           needs=_GRADIENT_NEEDS),
+    Method("trackstar", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity",
+           needs=_GRADIENT_NEEDS),
+    Method("trackstar_no_opt", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar without the optimizer second-moment correction", {"optimizer_correction": False},
+           needs=_GRADIENT_NEEDS),
+    Method("trackstar_no_hessian", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar without the task-specific Hessian", {"hessian": "none"}, needs=_GRADIENT_NEEDS),
+    Method("trackstar_train_hessian", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar with the training-gradient Hessian only", {"hessian": "train"}, needs=_GRADIENT_NEEDS),
+    Method("trackstar_no_unit", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar without unit normalisation (inner products, not cosines)", {"unit_normalize": False},
+           needs=_GRADIENT_NEEDS),
+)
+
+# the methods `simfluence evaluate` runs by default (learned simulators and the baseline: no model needed)
+DEFAULT_METHODS = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")
+# the method `simfluence fit` uses by default: the best of the demo on held-out runs
+DEFAULT_METHOD = "linear_mom"
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name``; an unknown name is an error listing the known ones."""
+    if name not in METHODS:
+        raise SimfluenceError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_simulator(name: str, **params: Any) -> Simulator:
+    """A fresh simulator for a method name of :data:`METHODS` (hyper-parameters override its preset)."""
+    return method(name).build(**params)
+
+
+def load_simulator(path: str | os.PathLike) -> Simulator:
+    """Read a simulator written by :meth:`Simulator.save` (any kind); never unpickles.
+
+    Every field is checked before use: an unknown kind, a parameter the class does not take, state that is
+    not a JSON object or names an attribute that is not part of the saved state, missing or extra arrays are
+    each one ``ModelFileError`` naming the file.
+    """
+    path = Path(path)
+    label = repr(str(path))
+    if not path.is_file():
+        raise ModelFileError(f"{label}: no such simulator file")
+    try:
+        arrays, meta = load_npz(path)
+    except (OSError, ValueError, RecursionError, EOFError) as err:
+        raise ModelFileError(f"{label} is not a simulator file: {err}") from None
+    except Exception as err:  # zip/npz readers raise many types on corrupt input
+        raise ModelFileError(f"{label} is not a simulator file ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{label} is not a simfluence simulator file")
+    if meta.get("version") != MODEL_VERSION:
+        raise ModelFileError(f"{label}: simulator format version {meta.get('version')!r} is not supported")
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in METHODS:
+        raise ModelFileError(f"{label}: unknown simulator kind {kind!r}")
+    cls = METHODS[kind].simulator_class()
+    params, state = meta.get("params"), meta.get("state")
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise ModelFileError(f"{label}: 'params' and 'state' must be JSON objects")
+    unknown = [name for name in params if name not in cls._param_names()]
+    if unknown:
+        raise ModelFileError(f"{label}: {cls.__name__} has no parameter {unknown[0]!r}")
+    defaults = inspect.signature(cls.__init__).parameters
+    params = {name: tuple(value) if isinstance(value, list) and isinstance(defaults[name].default, tuple) else value
+              for name, value in params.items()}  # JSON has no tuples
+    try:
+        sim = cls(**params)
+    except (TypeError, ValueError, SimfluenceError) as err:
+        raise ModelFileError(f"{label}: bad parameters: {err}") from None
+    expected = set(cls._fitted_arrays)
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        problem = f"missing arrays {missing}" if missing else f"unexpected arrays {extra}"
+        raise ModelFileError(f"{label}: {problem}")
+    bad_state = [name for name in state if not (isinstance(name, str) and name.endswith("_") and name.isidentifier()
+                                                and not name.startswith("_"))]
+    if bad_state:
+        raise ModelFileError(f"{label}: state key {bad_state[0]!r} is not a fitted attribute")
+    for name in cls._fitted_arrays:
+        setattr(sim, name, arrays[name])
+    sim._set_state(state)
+    if "pool_ids_" not in state and "n_pool_" in state:  # files of version 1 written before ids were saved
+        sim.pool_ids_ = list(range(int(state["n_pool_"])))
+    if "test_ids_" not in state and "n_test_" in state:
+        sim.test_ids_ = list(range(int(state["n_test_"])))
+    if "train_runs_" not in state:
+        sim.train_runs_ = []
+    try:
+        allowed = sim.state_names()
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ModelFileError(f"{label}: incomplete state ({err})") from None
+    unexpected = sorted(set(state) - allowed)
+    if unexpected:
+        raise ModelFileError(f"{label}: unexpected state {unexpected[0]!r} for {cls.__name__}")
+    sim.fitted_ = True
+    return sim

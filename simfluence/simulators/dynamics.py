@@ -1,0 +1,300 @@
+"""The dynamics every simulator of the linear family shares, written once.
+
+Simfluence-Linear (the paper's form and its extensions), Simfluence-Additive and the fixed-effects
+gradient simulators (TracIn, influence functions, TrackStar) all step a test example's loss as::
+
+    v_t = mu * v_{t-1} + (alpha_t - 1) * L_{t-1} + beta_t        L_t = L_{t-1} + v_t     (v_0 = 0)
+    alpha_t = const_alpha(t) + w_t * sum_{i in c_t} A_{k(t)}[i] / d_t
+    beta_t  = const_beta(t)  + w_t * sum_{i in c_t} B_{k(t)}[i] / d_t
+
+(``mu = 0``: ``L_t = alpha_t L_{t-1} + beta_t``). A subclass says only what its pieces are:
+
+- ``_effect_tables()``: the per-example effects ``A`` (or None for an additive model) and ``B``, each
+  (K, n_pool, n_test): K tables, of which step t uses table ``k(t)`` (``_table_of_steps``; one table for the
+  learned simulators, one per checkpoint for time-varying gradient scores);
+- ``_step_constants(T)``: ``const_alpha, const_beta`` (T, n_test) — ``alpha_center`` and per-step terms;
+- ``_lr_reference()``: with a reference, ``w_t = lr_t / reference`` (effects scale with the step's learning
+  rate), else 1; ``_batch_mean()``: ``d_t = |c_t|`` (mean over the batch) instead of 1;
+- ``_momentum()`` (mu) and ``loss_floor_`` (a floor the loss never crosses, or None).
+
+From these the base class builds :class:`StepCoefficients` (:meth:`LinearDynamics.step_coefficients`, the one
+place that turns a curriculum into per-step coefficients), rolls them out (:meth:`simulate`, chunked over
+curricula to bound memory) and answers exact leave-one-out (:meth:`leave_one_out`, via
+:mod:`simfluence.simulators.loo`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from simfluence.curriculum import Curriculum
+from simfluence.design import FeatureSpec, schedule_for, step_features
+from simfluence.errors import SimfluenceError
+from simfluence.simulators.base import Simulator, as_curricula, as_initial
+
+_SIM_CHUNK_BYTES = 128 * 2**20
+
+
+@dataclass
+class StepCoefficients:
+    """The per-step coefficients of one curriculum, with the pieces an edit of a batch needs.
+
+    Attributes
+    ----------
+    alpha, beta : (T, n_test) full coefficients of every step.
+    const_alpha, const_beta : (T, n_test) the parts that do not depend on the batch.
+    pool_alpha, pool_beta : (T, n_test) ``w_t * sum_{i in c_t} A/B_{k(t)}[i]`` (before the batch divisor).
+    lr_weight : (T,) ``w_t``.
+    size : (T,) batch sizes.
+    table : (T,) index k(t) of the effect table each step uses.
+    batch_mean : whether pool sums are divided by the batch size.
+    mult, add : (K, n_pool, n_test) effect tables (``mult`` None for additive simulators).
+    momentum : velocity decay mu.
+    """
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    const_alpha: np.ndarray
+    const_beta: np.ndarray
+    pool_alpha: np.ndarray
+    pool_beta: np.ndarray
+    lr_weight: np.ndarray
+    size: np.ndarray
+    table: np.ndarray
+    batch_mean: bool
+    mult: np.ndarray | None
+    add: np.ndarray
+    momentum: float = 0.0
+
+    def without(
+        self, examples: np.ndarray, steps: np.ndarray, counts: np.ndarray, cols: slice = slice(None)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """alpha_t, beta_t at 1-based ``steps`` with ``counts`` copies of ``examples`` removed: (n, n_cols) each."""
+        index = steps - 1
+        table = self.table[index]
+        weight = (self.lr_weight[index] * counts)[:, None]
+        pool_beta = self.pool_beta[index, cols] - weight * self.add[table, examples, cols]
+        divisor = batch_divisor(self.size[index] - counts, self.batch_mean)[:, None]
+        beta = self.const_beta[index, cols] + pool_beta / divisor
+        if self.mult is None:
+            alpha = self.const_alpha[index, cols]
+        else:
+            pool_alpha = self.pool_alpha[index, cols] - weight * self.mult[table, examples, cols]
+            alpha = self.const_alpha[index, cols] + pool_alpha / divisor
+        return alpha, beta
+
+
+def batch_divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
+    """What pool sums are divided by: the batch size for batch-mean models (1 for an empty batch), else 1."""
+    size = np.asarray(size, dtype=np.float64)
+    if not batch_mean:
+        return np.ones_like(size)
+    return np.where(size > 0, size, 1.0)
+
+
+def unroll(
+    alpha: np.ndarray,
+    beta: np.ndarray,
+    initial: np.ndarray,
+    momentum: float = 0.0,
+    active: np.ndarray | None = None,
+    floor: float | None = None,
+) -> np.ndarray:
+    """Run ``v_t = mu v_{t-1} + (alpha_t - 1) L_{t-1} + beta_t``, ``L_t = L_{t-1} + v_t`` from ``v_0 = 0``.
+
+    With ``momentum = 0`` this is ``L_t = alpha_t L_{t-1} + beta_t``.
+
+    Parameters
+    ----------
+    alpha, beta : (n_curricula, T, n_test).
+    initial : (n_curricula, n_test).
+    momentum : velocity decay mu.
+    active : (n_curricula, T) bool; at inactive steps (after a curriculum's end) the loss is held.
+    floor : lower bound of the loss (0 for non-negative losses); a step that would cross it stops there
+        and its velocity becomes the change actually made.
+
+    Returns
+    -------
+    (n_curricula, T + 1, n_test) trajectories, index 0 = ``initial``.
+    """
+    n_cur, horizon, n_test = alpha.shape
+    out = np.empty((n_cur, horizon + 1, n_test))
+    out[:, 0] = initial
+    velocity = np.zeros((n_cur, n_test))
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
+        for t in range(horizon):  # the recurrence is sequential in t; all curricula and tests at once
+            velocity = momentum * velocity + (alpha[:, t] - 1.0) * out[:, t] + beta[:, t]
+            if active is not None:
+                velocity *= active[:, t, None]
+            out[:, t + 1] = out[:, t] + velocity
+            if floor is not None:
+                np.maximum(out[:, t + 1], floor, out=out[:, t + 1])
+                velocity = out[:, t + 1] - out[:, t]
+    return out
+
+
+class LinearDynamics(Simulator):
+    """Base of the simulators whose step is the linear (momentum) recurrence of the module docstring."""
+
+    tags: ClassVar[dict[str, Any]] = {"exact_loo": True}
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(A or None, B), each (K, n_pool, n_test)."""
+        raise NotImplementedError
+
+    def _table_of_steps(self, steps: np.ndarray) -> np.ndarray:
+        """(n,) index of the effect table used at each 1-based step (default: the only one)."""
+        return np.zeros(np.shape(steps), dtype=np.int64)
+
+    def _step_constants(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """const_alpha, const_beta: each broadcastable to (n_steps, n_test)."""
+        return np.ones((1, 1)), np.zeros((1, 1))
+
+    def _lr_reference(self) -> float | None:
+        """Effects are scaled by ``lr_t / reference`` when this is not None."""
+        return None
+
+    def _batch_mean(self) -> bool:
+        return False
+
+    def _momentum(self) -> float:
+        """Velocity decay mu of the recurrence (0: first order)."""
+        return float(self.momentum_)
+
+    # ------------------------------------------------------------------ coefficients
+    def _learning_rates(self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None):
+        """The learning rates to weight effects with: the given ones, else the schedule seen in fitting."""
+        if self._lr_reference() is None:
+            return None
+        if learning_rates is not None:
+            return learning_rates
+        schedule = getattr(self, "lr_schedule_", None)
+        if schedule is None or not np.isfinite(schedule).all():
+            raise SimfluenceError(f"{type(self).__name__} weights effects by the learning rate, but none were "
+                                  "given and the training runs did not log them at every step")
+        return [schedule_for(schedule, cur.n_steps) for cur in curricula]
+
+    def _coefficients(
+        self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None, horizon: int,
+        tables: tuple[np.ndarray | None, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """alpha, beta, and the undivided pool sums pool_alpha (None if additive), pool_beta, and batch sizes.
+
+        ``tables`` replaces ``_effect_tables()`` (e.g. unscaled scores during calibration).
+        Returns arrays of shape (n_curricula, horizon, n_test) (sizes: (n_curricula, horizon)).
+        """
+        mult, add = self._effect_tables() if tables is None else tables
+        n_pool, n_test = add.shape[1], add.shape[2]
+        for index, cur in enumerate(curricula):
+            if cur.ids.size and cur.ids.max() >= n_pool:
+                raise SimfluenceError(f"curriculum {index} uses pool position {int(cur.ids.max())}, outside the "
+                                      f"fitted pool 0..{n_pool - 1}")
+        reference = self._lr_reference()
+        rows = step_features(curricula, FeatureSpec(n_pool, 0, reference, False),
+                             self._learning_rates(curricula, learning_rates), n_steps=horizon)  # w_t * counts
+        which = np.tile(self._table_of_steps(np.arange(1, horizon + 1)), len(curricula))
+        pool_beta = np.zeros((len(curricula) * horizon, n_test))
+        pool_alpha = None if mult is None else np.zeros_like(pool_beta)
+        for k in range(add.shape[0]):
+            selected = np.flatnonzero(which == k) if add.shape[0] > 1 else slice(None)
+            part = rows[selected]
+            pool_beta[selected] = np.asarray(part @ add[k])
+            if mult is not None:
+                pool_alpha[selected] = np.asarray(part @ mult[k])
+        sizes = np.zeros((len(curricula), horizon))
+        for index, cur in enumerate(curricula):
+            sizes[index, : cur.n_steps] = cur.batch_sizes
+        divisor = batch_divisor(sizes, self._batch_mean())[..., None]
+        const_alpha, const_beta = (np.broadcast_to(c, (horizon, n_test)) for c in self._step_constants(horizon))
+        pool_beta = pool_beta.reshape(len(curricula), horizon, n_test)
+        beta = const_beta + pool_beta / divisor
+        if pool_alpha is None:
+            alpha = np.broadcast_to(const_alpha, beta.shape)
+        else:
+            pool_alpha = pool_alpha.reshape(len(curricula), horizon, n_test)
+            alpha = const_alpha + pool_alpha / divisor
+        return alpha, beta, pool_alpha, pool_beta, sizes
+
+    def step_coefficients(self, curriculum: Curriculum, learning_rates: np.ndarray | None = None) -> StepCoefficients:
+        """The per-step coefficients of one curriculum (T steps), with the pieces needed to edit a batch.
+
+        Parameters
+        ----------
+        curriculum : pool positions, T steps.
+        learning_rates : (T,) learning rate of each step (default: the schedule seen in fitting).
+        """
+        self.check_fitted()
+        n_steps = curriculum.n_steps
+        rates = None
+        if learning_rates is not None:
+            rates = np.asarray(learning_rates, dtype=np.float64)
+            if rates.shape != (n_steps,) or not np.isfinite(rates).all():
+                raise SimfluenceError(f"need {n_steps} finite learning rates for this curriculum")
+            rates = [rates]
+        alpha, beta, pool_alpha, pool_beta, sizes = self._coefficients([curriculum], rates, n_steps)
+        reference = self._lr_reference()
+        lr_weight = np.ones(n_steps)
+        if reference is not None:
+            lr_weight = np.asarray(self._learning_rates([curriculum], rates)[0], dtype=np.float64) / reference
+        mult, add = self._effect_tables()
+        const_alpha, const_beta = (np.broadcast_to(c, (n_steps, add.shape[2])) for c in self._step_constants(n_steps))
+        return StepCoefficients(
+            alpha=alpha[0], beta=beta[0], const_alpha=const_alpha, const_beta=const_beta,
+            pool_alpha=np.zeros_like(pool_beta[0]) if pool_alpha is None else pool_alpha[0], pool_beta=pool_beta[0],
+            lr_weight=lr_weight, size=sizes[0], table=self._table_of_steps(np.arange(1, n_steps + 1)),
+            batch_mean=self._batch_mean(), mult=mult, add=add, momentum=self._momentum(),
+        )
+
+    # ------------------------------------------------------------------ rollout and leave-one-out
+    def simulate(
+        self,
+        curricula: Curriculum | Sequence[Curriculum],
+        initial_losses: np.ndarray,
+        learning_rates: Sequence[np.ndarray] | None = None,
+        clip: bool = True,
+    ) -> np.ndarray:
+        """Predict loss trajectories (see :meth:`Simulator.simulate`).
+
+        ``clip=False`` ignores the loss floor (the plain linear dynamics, which the exact leave-one-out
+        reproduces).
+        """
+        self.check_fitted()
+        curricula = as_curricula(curricula)
+        n_test = self._effect_tables()[1].shape[2]
+        initial = as_initial(initial_losses, len(curricula), n_test)
+        if learning_rates is not None and len(learning_rates) != len(curricula):
+            raise SimfluenceError(f"{len(learning_rates)} learning-rate schedules for {len(curricula)} curricula")
+        lengths = np.array([cur.n_steps for cur in curricula], dtype=np.int64)
+        horizon = int(lengths.max(initial=0))
+        out = np.empty((len(curricula), horizon + 1, n_test))
+        chunk = max(1, _SIM_CHUNK_BYTES // (32 * max(horizon, 1) * n_test))
+        for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
+            hi = min(len(curricula), lo + chunk)
+            rates = None if learning_rates is None else learning_rates[lo:hi]
+            alpha, beta, _, _, _ = self._coefficients(curricula[lo:hi], rates, horizon)
+            active = np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]
+            out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self._momentum(), active,
+                                self.loss_floor_ if clip else None)
+        return out
+
+    def leave_one_out(
+        self,
+        curriculum: Curriculum,
+        initial_losses: np.ndarray,
+        learning_rates: np.ndarray | None = None,
+        step: int | None = None,
+        chunk: int = 256,
+    ) -> np.ndarray:
+        """Exact leave-one-out effects of every pool example without re-simulation (:mod:`.loo`).
+
+        Equal (to rounding) to re-simulating every leave-one-out curriculum with the unclipped dynamics
+        (``simulate(..., clip=False)``). See :meth:`Simulator.leave_one_out` for the result's layout.
+        """
+        from simfluence.simulators.loo import exact_loo
+
+        coefficients = self.step_coefficients(curriculum, learning_rates)
+        return exact_loo(coefficients, curriculum, initial_losses, step)

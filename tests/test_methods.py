@@ -1,0 +1,78 @@
+"""The one method registry: building by name, option errors, and a model loader that trusts no file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simfluence._io import atomic_savez, load_npz
+from simfluence.errors import ModelFileError, SimfluenceError
+from simfluence.methods import DEFAULT_METHOD, DEFAULT_METHODS, METHODS, load_simulator, make_simulator
+from simfluence.simulators import SimfluenceLinear
+
+
+def test_every_method_builds_and_its_class_kind_is_a_method():
+    for name, entry in METHODS.items():
+        sim = make_simulator(name)
+        assert type(sim).kind in METHODS, name  # a saved model of any method can be loaded back
+        assert entry.description and "\n" not in entry.description
+        for key, value in entry.preset.items():
+            assert sim.get_params()[key] == value
+    assert set(DEFAULT_METHODS) <= set(METHODS) and DEFAULT_METHOD in METHODS
+    assert {"task", "checkpoints"} <= METHODS["tracin"].needs and not METHODS["linear_mom"].needs
+
+
+def test_presets_can_be_overridden_but_unknown_options_cannot_be_given():
+    assert make_simulator("linear_mom", momentum=0.5).momentum == 0.5
+    with pytest.raises(SimfluenceError, match=r"method 'linear' has no option 'hessian' \(its options: lam, "):
+        make_simulator("linear", hessian="exact")
+    with pytest.raises(SimfluenceError, match="unknown method 'nope'; choose from mean_curve"):
+        make_simulator("nope")
+
+
+@pytest.fixture
+def saved(tmp_path, small_runset):
+    return SimfluenceLinear(lam=1.0).fit(small_runset).save(tmp_path / "model.npz")
+
+
+def _rewrite(path, edit_meta=None, edit_arrays=None):
+    arrays, meta = load_npz(path)
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    atomic_savez(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit_meta, edit_arrays, message",
+    [
+        (lambda m: m["params"].update(bogus=1), None, "has no parameter 'bogus'"),
+        (lambda m: m.update(state=[1, 2]), None, "must be JSON objects"),
+        (lambda m: m["state"].update(check_fitted=1), None, "state key 'check_fitted' is not a fitted attribute"),
+        (lambda m: m["state"].update(__class___=1), None, "is not a fitted attribute"),
+        (lambda m: m["state"].update(A_=[1]), None, "unexpected state 'A_'"),
+        (lambda m: m.update(kind="os.system"), None, "unknown simulator kind 'os.system'"),
+        (lambda m: m["params"].update(lam="x"), None, None),  # a bad value loads, and fails clearly when used
+        (None, lambda a: a.pop("B_"), "missing arrays ['B_']"),
+        (None, lambda a: a.update(extra=np.zeros(2)), "unexpected arrays ['extra']"),
+        (lambda m: m.update(version=99), None, "version 99 is not supported"),
+    ],
+)
+def test_a_tampered_model_file_is_one_clear_error(saved, edit_meta, edit_arrays, message):
+    path = _rewrite(saved, edit_meta, edit_arrays)
+    if message is None:
+        sim = load_simulator(path)
+        assert sim.lam == "x"
+        return
+    with pytest.raises(ModelFileError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        load_simulator(path)
+
+
+def test_a_model_file_is_the_same_bytes_when_fitted_twice(tmp_path, small_runset):
+    first = SimfluenceLinear(lam=1.0).fit(small_runset).save(tmp_path / "a.npz")
+    second = SimfluenceLinear(lam=1.0).fit(small_runset).save(tmp_path / "b.npz")
+    meta_a, meta_b = load_npz(first)[1], load_npz(second)[1]
+    assert json.dumps(meta_a) == json.dumps(meta_b)  # no wall-clock fields in the file
