@@ -29,6 +29,16 @@ from simfluence.simulators import MeanCurve, SimfluenceAdditive, SimfluenceLinea
 
 __version__ = "0.1.0"
 
+_LAZY = {"Task": "simfluence.task", "load_task": "simfluence.task"}  # torch is imported only when these are used
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'simfluence' has no attribute {name!r}")
+
 __all__ = [
     "METHODS",
     "Curriculum",
@@ -45,9 +55,11 @@ __all__ = [
     "SimfluenceAdditive",
     "SimfluenceError",
     "SimfluenceLinear",
+    "Task",
     "clone",
     "evaluate",
     "load_simulator",
+    "load_task",
     "make_simulator",
     "random_curricula",
     "random_subset",

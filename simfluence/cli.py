@@ -396,7 +396,7 @@ def plot_command(runset_dir: str, holdout: int, methods: str | None, models: tup
         actual, _ = run.dense_losses()
         path = Path(out) / "whatif.png"
         Path(out).mkdir(parents=True, exist_ok=True)
-        plot_whatif(result, tests=_split_ids(tests), actual=actual, path=path)
+        plot_whatif(result, tests=tests, actual=actual, path=path)
         click.echo(f"wrote {path}")
         return
     if models:
@@ -438,13 +438,6 @@ def _score_saved(models: tuple[str, ...], runset_dir: str, skip_corrupt: bool, i
 
 
 # ------------------------------------------------------------------------------------------ counterfactuals
-def _split_ids(text: str | None) -> list[str] | None:
-    """Comma-separated ids as a list of strings (ids are matched by value or text by the library)."""
-    if text is None:
-        return None
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def _load_model_and_run(model: str, runset_dir: str, run_name: str):
     from simfluence.methods import load_simulator
     from simfluence.runlog import RunSet
@@ -517,7 +510,7 @@ def loo_command(model, runset_dir, run_name, top, tests, step, csv_out) -> None:
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
     effects = loo_effects(simulator, run, step=step)
     target = "all test examples" if tests is None else f"test {tests}"
-    table = effects.top(top, _split_ids(tests))
+    table = effects.top(top, tests)  # ids as given: the library splits and looks them up
     click.echo(f"effect on the loss of {target} of removing each example (positive: it helps)")
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
     if csv_out:
@@ -537,7 +530,7 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
     from simfluence.counterfactual import influence_table
 
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
-    chosen = _split_ids(tests) if tests else runset.test_ids[:3]
+    chosen = tests if tests else runset.test_ids[:3]
     table = influence_table(simulator, runset, run.name, tests=chosen, top=top)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:+.5f}"))
     if csv_out:
@@ -562,7 +555,7 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
     from simfluence.counterfactual import search_curriculum, search_order
 
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
-    targets = _split_ids(tests)
+    targets = tests
     target_ids = simulator.test_index.ids_of(simulator.test_index.positions(targets))
     if reorder is not None:
         if drop is not None or subset_size is not None:
@@ -622,7 +615,7 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
     base = runset[run_name] if run_name else runset[heldout[-1]]
     if runset.run_names.index(base.name) in train:
         raise SimfluenceError(f"--run {base.name!r} is a training run; choose one of the last {holdout} runs")
-    targets = (_split_ids(tests) if tests
+    targets = (tests if tests
                else [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
     click.echo(f"fitting {method} on {len(train)} runs")
     simulator = make_simulator(method).fit(runset, runs=train)

@@ -40,3 +40,18 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     curves = np.asarray(sim.simulate([run.curriculum, best.curriculum], run.initial_losses))
     before, after = curves[:, -1, columns].mean(axis=1)
     assert after - before == pytest.approx(best.predicted_change, rel=1e-6, abs=1e-12)
+
+
+def test_readme_own_task_example_loads_and_its_commands_exist():
+    from simfluence.cli import cli
+    from simfluence.task import load_task
+
+    task = load_task(f"{ROOT / 'examples' / 'wine_task.py'}:make_task")
+    assert task.n_pool == 148 and task.n_test == 30 and task.test_ids[3] == "w3"
+    section = (ROOT / "README.md").read_text().split("## Your own task", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^simfluence (\w+)(?: (\w+))?", section, re.M)
+    assert len(commands) == 5
+    for command, sub in commands:
+        assert command in cli.commands, command
+        if command == "generate":
+            assert sub in cli.commands["generate"].commands
