@@ -28,3 +28,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The long fuzz run of tests/test_fuzz.py (make test runs a short one): FUZZ_EXAMPLES inputs per test, random
+# (not derandomized) draws; the counts of inputs tried and of each outcome go to FUZZ_REPORT.
+FUZZ_EXAMPLES ?= 1500
+FUZZ_REPORT ?= benchmarks/fuzz.json
+.PHONY: fuzz
+fuzz: $(STAMP)
+	SIMFLUENCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SIMFLUENCE_FUZZ_REPORT=$(FUZZ_REPORT) \
+		$(BIN)/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
+	cat $(FUZZ_REPORT)

@@ -1,9 +1,10 @@
 """Benchmark: fact tracing on the facts workload — which method finds the passages, which changes the prediction.
 
 Generates (or reuses) the default facts run set with checkpoints at steps 0, 100 and 200, then runs
-``simfluence.apps.factbench.run_factbench`` (BM25, TracIn, gradient cosine, TrackStar, the learned simulator's
-leave-one-out influence; MRR, recall@10, strict recall@10, precision@10 per frequency bucket, candidate-set
-reranking, tail-patch). Prints markdown and records it in ``benchmarks/RESULTS.md``.
+``simfluence.apps.factbench.run_factbench`` (BM25, TracIn, gradient cosine, TrackStar, gradient cosine at the
+final checkpoint only — TrackStar's control, since TrackStar uses only that checkpoint —, and the learned
+simulator ``linear_mom``'s leave-one-out influence; MRR, recall@10, strict recall@10, precision@10 per
+frequency bucket, candidate-set reranking, tail-patch). Prints markdown and records it in ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_factbench.py [--cache DIR] [--data-seeds 0 1]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
+METHODS = ("bm25", "tracin", "tracin_cos", "trackstar", "tracin_cos_final", "linear_mom")
 SECTION = "## Fact tracing: attribution (finding the passages) vs influence (tail-patch), facts workload"
 
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache if data_seed == 0 else f"{args.cache}-seed{data_seed}"
         generate_facts(cache, checkpoint_steps=(0, 100, 200), data_seed=data_seed, progress=False)
         start = time.perf_counter()
-        frames[data_seed] = (RunSet.load(cache), run_factbench(RunSet.load(cache)), time.perf_counter() - start)
+        frame = run_factbench(RunSet.load(cache), methods=METHODS)
+        frames[data_seed] = (RunSet.load(cache), frame, time.perf_counter() - start)
     runset, frame, seconds = frames[args.data_seeds[0]]
     meta = runset.metadata
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -53,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Recorded {now} by `python benchmarks/bench_factbench.py` on {os.cpu_count()} cores ({seconds:.0f} s for "
         f"the benchmark). Run set: facts workload, default tier ({len(runset)} runs x {runset[0].n_steps} steps, "
         f"{runset.n_pool} documents, {runset.n_test} queries, data seed {meta.get('data_seed', 0)}), gradient methods "
-        "on run 0's checkpoints (steps 0/100/200), `simfluence` = linear_mom fitted on all runs, a document's score = "
-        "its leave-one-out effect on the query's final loss averaged over the runs that contain it. Tail-patch = mean "
-        "increase of the target's probability after one AdamW step from the pretrained base on each of a method's "
-        "top-10 documents. One data seed and one curriculum seed.",
+        "on run 0's checkpoints (steps 0/100/200), `linear_mom` fitted on all runs, its score for a document = the "
+        "document's leave-one-out effect on the query's final loss averaged over the runs that contain it. "
+        "Tail-patch = mean increase of the target's probability after one AdamW step from the pretrained base on "
+        "each of a method's top-10 documents. One data seed and one curriculum seed.",
         "",
         format_factbench(frame),
         "",

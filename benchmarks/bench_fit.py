@@ -47,11 +47,7 @@ QUICK = {"n_pool": 300, "n_test": 24, "n_runs": 12, "n_steps": 40, "batch_size":
 DEFAULT_REFS = ("sparse_cg:1e-4", "sparse_cg:1e-10", "sparse_cg:1e-11", "lsqr:1e-10", "lsqr:1e-12")
 PRIMARY = "sparse_cg:1e-10"  # speed yardstick: sklearn's own choice for sparse X, at a tight tolerance
 TIGHT = "lsqr:1e-12"  # accuracy yardstick: the tightest per-test solution
-LAM_NOTE = (
-    "; 0.01 is what `SimfluenceLinear(lam='auto')` chose on this run set when the benchmark was written "
-    "(validation all-steps MSE 3.0e-4 at 0.01, 8.9e-4 at 0.1, 5.4e-3 at 1; the recovered effects' RMS error "
-    "relative to the spread of the true A is 0.08 at lam 0.01, 0.13 at 0.1 and 0.45 at 1)"
-)
+LAM_NOTE = "; a fixed strength, the same for the library and the reference"
 TARGET_SPEEDUP = 50.0
 TARGET_RELDIFF = 1e-5
 
@@ -409,17 +405,200 @@ def _versions() -> str:
     return f"numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn {sklearn.__version__}"
 
 
+
+# ------------------------------------------------------------------------------------------ issue 13 targets
+TARGETS_SECTION = "## Fit targets: batched CG vs per-test sparse normal equations, and the cost of lam='auto'"
+TARGETS_SIZES = {"n_pool": 1500, "n_test": 200, "n_runs": 40, "n_steps": 200, "batch_size": 8}
+TARGETS_TRAIN = 32  # runs fitted on; the other 8 are held out for the validation MSE
+BASELINE_REV = "c307773"  # the implementation before issue 13's fast fit
+
+
+def worker_targets(args: argparse.Namespace) -> dict:
+    """Fit at a fixed lam and with lam='auto' ``args.repeat`` times with whatever `simfluence` is importable."""
+    import simfluence
+    from simfluence.simulators.linear import SimfluenceLinear, validation_mse
+
+    sizes = json.loads(args.sizes)
+    runset, _, _ = _make_runset(sizes, args.noise, args.seed)
+    train, held_out = range(TARGETS_TRAIN), range(TARGETS_TRAIN, sizes["n_runs"])
+    extra = {} if args.precision == "default" else {"precision": args.precision}
+    result = {"package": str(Path(simfluence.__file__).parent), "fixed_s": [], "auto_s": []}
+    for _ in range(args.repeat):
+        fixed = SimfluenceLinear(lam=args.lam, solver="cg", **extra)
+        start = time.perf_counter()
+        fixed.fit(runset, runs=train)
+        result["fixed_s"].append(time.perf_counter() - start)
+        auto = SimfluenceLinear(lam="auto", solver="cg", **extra)
+        start = time.perf_counter()
+        auto.fit(runset, runs=train)
+        result["auto_s"].append(time.perf_counter() - start)
+    info = fixed.solve_info_
+    result.update({
+        "fixed_mse": validation_mse(fixed, runset, held_out), "auto_mse": validation_mse(auto, runset, held_out),
+        "auto_lam": auto.lam_, "n_iter": info.n_iter, "solver": getattr(info, "kernel", "scipy") or "scipy",
+        "dtype": getattr(info, "dtype", "float64"),
+    })
+    np.savez(args.out, A=fixed.A_, B=fixed.B_, auto_A=auto.A_, auto_B=auto.B_)
+    return result
+
+
+def _baseline_package(rev: str, tmp: Path) -> Path:
+    """The `simfluence` package as of git revision ``rev``, extracted into ``tmp`` (read-only use of git)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "simfluence"], capture_output=True, check=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+    return tmp
+
+
+def _normal_equations_loop(transitions, lam: float, tests: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """The per-test reference: X_m = [diag(L_prev_m) C, C], (X^T X + lam I) x = X^T y by sparse LU (spsolve)."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spl
+
+    C = transitions.features.tocsr()
+    n_pool = C.shape[1]
+    identity = sp.identity(2 * n_pool, format="csc")
+    A, B, seconds = np.empty((n_pool, tests.size)), np.empty((n_pool, tests.size)), []
+    for k, m in enumerate(tests):
+        start = time.perf_counter()
+        design = sp.hstack([sp.diags(transitions.prev[:, m]) @ C, C], format="csr")
+        gram = (design.T @ design + lam * identity).tocsc()
+        coef = spl.spsolve(gram, design.T @ transitions.next[:, m], permc_spec="MMD_AT_PLUS_A")
+        seconds.append(time.perf_counter() - start)
+        A[:, k], B[:, k] = coef[:n_pool], coef[n_pool:]
+    return A, B, seconds
+
+
+def run_targets(args: argparse.Namespace) -> str:
+    from simfluence.design import FeatureSpec, build_transitions
+
+    sizes = dict(TARGETS_SIZES)
+    n_test = sizes["n_test"]
+    load_before = _loadavg()
+    runset, _, _ = _make_runset(sizes, args.noise, args.seed)
+    transitions = build_transitions(runset, FeatureSpec(runset.n_pool), range(TARGETS_TRAIN))
+    sample = _sample_tests(n_test, args.n_sample, args.seed)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        baseline = _baseline_package(args.baseline, tmp / "baseline") if args.baseline else None
+        configs = [("before", baseline, "default")] if baseline else []
+        configs += [("after", None, "float32"), ("after", None, "float64")]
+        results = {}
+        for rep in range(args.rounds):  # alternate the implementations so that load changes hit both alike
+            for label, path, precision in configs:
+                key = f"{label}-{precision}"
+                print(f"  round {rep + 1}: {key} ...", flush=True)
+                env = dict(os.environ)
+                if path is not None:
+                    env["PYTHONPATH"] = str(path)
+                out, result = tmp / f"{key}.npz", tmp / f"{key}.json"
+                cmd = [sys.executable, __file__, "--worker", "targets", "--sizes", json.dumps(sizes), "--lam",
+                       repr(args.lam), "--noise", repr(args.noise), "--seed", str(args.seed), "--repeat", "1",
+                       "--precision", precision, "--out", str(out), "--result", str(result)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"worker {key} failed:\n{proc.stdout}\n{proc.stderr}")
+                res = json.loads(result.read_text())
+                with np.load(out) as data:
+                    res["arrays"] = {name: data[name] for name in data.files}
+                if key in results:
+                    res["fixed_s"] = results[key]["fixed_s"] + res["fixed_s"]
+                    res["auto_s"] = results[key]["auto_s"] + res["auto_s"]
+                results[key] = res
+        print("  reference loop ...", flush=True)
+        ref_A, ref_B, ref_seconds = _normal_equations_loop(transitions, args.lam, sample)
+    load_after = _loadavg()
+    ref_per_test = float(np.min(ref_seconds))  # best single test: the most favourable reading of the reference
+    ref_total = ref_per_test * n_test
+
+    def rel(x: np.ndarray, ref: np.ndarray) -> float:
+        return float(_rel_diff(x, ref).max())
+
+    before = results.get("before-default")
+    lines = [
+        TARGETS_SECTION,
+        "",
+        f"Recorded {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by "
+        f"`{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/bench_fit.py', *sys.argv[1:]])}`.",
+        "",
+        f"Machine: {os.cpu_count()} cores (shared with other jobs), {platform.machine()}, Python "
+        f"{platform.python_version()}, {_versions()}. Load average (1/5/15 min) before {load_before}, after "
+        f"{load_after}.",
+        "",
+        f"Problem: `known_linear_runset({', '.join(f'{k}={v}' for k, v in sizes.items())}, noise={args.noise:g}, "
+        f"seed={args.seed})`; fitted on the first {TARGETS_TRAIN} runs ({TARGETS_TRAIN * sizes['n_steps']} "
+        f"transitions, {2 * sizes['n_pool']} unknowns per test example), validation MSE = all-steps rollout MSE on "
+        f"the other {sizes['n_runs'] - TARGETS_TRAIN}. Fixed `lam={args.lam:g}`, `SimfluenceLinear(solver='cg')` "
+        "defaults otherwise (tol 1e-10). *before* = the package at git "
+        f"`{args.baseline}` (float64 PCG, scipy products), *after* = this tree. Each configuration ran in its own "
+        f"subprocess, {args.rounds} rounds alternating before/after; times are the best round.",
+        "",
+        "| implementation | precision, kernel | CG iterations | fixed-lam fit (s) | `lam='auto'` fit (s) "
+        "| auto / fixed | lam chosen | validation MSE fixed lam | validation MSE auto | max rel. diff A, B vs before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, res in results.items():
+        fixed_s, auto_s = min(res["fixed_s"]), min(res["auto_s"])
+        diff = "-"
+        if before is not None and key != "before-default":
+            arrays, old = res["arrays"], before["arrays"]
+            diff = f"{max(rel(arrays['A'], old['A']), rel(arrays['B'], old['B'])):.1e}"
+        lines.append(
+            f"| {key.split('-')[0]} | {res['dtype']}, {res['solver']} | {res['n_iter']} | {fixed_s:.2f} | "
+            f"{auto_s:.2f} | {auto_s / fixed_s:.1f}x | {res['auto_lam']:g} | {res['fixed_mse']:.5e} | "
+            f"{res['auto_mse']:.5e} | {diff} |")
+    lines += [
+        "",
+        f"Reference: per test example, `X_m = [diag(L_prev_m) C, C]`, `(X^T X + lam I) x = X^T y` by "
+        f"`scipy.sparse.linalg.spsolve(..., permc_spec='MMD_AT_PLUS_A')` (scipy has no sparse Cholesky; "
+        f"SuperLU with the symmetric ordering), design build included; timed on {sample.size} sampled test "
+        f"examples, best one {ref_per_test:.3f} s (all: {', '.join(f'{s:.2f}' for s in ref_seconds)} s) -> "
+        f"{ref_total:.0f} s for {n_test} tests.",
+        "",
+    ]
+    for key, res in results.items():
+        if not key.startswith("after"):
+            continue
+        cols = np.searchsorted(np.arange(n_test), sample)
+        fixed_s = min(res["fixed_s"])
+        worst = max(rel(res["arrays"]["A"][:, cols], ref_A), rel(res["arrays"]["B"][:, cols], ref_B))
+        speed = ref_total / fixed_s
+        ratio = min(res["auto_s"]) / fixed_s
+        lines.append(
+            f"- after, {res['dtype']}: **{speed:.0f}x** the reference loop at the same lam "
+            f"({'meets' if speed >= 20 else 'MISSES'} >= 20x), max relative difference of A, B from the "
+            f"reference's exact solution {worst:.1e}; "
+            f"`lam='auto'` costs **{ratio:.1f}x** the fixed-lam fit ({'meets' if ratio <= 3 else 'MISSES'} <= 3x)"
+            + ("" if before is None else
+               f"; {min(before['fixed_s']) / fixed_s:.1f}x faster fixed-lam and "
+               f"{min(before['auto_s']) / min(res['auto_s']):.1f}x faster auto than before; validation MSE at the "
+               f"fixed lam {100 * (res['fixed_mse'] / before['fixed_mse'] - 1):+.4f}% vs before (target within 1%)")
+            + ".")
+    if before is not None:
+        lines.append(f"- before: `lam='auto'` cost {min(before['auto_s']) / min(before['fixed_s']):.1f}x its "
+                     f"fixed-lam fit; {ref_total / min(before['fixed_s']):.0f}x the reference loop.")
+    lines += [
+        "",
+        "Where the time went (after): the lam grid's candidates are solved from strong to weak lam, each "
+        "warm-starting the next, to tol 1e-7 (`SELECTION_TOL`; validation MSE to ~4 digits), and the final fit starts "
+        "from the chosen candidate; float32 CG iterations inside float64 iterative refinement halve the cost of the "
+        "sparse products at the same tol; the product kernel is the faster of scipy and torch, timed at the start "
+        "of each solve (torch's threads lose badly on oversubscribed cores).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help=f"smoke size {QUICK} (default: {FULL})")
-    parser.add_argument("--lam", type=float, default=0.01,
-                        help="fixed ridge strength (default 0.01: what SimfluenceLinear(lam='auto') picks on the "
-                        "full-size run set)")
+    parser.add_argument("--lam", type=float, default=None,
+                        help="fixed ridge strength (default 0.01)")
     parser.add_argument("--tol", type=float, nargs="+", default=[1e-8, 1e-9, 1e-10],
-                        help="library CG tolerance(s), one row each (default: 1e-8 = the library default, 1e-9, "
-                        "1e-10)")
+                        help="library CG tolerance(s), one row each (default: 1e-8, 1e-9 and 1e-10 = the library "
+                        "default)")
     parser.add_argument("--noise", type=float, default=1e-3, help="noise of the synthetic runs (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-sample", type=int, default=None, help="test examples the reference is timed on "
@@ -438,7 +617,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="record the table in RESULTS.md (default: full size only)")
     group.add_argument("--no-write", dest="write", action="store_false")
     # internal: measured pieces run in subprocesses
-    parser.add_argument("--worker", choices=["lib", "ref"], help=argparse.SUPPRESS)
+    parser.add_argument("--targets", action="store_true",
+                        help=f"issue 13's targets instead: {TARGETS_SIZES}, before/after, lam='auto' cost, vs a "
+                        "per-test sparse normal-equations loop (own section of RESULTS.md; --lam defaults to 1e-3)")
+    parser.add_argument("--baseline", default=BASELINE_REV, help="git revision of the 'before' package for "
+                        f"--targets (default {BASELINE_REV}; empty: none)")
+    parser.add_argument("--rounds", type=int, default=2, help="--targets: rounds alternating before/after")
+    parser.add_argument("--precision", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["lib", "ref", "targets"], help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     parser.add_argument("--ref", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -446,7 +632,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_sample is None:
         args.n_sample = 3 if args.quick else 8
+    if args.lam is None:
+        args.lam = 1e-3 if args.targets or args.worker == "targets" else 0.01
 
+    if args.worker == "targets":
+        Path(args.result).write_text(json.dumps(worker_targets(args)))
+        return 0
+    if args.targets:
+        section = run_targets(args)
+        print()
+        print(section)
+        if args.write is not False:
+            write_section(args.results, TARGETS_SECTION, section)
+            print(f"recorded in {args.results}")
+        return 0
     if args.worker:
         if args.worker == "lib":
             args.tol = args.tol[0]

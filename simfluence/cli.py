@@ -239,11 +239,14 @@ def _parse_lam(value: str) -> float | str:
 @click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
               help="Any hyper-parameter of the method, e.g. --param momentum=0.8 (repeatable).")
 @click.option("--holdout", default=0, show_default=True, help="Leave the last K runs out of fitting.")
+@click.option("--run", "base_run", default=None,
+              help="The one base run of a method fitted around a single run (unrolled).")
 @click.option("--task", "task_spec", default=None, help=_TASK_HELP)
 @_runset_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
 def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tuple[str, ...], holdout: int,
-                task_spec: str | None, include_incomplete: bool, skip_corrupt: bool, out: str) -> None:
+                base_run: str | None, task_spec: str | None, include_incomplete: bool, skip_corrupt: bool,
+                out: str) -> None:
     """Fit a simulator to a run set and save it."""
     from simfluence.evaluation import split_runs
     from simfluence.methods import method as registry_entry
@@ -257,8 +260,15 @@ def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tupl
         raise SimfluenceError(f"method {method!r} does not use a model; --task is only for "
                               "tracin, influence, trackstar and their variants")
     runset = _load_runset(runset_dir, skip_corrupt)
-    used = _usable_runs(runset, include_incomplete)
-    train = [used[i] for i in split_runs(len(used), holdout)[0]] if holdout else used
+    per_base = bool(type(simulator).tags.get("per_base"))
+    if per_base != (base_run is not None):
+        raise SimfluenceError(f"method {method!r} is fitted around one base run: pass --run NAME" if per_base
+                              else f"--run is only for methods fitted around one base run, not {method!r}")
+    if per_base:
+        train = [runset.run_names.index(runset[base_run].name)]
+    else:
+        used = _usable_runs(runset, include_incomplete)
+        train = [used[i] for i in split_runs(len(used), holdout)[0]] if holdout else used
     if "task" in entry.needs:
         simulator.fit(runset, runs=train, task=task_spec)
     else:
@@ -588,17 +598,37 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
 
 @cli.command("verify")
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--method", default="linear_mom", show_default=True, help="Simulator to check.")
+@click.option("--protocol", type=click.Choice(["targeted", "lds"]), default="targeted", show_default=True,
+              help="targeted: hand-picked edits of one base run for one method; lds: many random edits of every "
+                   "held-out run, every method scored by LDS.")
+@click.option("--method", default="linear_mom", show_default=True, help="Simulator to check (targeted).")
+@click.option("--methods", default=None,
+              help="Comma-separated methods to score (lds; default: mean_curve, additive, linear, linear_step, "
+                   "linear_mom).")
 @click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs.")
-@click.option("--run", "run_name", default=None, help="Held-out base run (default: the last run).")
-@click.option("--tests", default=None, help="Target test ids (default: the 10 with the highest final loss).")
-@click.option("--k", default=10, show_default=True, help="Examples per edit.")
+@click.option("--run", "run_name", default=None, help="Held-out base run (targeted; default: the last run).")
+@click.option("--tests", default=None, help="Target test ids (targeted; default: the 10 with the highest final loss).")
+@click.option("--k", type=int, default=None,
+              help="Examples per edit (targeted, default 10) or moved per draw (lds move protocols, default 8).")
+@click.option("--draws", type=int, default=None, help="Draws per protocol and base run (lds; default 40).")
+@click.option("--protocols", default=None,
+              help="Comma-separated LDS protocols: remove-P (P% of the examples used), move-end, move-start, half "
+                   "(lds; default: remove-1,remove-5,remove-10,move-end,half).")
+@click.option("--bases", type=int, default=None, help="Score on the last K held-out runs (lds; default: all of them).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random edits.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for results and retrained runs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results as JSON to this file.")
 @click.option("--workers", type=int, default=None, help="Parallel training processes.")
 @click.option("--task", "task_spec", default=None,
               help="The runs' task as path/to/file.py:function (needed when the run set records no built-in workload).")
-def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers, task_spec) -> None:
-    """Retrain real models on counterfactual curricula and compare with the simulator's predictions."""
+def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tests, k, draws, protocols, bases, seed,
+                   out, json_out, workers, task_spec) -> None:
+    """Retrain real models on counterfactual curricula and compare with the simulators' predictions.
+
+    With --protocol lds every draw is retrained into OUT/retrained/<base run> (a second call trains only what
+    is missing) and OUT gets report.md, lds.json and one predicted-vs-actual plot per protocol.
+    """
     import pandas as pd
 
     from simfluence.apps.plot import plot_verification
@@ -608,6 +638,37 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
     from simfluence.runlog import RunSet
     from simfluence.task import task_for_runset
 
+    lds_only = {"--methods": methods, "--draws": draws, "--protocols": protocols, "--bases": bases}
+    if protocol == "lds":
+        from simfluence.apps.lds import DEFAULT_PROTOCOLS, format_lds_table, lds_json, run_lds, write_lds_report
+        from simfluence.evaluation import parse_methods
+        from simfluence.methods import DEFAULT_METHODS
+
+        if run_name or tests:
+            raise SimfluenceError("--run and --tests apply to --protocol targeted (lds edits every held-out run)")
+        runset = RunSet.load(runset_dir)
+        names = parse_methods(methods if methods is not None else ",".join(DEFAULT_METHODS))
+        chosen = [part.strip() for part in (protocols or ",".join(DEFAULT_PROTOCOLS)).split(",") if part.strip()]
+        used = _usable_runs(runset, include_incomplete=False)
+        train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
+        if bases is not None and not 1 <= bases <= len(heldout):
+            raise SimfluenceError(f"--bases must be between 1 and {len(heldout)} (the held-out runs)")
+        result = run_lds(runset, names, base_runs=None if bases is None else heldout[-bases:], train_runs=train,
+                         protocols=chosen, n_draws=40 if draws is None else draws, task=task_spec,
+                         out=Path(out) / "retrained", workers=workers, seed=seed, k=8 if k is None else k)
+        paths = write_lds_report(result, out)
+        click.echo(format_lds_table(result.table))
+        click.echo(f"retrained {result.n_trained} run(s); retraining each base curriculum reproduces its logged run "
+                   f"to {result.base_reproduction:.1e}")
+        if json_out:
+            atomic_write_json(json_out, lds_json(result))
+        click.echo(f"wrote {paths['report']}, {paths['json']} and {len(chosen)} plot(s)"
+                   + (f"; {json_out}" if json_out else ""))
+        return
+    given = [option for option, value in lds_only.items() if value is not None]
+    if given:
+        raise SimfluenceError(f"{given[0]} applies to --protocol lds")
+    k = 10 if k is None else k
     runset = RunSet.load(runset_dir)
     task = task_for_runset(runset, task_spec)  # before any work: a missing task is one line, nothing written
     used = _usable_runs(runset, include_incomplete=False)
@@ -621,17 +682,20 @@ def verify_command(runset_dir, method, holdout, run_name, tests, k, out, workers
     simulator = make_simulator(method).fit(runset, runs=train)
     out_dir = Path(out)  # created when retraining starts, so a failure before it leaves nothing behind
     result = verify_counterfactuals(simulator, runset, base.name, targets, k=k, out=out_dir / "retrained",
-                                    workers=workers, task=task)
+                                    seed=seed, workers=workers, task=task)
     out_dir.mkdir(parents=True, exist_ok=True)
     with pd.option_context("display.width", 160):
         click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"retraining the base curriculum reproduces the logged run to {result.base_reproduction:.1e}")
-    atomic_write_json(out_dir / "verify.json", {
+    summary = {
         "method": method, "run": base.name, "targets": result.tests, "k": k,
         "base_reproduction": result.base_reproduction,
         "table": [{key: (None if isinstance(value, float) and not np.isfinite(value) else value)
                    for key, value in row.items()} for row in result.table.to_dict(orient="records")],
-    })
+    }
+    atomic_write_json(out_dir / "verify.json", summary)
+    if json_out:
+        atomic_write_json(json_out, summary)
     plot_verification(result.names, result.predicted, result.actual, result.test_columns,
                       path=out_dir / "verify.png")
     click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")

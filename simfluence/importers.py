@@ -21,6 +21,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,28 +320,32 @@ def _read_table(source: TableLike, kind: str) -> _Table:
                 f"{label}: reading Parquet needs pyarrow: pip install simfluence[parquet]"
             ) from None
     try:
-        if table_format in ("csv", "tsv"):
-            sep = "\t" if table_format == "tsv" else ","
-            header = pd.read_csv(path, sep=sep, nrows=0).columns
-            # Ids are text: "NA", "None", "null", "nan" are ids like any other; only an empty field is missing
-            missing = {column: [""] if column in _ID_COLUMNS else list(_NA_TEXTS) for column in header}
-            frame = pd.read_csv(path, sep=sep, dtype={column: str for column in _ID_COLUMNS},
-                                keep_default_na=False, na_values=missing, **_CSV_FLOATS)
-            for column in ("example", "test"):
-                if column in frame.columns:
-                    frame[column] = _canonical_ints(frame[column])
-        elif table_format == "parquet":
-            frame = pd.read_parquet(path, engine="pyarrow")
-        elif table_format == "jsonl":
-            frame = pd.read_json(path, lines=True, orient="records", dtype=False, precise_float=True)
-        else:
-            try:
-                frame = pd.read_json(path, orient="records", dtype=False, precise_float=True)
-            except ValueError:  # JSON lines named .json
+        with warnings.catch_warnings():  # the command line prints one line per problem, not pandas' notes
+            warnings.simplefilter("ignore")
+            if table_format in ("csv", "tsv"):
+                sep = "\t" if table_format == "tsv" else ","
+                header = pd.read_csv(path, sep=sep, nrows=0).columns
+                # Ids are text: "NA", "None", "null", "nan" are ids like any other; only an empty field is missing
+                missing = {column: [""] if column in _ID_COLUMNS else list(_NA_TEXTS) for column in header}
+                frame = pd.read_csv(path, sep=sep, dtype={column: str for column in _ID_COLUMNS},
+                                    keep_default_na=False, na_values=missing, **_CSV_FLOATS)
+                for column in ("example", "test"):
+                    if column in frame.columns:
+                        frame[column] = _canonical_ints(frame[column])
+            elif table_format == "parquet":
+                frame = pd.read_parquet(path, engine="pyarrow")
+                for column in frame.columns:  # decode text now: a corrupt page fails here, as unreadable
+                    if not pd.api.types.is_numeric_dtype(frame[column].dtype):
+                        frame[column].to_numpy(dtype=object)
+            elif table_format == "jsonl":
                 frame = pd.read_json(path, lines=True, orient="records", dtype=False, precise_float=True)
-    except (ValueError, OSError, UnicodeDecodeError, RecursionError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ImportTableError(f"{label}: cannot read as {table_format}: {first_line}") from None
+            else:
+                try:
+                    frame = pd.read_json(path, orient="records", dtype=False, precise_float=True)
+                except ValueError:  # JSON lines named .json
+                    frame = pd.read_json(path, lines=True, orient="records", dtype=False, precise_float=True)
+    except Exception as err:  # pandas, pyarrow and the decompressors raise many types for a corrupt file
+        raise ImportTableError(f"{label}: cannot read as {table_format}: {_reason(err)}") from None
     return _Table(frame, label)
 
 
@@ -374,8 +380,8 @@ def _gptdynamics_records(source: str | os.PathLike | Iterable[dict]) -> tuple[li
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ImportTableError(f"{label}: cannot read: {err}") from None
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:  # a truncated or corrupt .gz, too
+        raise ImportTableError(f"{label}: cannot read: {_reason(err)}") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -398,7 +404,8 @@ def _gptdynamics_records(source: str | os.PathLike | Iterable[dict]) -> tuple[li
 def _check_columns(table: _Table, required: Sequence[str]) -> None:
     missing = [column for column in required if column not in table.frame.columns]
     if missing:
-        found = ", ".join(map(str, table.frame.columns)) or "none"
+        found = ", ".join(repr(str(column))[1:-1] for column in table.frame.columns) or "none"  # escaped: one line
+        found = found if len(found) <= 200 else found[:197] + "..."
         table.fail(f"missing column {missing[0]!r} (columns found: {found})")
 
 
@@ -494,7 +501,8 @@ def _check_runs_and_steps(table: _Table, first_step: int) -> None:
         try:
             check_run_name(name)
         except RunLogError as err:  # runs become folder names
-            table.fail(str(err), _first(runs == name))
+            table.fail(str(err), next(row for row, run in enumerate(runs) if run == name))  # not ==: numpy
+            # would compare as fixed-width text and drop trailing NULs
     table.runs = runs
     values = table.frame["step"]
     if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):

@@ -98,6 +98,28 @@ METHODS: dict[str, Method] = _registry(
     Method("trackstar", "simfluence.attribution.simulators:TrackStarSimulator",
            "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity",
            needs=_GRADIENT_NEEDS),
+    # the fair variants: the mean training-run change as the baseline trajectory (the role linear_mom's step terms
+    # play) and one scale per test example, fitted on training runs only; TrackStar on every saved checkpoint
+    Method("tracin_offset", "simfluence.attribution.simulators:TracInSimulator",
+           "TracIn-CP explaining the runs' differences from the mean curve, one scale per test example",
+           {"offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+    Method("tracin_cos_offset", "simfluence.attribution.simulators:TracInSimulator",
+           "gradient cosine (TracIn-CP) explaining the differences from the mean curve, per-test scale",
+           {"variant": "cosine", "offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+    Method("influence_offset", "simfluence.attribution.simulators:InfluenceSimulator",
+           "influence functions explaining the differences from the mean curve, per-test scale",
+           {"offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+    Method("trackstar_offset", "simfluence.attribution.simulators:TrackStarSimulator",
+           "TrackStar averaged over every saved checkpoint, explaining the differences from the mean curve, "
+           "per-test scale", {"checkpoints": "all", "offset": "mean_curve", "scale": "per_test"},
+           needs=_GRADIENT_NEEDS),
+    Method("tracin_cos_final", "simfluence.attribution.simulators:TracInSimulator",
+           "control for TrackStar: plain gradient cosine at the final checkpoint only",
+           {"variant": "cosine", "checkpoints": "final"}, needs=_GRADIENT_NEEDS),
+    Method("tracin_cos_final_offset", "simfluence.attribution.simulators:TracInSimulator",
+           "control for TrackStar: plain gradient cosine at the final checkpoint only, mean-curve offset, "
+           "per-test scale", {"variant": "cosine", "checkpoints": "final", "offset": "mean_curve",
+                              "scale": "per_test"}, needs=_GRADIENT_NEEDS),
     Method("trackstar_no_opt", "simfluence.attribution.simulators:TrackStarSimulator",
            "TrackStar without the optimizer second-moment correction", {"optimizer_correction": False},
            needs=_GRADIENT_NEEDS),
@@ -108,6 +130,9 @@ METHODS: dict[str, Method] = _registry(
     Method("trackstar_no_unit", "simfluence.attribution.simulators:TrackStarSimulator",
            "TrackStar without unit normalisation (inner products, not cosines)", {"unit_normalize": False},
            needs=_GRADIENT_NEEDS),
+    Method("unrolled", "simfluence.attribution.unrolled_simulator:UnrolledSimulator",
+           "exact first-order effects by differentiating through a replay of one base run (fit on that run only)",
+           needs=frozenset({"task"})),
 )
 
 # the methods `simfluence evaluate` runs by default (learned simulators and the baseline: no model needed)
@@ -166,8 +191,8 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
         sim = cls(**params)
     except (TypeError, ValueError, SimfluenceError) as err:
         raise ModelFileError(f"{label}: bad parameters: {err}") from None
-    expected = set(cls._fitted_arrays)
-    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    expected, optional = set(cls._fitted_arrays), set(getattr(cls, "_optional_arrays", ()))
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected - optional)
     if missing or extra:
         problem = f"missing arrays {missing}" if missing else f"unexpected arrays {extra}"
         raise ModelFileError(f"{label}: {problem}")
@@ -175,8 +200,9 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
                                                 and not name.startswith("_"))]
     if bad_state:
         raise ModelFileError(f"{label}: state key {bad_state[0]!r} is not a fitted attribute")
-    for name in cls._fitted_arrays:
-        setattr(sim, name, arrays[name])
+    for name in (*cls._fitted_arrays, *optional):
+        if name in arrays:
+            setattr(sim, name, arrays[name])
     sim._set_state(state)
     if "pool_ids_" not in state and "n_pool_" in state:  # files of version 1 written before ids were saved
         sim.pool_ids_ = list(range(int(state["n_pool_"])))
@@ -192,4 +218,8 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
     if unexpected:
         raise ModelFileError(f"{label}: unexpected state {unexpected[0]!r} for {cls.__name__}")
     sim.fitted_ = True
+    try:
+        sim._self_check()
+    except Exception as err:  # noqa: BLE001 - whatever untrusted state breaks, the caller gets one clear line
+        raise ModelFileError(f"{label}: the saved state is inconsistent ({type(err).__name__}: {err})") from None
     return sim

@@ -18,6 +18,11 @@ The ``.bin`` files are append-only; ``run.json`` is rewritten atomically after e
 counts that are *committed*. A reader trusts only those counts, so a logger killed mid-step leaves a
 run whose every completed step is readable. Runs are ordered by the natural sort of their names
 (``run-2`` before ``run-10``).
+
+A logger holds an exclusive lock on its run (``RUNSET/runs/.locks/<name>.lock``). A reader never follows
+a symbolic link, checks every count against the real file size before reading, reads a run's arrays on
+first use and keeps no file open (losses are mapped without a descriptor), so hostile or corrupt files
+end in one ``RunLogError`` and sets of many thousands of runs open under a small ``ulimit -n``.
 """
 from __future__ import annotations
 
@@ -455,6 +460,7 @@ class RunSet:
         ids is opened instead; a different one is an error.
         """
         path = Path(path)
+        _recover_interrupted_save(path)
         if isinstance(test_ids, (int, np.integer)):
             test_ids = range(int(test_ids))
         if test_ids is None:
@@ -852,23 +858,36 @@ def _map(files: _RunFiles, key: str) -> np.ndarray:
         os.close(fd)
 
 
-def _offsets(files: _RunFiles) -> np.ndarray:
-    """(n_steps + 1,) curriculum offsets from ``batch_sizes.bin``, checked without overflow.
+def _check_batch_sizes(files: _RunFiles, sizes: np.ndarray) -> None:
+    """Every batch size in ``0..n_entries`` and their sum exactly ``n_entries``, without integer overflow.
 
-    Every size must lie in ``0..n_entries`` and the sizes must add up to ``n_entries`` exactly; a float sum
-    rules out the int64 wrap-around that could otherwise make a crafted file add up.
+    Checked in chunks (memory does not grow with ``n_steps``); a float sum per chunk rules out the int64
+    wrap-around that could otherwise make a crafted file add up.
     """
-    sizes = _read_in_memory(files, "batch_sizes")
     where = str(files.run_dir)
-    bad = (sizes < 0) | (sizes > files.n_entries)
-    if bad.any():
-        step = int(np.flatnonzero(bad)[0]) + 1
-        raise RunLogError(
-            f"{where!r}: step {step} has batch size {int(sizes[step - 1])} in batch_sizes.bin, outside "
-            f"0..{files.n_entries} (the committed n_entries)"
-        )
-    if float(sizes.sum(dtype=np.float64)) > files.n_entries * (1 + 1e-9) + 1 or int(sizes.sum()) != files.n_entries:
+    total = 0
+    for start in range(0, len(sizes), _CHECK_CHUNK):
+        chunk = np.asarray(sizes[start : start + _CHECK_CHUNK])
+        bad = (chunk < 0) | (chunk > files.n_entries)
+        if bad.any():
+            step = start + int(np.flatnonzero(bad)[0]) + 1
+            raise RunLogError(
+                f"{where!r}: step {step} has batch size {int(sizes[step - 1])} in batch_sizes.bin, outside "
+                f"0..{files.n_entries} (the committed n_entries)"
+            )
+        if float(chunk.sum(dtype=np.float64)) > files.n_entries * (1 + 1e-9) + 1:
+            break  # too large already; the int64 sum of this chunk might wrap
+        total += int(chunk.sum())
+        if total > files.n_entries:
+            break
+    if total != files.n_entries:
         raise RunLogError(f"{where!r}: batch sizes do not add up to {files.n_entries} entries")
+
+
+def _offsets(files: _RunFiles) -> np.ndarray:
+    """(n_steps + 1,) curriculum offsets from ``batch_sizes.bin``, checked (see :func:`_check_batch_sizes`)."""
+    sizes = _read_in_memory(files, "batch_sizes")
+    _check_batch_sizes(files, sizes)
     offsets = np.empty(len(sizes) + 1, dtype=np.int64)
     offsets[0] = 0
     np.cumsum(sizes, out=offsets[1:])
@@ -941,7 +960,7 @@ def _read_run(run_dir: Path, n_test: int, check_n_test: bool) -> Run:
         fd, _ = _open_array(files, key)  # sizes and file types now, before any array is read
         if fd is not None:
             os.close(fd)
-    _offsets(files)
+    _check_batch_sizes(files, _map(files, "batch_sizes"))  # mapped: nothing allocated for a huge claim
     return Run._on_disk(name, files, metadata, complete=info.get("status") == "complete")
 
 
@@ -1017,7 +1036,8 @@ class RunLogger:
     runset_path : folder made by :meth:`RunSet.create`.
     name : run name (letters, digits, ``._-``).
     metadata : JSON metadata of the run (seed, optimizer, learning-rate schedule, checkpoint paths ...).
-    overwrite : replace an existing run of that name (otherwise an existing run is an error).
+    overwrite : replace an existing run of that name (otherwise an existing run is an error); a run that another
+        logger is writing is never replaced.
     fsync : fsync data and counts after every step (survives power loss, slower).
     """
 

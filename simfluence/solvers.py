@@ -13,9 +13,16 @@ test examples.
 - ``cg``: matrix-free conjugate gradient run on all test examples in parallel (one CG per column),
   with a 2x2 block-Jacobi preconditioner that pairs each feature's multiplicative and additive
   coefficient (they are strongly correlated because losses change slowly).
+
+The CG's cost is its sparse products (:class:`SparseProducts`): torch's multi-threaded CSR kernel when torch
+is importable (``kernel="auto"``), else scipy's. ``dtype=np.float32`` runs the CG in single precision
+inside float64 iterative refinement, so the answer meets the same ``tol`` (on the float64 residual) as a
+float64 solve; a loose ``tol`` (>= 1e-5) needs no refinement and never forms float64 copies of the losses.
+Test examples are solved in blocks whose working set stays under ``_CG_BLOCK_BYTES``.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -27,6 +34,8 @@ from threadpoolctl import threadpool_limits
 from simfluence.errors import SimfluenceError
 
 _CHUNK_BYTES = 256 * 2**20
+_CG_BLOCK_BYTES = 512 * 2**20
+_SINGLE_INNER_TOL = 1e-5  # relative residual each single-precision correction solve aims for
 
 
 class ConvergenceWarning(UserWarning):
@@ -35,11 +44,16 @@ class ConvergenceWarning(UserWarning):
 
 @dataclass
 class SolveInfo:
-    """What a solve did: the solver used, CG iterations and the worst relative residual."""
+    """What a solve did: the solver used, CG iterations (the most of any test block), the worst relative
+    residual, the product kernel and precision, the test blocks and the float64 refinement steps."""
 
     solver: str
     n_iter: int = 0
     max_residual: float = 0.0
+    kernel: str = ""
+    dtype: str = "float64"
+    n_blocks: int = 1
+    n_refine: int = 0
 
 
 def n_params(n_features: int, multiplicative: bool) -> int:
@@ -71,6 +85,8 @@ def solve_ridge(
     tol: float = 1e-10,
     max_iter: int = 5000,
     x0: np.ndarray | None = None,
+    dtype: type = np.float64,
+    kernel: str = "auto",
 ) -> tuple[np.ndarray, SolveInfo]:
     """Solve ``min_theta ||target_m - X_m theta_m||^2 + sum_j penalty_j theta_mj^2`` for every test m.
 
@@ -86,6 +102,8 @@ def solve_ridge(
     tol : CG stops when every column's residual norm is below ``tol`` times its right-hand side norm.
     max_iter : CG iteration cap (a ``ConvergenceWarning`` is issued when it is hit).
     x0 : (n_params, n_test) CG starting point (warm start).
+    dtype : precision of the CG iterations, ``np.float64`` or ``np.float32`` (float64 refinement keeps ``tol``).
+    kernel : sparse-product kernel of the CG, ``"torch"``, ``"scipy"`` or ``"auto"`` (torch when importable).
 
     Returns
     -------
@@ -93,10 +111,14 @@ def solve_ridge(
     info : :class:`SolveInfo`.
     """
     features = sp.csr_matrix(features, dtype=np.float64)
-    prev = np.asarray(prev, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
+    if np.dtype(dtype) not in (np.float64, np.float32):
+        raise SimfluenceError(f"dtype must be float64 or float32, got {np.dtype(dtype).name}")
+    working = np.float32 if np.dtype(dtype) == np.float32 and tol >= _SINGLE_INNER_TOL else np.float64
+    prev = np.asarray(prev, dtype=working)
+    target = np.asarray(target, dtype=working)
     n_trans, n_features = features.shape
-    if target.ndim != 2 or target.shape[0] != n_trans or prev.shape != target.shape:
+    if (target.ndim != 2 or prev.ndim != 2 or target.shape[0] != n_trans or prev.shape[0] != n_trans
+            or prev.shape[1] == 0 or target.shape[1] % prev.shape[1]):
         raise SimfluenceError(
             f"shape mismatch: features {features.shape}, prev {prev.shape}, target {target.shape}"
         )
@@ -105,11 +127,14 @@ def solve_ridge(
     if solver == "auto":
         solver = choose_solver(n_features, target.shape[1], multiplicative)
     if solver == "direct":
+        prev, target = prev.astype(np.float64, copy=False), target.astype(np.float64, copy=False)
+        if multiplicative and prev.shape[1] != target.shape[1]:
+            prev = np.tile(prev, (1, target.shape[1] // prev.shape[1]))
         if multiplicative:
             return _direct_multiplicative(features, prev, target, penalty), SolveInfo("direct")
         return _direct_additive(features, target, penalty), SolveInfo("direct")
     if solver == "cg":
-        return _cg(features, prev, target, penalty, multiplicative, tol, max_iter, x0)
+        return _cg(features, prev, target, penalty, multiplicative, tol, max_iter, x0, dtype, kernel)
     raise SimfluenceError(f"unknown solver {solver!r} (use 'direct', 'cg' or 'auto')")
 
 
@@ -183,7 +208,197 @@ def _direct_multiplicative(
     return theta
 
 
+# ------------------------------------------------------------------------------------------ kernels
+def torch_available() -> bool:
+    """Whether torch can be imported (it is needed only for ``kernel="torch"``)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_kernel(kernel: str = "auto") -> str:
+    """``torch`` (multi-threaded CSR products) when importable, else ``scipy``; an explicit name is checked."""
+    if kernel == "auto":
+        return "torch" if torch_available() else "scipy"
+    if kernel not in ("torch", "scipy"):
+        raise SimfluenceError(f"unknown kernel {kernel!r} (use 'torch', 'scipy' or 'auto')")
+    if kernel == "torch" and not torch_available():
+        raise SimfluenceError("kernel='torch' needs torch (pip install torch)")
+    return kernel
+
+
+class SparseProducts:
+    """``F @ V`` and ``F.T @ U`` for one sparse F in one precision, with scipy or torch CSR kernels.
+
+    scipy's kernel is single-threaded; torch's CSR x dense product uses every thread torch is allowed
+    (``torch.set_num_threads``) and is 2-7x faster on 2 cores (float32 faster again). Both return numpy
+    arrays (zero-copy views of torch results); inputs are numpy arrays of the same dtype.
+    """
+
+    def __init__(self, features: sp.csr_matrix, dtype: type = np.float64, kernel: str = "auto") -> None:
+        self.kernel = choose_kernel(kernel)
+        self.dtype = np.dtype(dtype)
+        self.shape = features.shape
+        forward = sp.csr_matrix(features, dtype=self.dtype)
+        adjoint = forward.T.tocsr()
+        if self.kernel == "torch":
+            self._forward, self._adjoint = _torch_csr(forward), _torch_csr(adjoint)
+        else:
+            self._forward, self._adjoint = forward, adjoint
+
+    def forward(self, dense: np.ndarray) -> np.ndarray:
+        """``F @ dense``: (n_features, k) -> (n_rows, k)."""
+        return self._product(self._forward, dense)
+
+    def adjoint(self, dense: np.ndarray) -> np.ndarray:
+        """``F.T @ dense``: (n_rows, k) -> (n_features, k)."""
+        return self._product(self._adjoint, dense)
+
+    def _product(self, matrix, dense: np.ndarray) -> np.ndarray:
+        dense = np.ascontiguousarray(dense, dtype=self.dtype)
+        if self.kernel == "scipy":
+            return np.asarray(matrix @ dense)
+        import torch
+
+        return torch.sparse.mm(matrix, torch.from_numpy(dense)).numpy()
+
+
+def fastest_products(features: sp.csr_matrix, dtype: type, kernel: str = "auto", width: int = 64) -> SparseProducts:
+    """:class:`SparseProducts` with the given kernel, or for ``"auto"`` the faster of scipy and torch here and now.
+
+    torch's multi-threaded kernel wins on idle cores but loses badly when the cores are oversubscribed
+    (measured on 2 shared cores: 2x faster idle, 3-5x slower under a load of 5), so ``"auto"`` times one
+    product of each (``width`` columns, best of two) and keeps the faster.
+    """
+    if kernel != "auto" or not torch_available():
+        return SparseProducts(features, dtype, choose_kernel(kernel))
+    probe = np.ones((features.shape[1], width), dtype=dtype)
+    best, best_time = None, np.inf
+    for name in ("scipy", "torch"):
+        products = SparseProducts(features, dtype, name)
+        seconds = np.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            products.forward(probe)
+            seconds = min(seconds, time.perf_counter() - start)
+        if seconds < best_time:
+            best, best_time = products, seconds
+    return best
+
+
+def _torch_csr(matrix: sp.csr_matrix):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(matrix.data)), size=matrix.shape, check_invariants=False,
+        )
+
+
 # ------------------------------------------------------------------------------------------ CG
+class _NormalOperator:
+    """``theta -> X_m^T X_m theta + penalty * theta`` for a block of test examples, and its preconditioner.
+
+    Unknowns are laid out as (n_features, k, n_block): k = 2 (multiplicative, additive) or 1 (additive), so
+    one sparse product of width ``k * n_block`` serves both halves.
+    """
+
+    def __init__(self, products: SparseProducts, prev: np.ndarray | None, penalty: np.ndarray,
+                 squared: sp.csr_matrix) -> None:
+        self.products = products
+        dtype = products.dtype
+        self.prev = None if prev is None else np.ascontiguousarray(prev, dtype=dtype)
+        n_features = products.shape[1]
+        self.k = 1 if prev is None else 2
+        self.penalty = np.ascontiguousarray(penalty.reshape(self.k, n_features).T[:, :, None], dtype=dtype)
+        counts = np.asarray(squared.sum(axis=1))  # (n_features, 1): sum_r F[r, j]^2
+        if prev is None:
+            diagonal = counts + self.penalty[:, 0]
+            self.inverse_diagonal = (1.0 / np.where(diagonal > 0, diagonal, 1.0)).astype(dtype)
+        else:  # 2x2 block-Jacobi: pairs each feature's multiplicative and additive coefficient
+            prev64 = np.asarray(prev, dtype=np.float64)
+            block_a = squared @ (prev64 * prev64) + self.penalty[:, 0]
+            block_b = squared @ prev64
+            block_d = counts + self.penalty[:, 1]
+            det = block_a * block_d - block_b * block_b
+            det = np.where(det > 0, det, 1.0)
+            self.inv_a = (block_d / det).astype(dtype)
+            self.inv_b = (-block_b / det).astype(dtype)
+            self.inv_d = (block_a / det).astype(dtype)
+
+    def rhs(self, target: np.ndarray) -> np.ndarray:
+        target = np.ascontiguousarray(target, dtype=self.products.dtype)
+        if self.prev is None:
+            return self.products.adjoint(target)[:, None, :]
+        return self._adjoint_pair(self.prev * target, target)
+
+    def _adjoint_pair(self, weighted: np.ndarray, plain: np.ndarray) -> np.ndarray:
+        n_rows, n_cols = plain.shape
+        stacked = np.empty((n_rows, 2, n_cols), dtype=self.products.dtype)
+        stacked[:, 0], stacked[:, 1] = weighted, plain
+        return self.products.adjoint(stacked.reshape(n_rows, 2 * n_cols)).reshape(-1, 2, n_cols)
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        n_features, k, n_cols = v.shape
+        fv = self.products.forward(v.reshape(n_features, k * n_cols))
+        if self.prev is None:
+            out = self.products.adjoint(fv)[:, None, :]
+        else:  # in place: fv = [F v_m | F v_a] becomes [prev * u | u], u = prev * F v_m + F v_a
+            fv = fv.reshape(-1, 2, n_cols)
+            np.multiply(self.prev, fv[:, 0], out=fv[:, 0])
+            fv[:, 1] += fv[:, 0]
+            np.multiply(self.prev, fv[:, 1], out=fv[:, 0])
+            out = self.products.adjoint(fv.reshape(-1, 2 * n_cols)).reshape(-1, 2, n_cols)
+        out += self.penalty * v
+        return out
+
+    def precondition(self, r: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if self.prev is None:
+            return np.multiply(r, self.inverse_diagonal[:, :, None], out=out)
+        r_m, r_a = r[:, 0], r[:, 1]
+        np.multiply(self.inv_a, r_m, out=out[:, 0])
+        out[:, 0] += self.inv_b * r_a
+        np.multiply(self.inv_d, r_a, out=out[:, 1])
+        out[:, 1] += self.inv_b * r_m
+        return out
+
+
+def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-test inner products of two (n_features, k, n_cols) arrays, accumulated in float64."""
+    return np.einsum("ijk,ijk->k", a, b, dtype=np.float64)
+
+
+def _pcg(operator: _NormalOperator, rhs: np.ndarray, x: np.ndarray, tol: float, max_iter: int,
+         rhs_norm: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Preconditioned CG on every column at once, from ``x`` (updated in place) until ``|r| <= tol |rhs_norm|``."""
+    residual = rhs - operator.apply(x) if np.any(x) else rhs.copy()
+    z = operator.precondition(residual, np.empty_like(residual))
+    direction = z.copy()
+    rz = _column_dot(residual, z)
+    rel = np.sqrt(_column_dot(residual, residual)) / rhs_norm
+    step_buffer = np.empty_like(x)
+    n_iter = 0
+    while rel.max(initial=0.0) > tol and n_iter < max_iter:
+        product = operator.apply(direction)
+        curvature = _column_dot(direction, product)
+        step = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0).astype(x.dtype)
+        x += np.multiply(direction, step, out=step_buffer)
+        residual -= np.multiply(product, step, out=step_buffer)
+        operator.precondition(residual, z)
+        rz_new = _column_dot(residual, z)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0).astype(x.dtype)
+        direction *= beta
+        direction += z
+        rz = rz_new
+        rel = np.sqrt(_column_dot(residual, residual)) / rhs_norm
+        n_iter += 1
+    return x, n_iter, rel
+
+
 def _cg(
     features: sp.csr_matrix,
     prev: np.ndarray,
@@ -193,65 +408,63 @@ def _cg(
     tol: float,
     max_iter: int,
     x0: np.ndarray | None,
+    dtype: type,
+    kernel: str,
 ) -> tuple[np.ndarray, SolveInfo]:
-    n_features = features.shape[1]
-    features_t = features.T.tocsr()
-    squared = features.multiply(features).T.tocsr()  # (n_features, n_trans), for the preconditioner
-    pen = penalty[:, None]
-
-    if multiplicative:
-        pen_m, pen_a = pen[:n_features], pen[n_features:]
-
-        def apply(v: np.ndarray) -> np.ndarray:
-            u = prev * (features @ v[:n_features]) + features @ v[n_features:]
-            return np.concatenate([features_t @ (prev * u), features_t @ u], axis=0) + pen * v
-
-        rhs = np.concatenate([features_t @ (prev * target), features_t @ target], axis=0)
-        block_a = squared @ (prev * prev) + pen_m
-        block_b = squared @ prev
-        block_d = np.asarray(squared.sum(axis=1)) + pen_a
-        det = block_a * block_d - block_b * block_b
-        det = np.where(det > 0, det, 1.0)
-
-        def precondition(r: np.ndarray) -> np.ndarray:
-            r_m, r_a = r[:n_features], r[n_features:]
-            return np.concatenate([(block_d * r_m - block_b * r_a) / det, (block_a * r_a - block_b * r_m) / det])
-    else:
-
-        def apply(v: np.ndarray) -> np.ndarray:
-            return features_t @ (features @ v) + pen * v
-
-        rhs = np.asarray(features_t @ target)
-        diagonal = np.asarray(squared.sum(axis=1)) + pen
-        diagonal = np.where(diagonal > 0, diagonal, 1.0)
-
-        def precondition(r: np.ndarray) -> np.ndarray:
-            return r / diagonal
-
-    rhs = np.asarray(rhs)
-    x = np.zeros_like(rhs) if x0 is None else np.array(x0, dtype=np.float64)
-    residual = rhs - apply(x) if x0 is not None else rhs.copy()
-    rhs_norm = np.linalg.norm(rhs, axis=0)
-    rhs_norm = np.where(rhs_norm > 0, rhs_norm, 1.0)
-    z = precondition(residual)
-    direction = z.copy()
-    rz = np.einsum("ij,ij->j", residual, z)
-    rel = np.linalg.norm(residual, axis=0) / rhs_norm
-    n_iter = 0
-    while rel.max(initial=0.0) > tol and n_iter < max_iter:
-        product = apply(direction)
-        curvature = np.einsum("ij,ij->j", direction, product)
-        step = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
-        x += step * direction
-        residual -= step * product
-        z = precondition(residual)
-        rz_new = np.einsum("ij,ij->j", residual, z)
-        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
-        direction = z + beta * direction
-        rz = rz_new
-        rel = np.linalg.norm(residual, axis=0) / rhs_norm
-        n_iter += 1
-    worst = float(rel.max(initial=0.0))
+    """Block-by-block (bounded memory) PCG; float32 runs single-precision CG inside float64 refinement."""
+    n_trans, n_features = features.shape
+    n_test = target.shape[1]
+    k = 2 if multiplicative else 1
+    single = np.dtype(dtype) == np.float32
+    refine = single and tol < _SINGLE_INNER_TOL  # a tolerance float32 alone cannot promise
+    itemsize = 4 if single else 8
+    per_column = itemsize * (n_trans * (3 + 2 * k) + n_features * k * 9) + (16 * n_trans if refine else 0)
+    block = max(1, min(n_test, _CG_BLOCK_BYTES // max(per_column, 1)))
+    squared = features.multiply(features).T.tocsr()
+    fast = fastest_products(features, dtype, kernel, width=min(k * n_test, 2 * k * block, 256))
+    kernel = fast.kernel
+    exact = SparseProducts(features, np.float64, kernel) if refine else fast
+    theta = np.empty((k, n_features, n_test))
+    start = None if x0 is None else np.asarray(x0, dtype=np.float64).reshape(k, n_features, n_test)
+    n_iter, worst, n_refine = 0, 0.0, 0
+    for lo in range(0, n_test, block):  # test examples are independent: blocks bound the working memory
+        cols = slice(lo, min(n_test, lo + block))
+        p = None
+        if multiplicative:
+            p = prev[:, cols] if prev.shape[1] == n_test else prev[:, np.arange(lo, cols.stop) % prev.shape[1]]
+        op_fast = _NormalOperator(fast, p, penalty, squared)
+        op_exact = _NormalOperator(exact, p, penalty, squared) if refine else op_fast
+        rhs = op_exact.rhs(target[:, cols])
+        rhs_norm = np.sqrt(_column_dot(rhs, rhs))
+        rhs_norm = np.where(rhs_norm > 0, rhs_norm, 1.0)
+        x = (np.zeros_like(rhs) if start is None
+             else np.ascontiguousarray(start[:, :, cols].transpose(1, 0, 2), dtype=rhs.dtype))
+        if not refine:
+            x, used, rel = _pcg(op_fast, rhs, x, tol, max_iter, rhs_norm)
+        else:  # iterative refinement: float64 residuals, float32 corrections (each gains ~5 digits)
+            used, previous = 0, np.inf
+            while True:
+                residual = rhs - op_exact.apply(x) if np.any(x) else rhs.copy()
+                scale = np.sqrt(_column_dot(residual, residual))
+                rel = scale / rhs_norm
+                if rel.max(initial=0.0) <= tol or used >= max_iter:
+                    break
+                if rel.max() > 0.1 * previous:  # single precision stalls (very ill-conditioned): finish in float64
+                    x, more, rel = _pcg(op_exact, rhs, x, tol, max_iter - used, rhs_norm)
+                    used += more
+                    break
+                previous = float(rel.max())
+                scale = np.where(scale > 0, scale, 1.0)
+                inner_tol = max(_SINGLE_INNER_TOL, tol / float(rel.max()))
+                correction = np.zeros(residual.shape, dtype=np.float32)
+                correction, inner, _ = _pcg(op_fast, (residual / scale).astype(np.float32), correction, inner_tol,
+                                            max_iter - used, np.ones_like(scale))
+                x += correction * scale
+                used += inner
+                n_refine += 1
+        n_iter = max(n_iter, used)
+        worst = max(worst, float(rel.max(initial=0.0)))
+        theta[:, :, cols] = x.transpose(1, 0, 2)
     if worst > tol:
         warnings.warn(
             f"conjugate gradient stopped after {n_iter} iterations with relative residual {worst:.2e} "
@@ -259,4 +472,6 @@ def _cg(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return x, SolveInfo("cg", n_iter, worst)
+    info = SolveInfo("cg", n_iter, worst, kernel=kernel, dtype=np.dtype(dtype).name, n_blocks=-(-n_test // block),
+                     n_refine=n_refine)
+    return theta.reshape(k * n_features, n_test), info

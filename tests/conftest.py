@@ -19,3 +19,23 @@ def tmp_runset(tmp_path, small_runset) -> RunSet:
     """``small_runset`` saved to ``tmp_path / "runset"`` and loaded back (losses memory-mapped, ``path`` set)."""
     small_runset.save(tmp_path / "runset")
     return RunSet.load(tmp_path / "runset")
+
+
+@pytest.fixture
+def spawn_with_timeout():
+    """``torch.multiprocessing.spawn`` that fails (and kills the workers) instead of hanging past ``timeout`` s."""
+
+    def spawn(fn, args: tuple, nprocs: int, timeout: float) -> None:
+        import time
+
+        import torch.multiprocessing
+
+        context = torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs, join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{fn.__name__} workers did not finish within {timeout:.0f} s")
+
+    return spawn

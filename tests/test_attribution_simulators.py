@@ -149,3 +149,21 @@ def test_a_digits_run_set_without_checkpoints_is_a_clear_error(tmp_path):
 def test_a_run_set_of_no_known_workload_is_a_clear_error(tmp_runset):
     with pytest.raises(SimfluenceError, match="--task"):
         InfluenceSimulator().fit(tmp_runset)
+
+
+def test_mean_curve_offset_makes_zero_scores_the_mean_curve(tmp_path):
+    from simfluence.simulators import MeanCurve
+
+    runset, scores = known_scale_runset(1.5)
+    sim = FixedEffectsSimulator(offset="mean_curve", scale="per_test", clip_negative=False)
+    sim.set_scores(np.zeros_like(scores), [0, 5]).fit(runset, runs=range(4))
+    baseline = MeanCurve().fit(runset, runs=range(4))
+    run = runset[5]
+    np.testing.assert_allclose(sim.simulate(run.curriculum, run.initial_losses),
+                               baseline.simulate(run.curriculum, run.initial_losses), atol=1e-12)
+    fitted = FixedEffectsSimulator(offset="mean_curve", clip_negative=False).set_scores(scores, [0, 5])
+    fitted.fit(runset, runs=range(4))
+    loaded = load_simulator(fitted.save(tmp_path / "offset.npz"))
+    np.testing.assert_array_equal(loaded.offset_, fitted.offset_)
+    np.testing.assert_array_equal(loaded.simulate(run.curriculum, run.initial_losses),
+                                  fitted.simulate(run.curriculum, run.initial_losses))

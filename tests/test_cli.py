@@ -297,3 +297,17 @@ def test_methods_lists_the_registry(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in METHODS) and "linear_mom" in out and "(default)" in out
+
+
+def test_fit_unrolled_around_one_base_run_and_ask_it(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["generate", "digits", "--out", str(out), "--runs", "3", "--steps", "6", "--pool", "20",
+                 "--test", "5", "--batch-size", "4", "--workers", "1"]) == 0
+    model = tmp_path / "unrolled.npz"
+    capsys.readouterr()
+    assert main(["fit", str(out), "--method", "unrolled", "--out", str(model)]) == 2
+    assert "pass --run NAME" in capsys.readouterr().err
+    assert main(["fit", str(out), "--method", "linear", "--run", "run-000", "--out", str(model)]) == 2
+    assert main(["fit", str(out), "--method", "unrolled", "--run", "run-002", "--out", str(model)]) == 0
+    assert main(["loo", str(model), str(out), "--run", "run-002", "--top", "2"]) == 0
+    assert "helps" in capsys.readouterr().out

@@ -76,3 +76,48 @@ def test_a_model_file_is_the_same_bytes_when_fitted_twice(tmp_path, small_runset
     second = SimfluenceLinear(lam=1.0).fit(small_runset).save(tmp_path / "b.npz")
     meta_a, meta_b = load_npz(first)[1], load_npz(second)[1]
     assert json.dumps(meta_a) == json.dumps(meta_b)  # no wall-clock fields in the file
+
+
+# ----------------------------------------------------------------------------- fuzzing the model loader
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=8))
+_json = st.recursive(_scalars,
+                     lambda children: st.lists(children, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), children, max_size=3), max_leaves=8)
+_FIELDS = ("format", "version", "kind", "params", "state")
+_KEYS = ("n_pool_", "n_test_", "pool_ids_", "test_ids_", "train_runs_", "n_step_terms_", "lr_reference_", "lam_",
+         "momentum_", "loss_floor_", "validation_", "lam", "multiplicative", "alpha_center", "step_terms",
+         "lr_scaled", "batch_mean", "momentum", "clip_negative", "solver", "tol", "max_iter")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(field=st.sampled_from(_FIELDS + ("params.*", "state.*", "bytes")), value=_json,
+       key=st.sampled_from(_KEYS) | st.text(max_size=12),
+       offset=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=16))
+def test_a_mutated_model_file_loads_or_is_a_model_file_error(tmp_path, small_runset, field, value, key, offset,
+                                                             junk):
+    path = SimfluenceLinear(lam=1.0, step_terms=True).fit(small_runset).save(tmp_path / "fuzz.npz")
+    if field == "bytes":
+        data = bytearray(path.read_bytes())
+        data[offset % len(data): offset % len(data) + len(junk)] = junk
+        path.write_bytes(bytes(data))
+    else:
+        def edit(meta):
+            if field.endswith(".*"):
+                meta[field[:-2]][key] = value
+            else:
+                meta[field] = value
+        _rewrite(path, edit)
+    try:
+        sim = load_simulator(path)
+    except ModelFileError:
+        return
+    run = small_runset[0]
+    try:
+        sim.simulate(run.curriculum, run.initial_losses)  # a file that loads is usable, or fails with our error
+    except SimfluenceError:
+        pass

@@ -759,6 +759,24 @@ def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path):
         RunSet.load(path, validate=False)
 
 
+def test_sparse_huge_batch_sizes_are_checked_without_allocating(tmp_path):
+    import tracemalloc
+
+    path = write_raw_runset(tmp_path / "rs")  # n_entries = 4; the sparse sizes add up to 0
+    run_dir = path / "runs" / "run-1"
+    set_run_json(path, n_steps=2**25)
+    for name in ("batch_sizes.bin", "learning_rates.bin"):
+        sparse_file(run_dir / name, 8 * 2**25)  # 256 MiB each, a few KB on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(RunLogError, match="batch sizes do not add up to 4 entries"):
+            RunSet.load(path, validate=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+
+
 def test_counts_beyond_any_file_size_are_rejected_before_allocating(tmp_path):
     path = write_raw_runset(tmp_path / "rs")
     set_run_json(path, n_logged=3, n_steps=10**30)
@@ -1027,3 +1045,45 @@ def test_save_after_an_interrupted_save_recovers_first(tmp_runset):
     with pytest.raises(RunLogError, match="already exists"):
         tmp_runset.select([1]).save(path)
     assert RunSet.load(path).run_names == tmp_runset.run_names[:1]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("where", ["../secret.pt", "{abs}", "checkpoints/link.pt", "checkpoints/../../secret.pt"])
+def test_checkpoint_paths_outside_the_run_set_are_refused_before_opening(tmp_path, monkeypatch, where):
+    torch = pytest.importorskip("torch")
+    from simfluence.attribution import checkpoints as checkpoint_module
+    from simfluence.errors import SimfluenceError
+
+    secret = tmp_path / "secret.pt"
+    torch.save({"step": 0, "learning_rate": 0.1, "model": {"w": torch.zeros(1)}}, secret)
+    relative = where.format(abs=str(secret))
+    run = make_run("run-1", [[0]], [0, 1], [[1.0], [0.5]],
+                   metadata={"checkpoints": [{"step": 0, "path": relative}, {"step": 1, "path": "checkpoints/ok.pt"}]})
+    path = RunSet([run], n_pool=1, test_ids=["a"]).save(tmp_path / "rs")
+    (path / "checkpoints").mkdir()
+    (path / "checkpoints" / "link.pt").symlink_to(secret)
+    torch.save({"step": 1, "learning_rate": 0.1, "model": {"w": torch.ones(1)}}, path / "checkpoints" / "ok.pt")
+    opened = []
+    real_load = torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load",
+                        lambda file, **options: opened.append(file) or real_load(file, **options))
+    runset = RunSet.load(path)
+    with pytest.raises(SimfluenceError, match="(leads outside the run-set folder|is absolute)"):
+        checkpoint_module.load_checkpoints(runset, "run-1", steps=[0])
+    assert opened == []
+    (ok,) = checkpoint_module.load_checkpoints(runset, "run-1", steps=[1])
+    assert ok.step == 1 and ok.model_state["w"].item() == 1.0 and opened == [path.resolve() / "checkpoints" / "ok.pt"]
+
+
+@pytest.mark.parametrize("entries", [{"step": 0}, ["step-0.pt"], [{"step": "0", "path": "a.pt"}],
+                                     [{"step": 0, "path": 5}], [{"step": True, "path": "a.pt"}]])
+def test_malformed_checkpoint_lists_are_one_error(tmp_path, entries):
+    pytest.importorskip("torch")
+    from simfluence.attribution.checkpoints import checkpoint_steps, load_checkpoints
+    from simfluence.errors import SimfluenceError
+
+    run = make_run("run-1", [[0]], [0, 1], [[1.0], [0.5]], metadata={"checkpoints": entries})
+    runset = RunSet.load(RunSet([run], n_pool=1, test_ids=["a"]).save(tmp_path / "rs"))
+    for call in (checkpoint_steps, load_checkpoints):
+        with pytest.raises(SimfluenceError, match="run 'run-1'"):
+            call(runset, 0)

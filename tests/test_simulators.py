@@ -276,3 +276,49 @@ def test_one_rollout_serves_every_linear_simulator():
     root = Path(inspect.getfile(LinearDynamics)).parent.parent
     rollouts = [path.name for path in root.rglob("*.py") if "def unroll(" in path.read_text()]
     assert rollouts == ["dynamics.py"]
+
+
+def test_float32_fit_gives_the_float64_effects(linear_runs):
+    runset, _, _ = linear_runs
+    double = SimfluenceLinear(lam=1e-3, solver="cg", precision="float64").fit(runset)
+    single = SimfluenceLinear(lam=1e-3, solver="cg", precision="float32").fit(runset)
+    assert single.solve_info_.dtype == "float32"
+    for name in ("A_", "B_"):
+        ref = getattr(double, name)
+        np.testing.assert_allclose(getattr(single, name), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_one_solve_per_lam_gives_every_momentum_candidate():
+    runset = _extended_runset(seed=5, n_runs=12, momentum=0.5)
+    grid = make_simulator("linear_mom", lam_grid=(1e-2, 1.0), momentum_grid=(0.0, 0.5), tol=1e-12).fit(runset)
+    assert [(e["lam"], e["momentum"]) for e in grid.validation_] == [(1.0, 0.0), (1e-2, 0.0), (1.0, 0.5), (1e-2, 0.5)]
+    fixed = make_simulator("linear_mom", lam=grid.lam_, momentum=grid.momentum_, tol=1e-12).fit(runset)
+    np.testing.assert_allclose(grid.A_, fixed.A_, rtol=0, atol=1e-8 * np.abs(fixed.A_).max())
+    np.testing.assert_allclose(grid.B_, fixed.B_, rtol=0, atol=1e-8 * np.abs(fixed.B_).max())
+    for entry in grid.validation_:  # each candidate's score is that of a direct fit at its (lam, momentum)
+        direct = make_simulator("linear_mom", lam=entry["lam"], momentum=entry["momentum"], tol=1e-12)
+        direct.fit(runset, runs=range(10))
+        predicted, actual, mask = rollout_runs(direct, runset, [10, 11])
+        mask[:, 0] = False
+        assert entry["mse"] == pytest.approx(float(((predicted - actual)[mask] ** 2).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {"momentum": 0.6, "step_terms": True, "alpha_center": 1.0, "lr_scaled": True, "clip_negative": True},
+    {"batch_mean": True},
+    {"multiplicative": False, "alpha_center": 1.0, "step_terms": True},
+])
+def test_fast_rollout_equals_the_recurrence_on_the_coefficients(options):
+    from simfluence.simulators.dynamics import unroll
+
+    runset = _extended_runset(seed=7)
+    sim = SimfluenceLinear(lam=0.1, **options).fit(runset)
+    base = runset[0].curriculum
+    curricula = [base, base.truncate(17), base.reverse().duplicate(2, step=4), base.remove([1, 2])]
+    initial = np.stack([runset[i].initial_losses for i in range(4)])
+    rates = [runset[0].learning_rates[: cur.n_steps] for cur in curricula]
+    fast = sim.simulate(curricula, initial, rates)
+    alpha, beta, _, _, _ = sim._coefficients(curricula, rates, fast.shape[1] - 1)
+    active = np.arange(1, fast.shape[1])[None, :] <= np.array([cur.n_steps for cur in curricula])[:, None]
+    reference = unroll(alpha, beta, initial, sim._momentum(), active, sim.loss_floor_)
+    np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)

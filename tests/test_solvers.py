@@ -72,3 +72,74 @@ def test_bad_solver_and_shapes_raise():
         solve_ridge(features, prev, target, 1.0, True, solver="magic")
     with pytest.raises(SimfluenceError, match="shape mismatch"):
         solve_ridge(features, prev[:-1], target, 1.0, True)
+
+
+def _multi_problem(seed=3, n_trans=300, n_features=40, n_test=5):
+    features, prev, target = _problem(seed=seed, n_trans=n_trans, n_features=n_features, n_test=n_test, density=0.1)
+    return features, prev, target, np.full(2 * n_features, 0.05)
+
+
+def test_float32_iterations_with_float64_refinement_meet_the_same_tolerance():
+    features, prev, target, penalty = _multi_problem()
+    exact = _brute_force(features, prev, target, penalty, True)
+    theta, info = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-11, dtype=np.float32)
+    assert info.dtype == "float32" and info.n_refine >= 2 and info.max_residual <= 1e-11
+    np.testing.assert_allclose(theta, exact, rtol=1e-7, atol=1e-9 * np.abs(exact).max())
+
+
+def test_float32_alone_at_a_loose_tolerance_is_accurate_to_that_tolerance():
+    features, prev, target, penalty = _multi_problem()
+    exact = _brute_force(features, prev, target, penalty, True)
+    theta, info = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-5, dtype=np.float32)
+    assert info.n_refine == 0
+    assert np.abs(theta - exact).max() <= 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_warm_start_gives_the_same_answer(dtype):
+    features, prev, target, penalty = _multi_problem()
+    cold, _ = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-12, dtype=dtype)
+    near, _ = solve_ridge(features, prev, target, penalty * 3, True, solver="cg", tol=1e-12, dtype=dtype)
+    warm, info = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-12, dtype=dtype, x0=near)
+    np.testing.assert_allclose(warm, cold, rtol=1e-8, atol=1e-10 * np.abs(cold).max())
+
+
+@pytest.mark.parametrize("multiplicative", [True, False])
+def test_torch_and_scipy_kernels_agree(multiplicative):
+    pytest.importorskip("torch")
+    features, prev, target, penalty = _multi_problem()
+    penalty = penalty if multiplicative else penalty[: features.shape[1]]
+    by_scipy, a = solve_ridge(features, prev, target, penalty, multiplicative, solver="cg", tol=1e-12, kernel="scipy")
+    by_torch, b = solve_ridge(features, prev, target, penalty, multiplicative, solver="cg", tol=1e-12, kernel="torch")
+    assert (a.kernel, b.kernel) == ("scipy", "torch")
+    np.testing.assert_allclose(by_torch, by_scipy, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_several_right_hand_sides_per_test_example_are_solved_together(solver):
+    features, prev, target, penalty = _multi_problem()
+    second = np.random.default_rng(9).normal(size=target.shape)
+    both, _ = solve_ridge(features, prev, np.concatenate([target, second], axis=1), penalty, True, solver=solver,
+                          tol=1e-13)
+    n_test = target.shape[1]
+    np.testing.assert_allclose(both[:, :n_test], _brute_force(features, prev, target, penalty, True), rtol=1e-8)
+    np.testing.assert_allclose(both[:, n_test:], _brute_force(features, prev, second, penalty, True), rtol=1e-8)
+
+
+def test_small_memory_budget_solves_in_blocks_with_the_same_answer(monkeypatch):
+    import simfluence.solvers as solvers
+
+    features, prev, target, penalty = _multi_problem()
+    whole, _ = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-12)
+    monkeypatch.setattr(solvers, "_CG_BLOCK_BYTES", 1)
+    blocked, info = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-12)
+    assert info.n_blocks == target.shape[1]
+    np.testing.assert_allclose(blocked, whole, rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_kernel_and_dtype_raise():
+    features, prev, target, penalty = _multi_problem()
+    with pytest.raises(SimfluenceError, match="unknown kernel"):
+        solve_ridge(features, prev, target, penalty, True, solver="cg", kernel="cuda-magic")
+    with pytest.raises(SimfluenceError, match="dtype"):
+        solve_ridge(features, prev, target, penalty, True, solver="cg", dtype=np.float16)

@@ -551,3 +551,82 @@ def plot_whatif(
     fig.suptitle(f"Predicted test loss under {len(names) - 1} what-if scenario(s) against {names[0]!r}")
     _save(fig, path)
     return fig
+
+
+def _robust_limit(values: np.ndarray) -> float:
+    """Half-width of a symmetric axis covering 99.5% of the finite ``|values|`` (1.0 when all are 0 or missing)."""
+    magnitudes = np.abs(values[np.isfinite(values)])
+    if magnitudes.size == 0:
+        return 1.0
+    limit = float(np.percentile(magnitudes, 99.5)) * 1.1
+    return limit if limit > 0 else 1.0
+
+
+def plot_lds(
+    predicted: Mapping[str, np.ndarray],
+    actual: np.ndarray,
+    protocol: str = "",
+    scores: Mapping[str, float] | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Predicted vs real change of the final loss under the LDS draws of one protocol, one panel per method.
+
+    Small points are (base run, draw, test example) triples, coloured by base run; large points are each
+    draw's mean over test examples (what the sign agreement scores). Each axis has its own symmetric scale
+    (covering 99.5% of its points), so a method whose changes are too small or too large still shows its
+    ranking; the dashed line is predicted = actual.
+
+    Parameters
+    ----------
+    predicted : {method: (n_bases, n_draws, n_test) predicted change of the final loss}.
+    actual : (n_bases, n_draws, n_test) real change (retrained draw - retrained base).
+    protocol : the protocol's name, for the title.
+    scores : optional {method: LDS} shown in the panel titles.
+    path : optional PNG file to write.
+    """
+    actual = np.asarray(actual, dtype=float)
+    if not predicted:
+        raise SimfluenceError("nothing to plot: no predicted changes")
+    if actual.ndim != 3:
+        raise SimfluenceError(f"actual changes must have shape (n_bases, n_draws, n_test), got {actual.shape}")
+    arrays = {}
+    for name, values in predicted.items():
+        values = np.asarray(values, dtype=float)
+        if values.shape != actual.shape:
+            raise SimfluenceError(f"predicted[{name!r}] has shape {values.shape} but actual has {actual.shape}")
+        arrays[name] = values
+    scores = {} if scores is None else dict(scores)
+    rows, cols = _grid(len(arrays), 3)
+    fig = Figure(figsize=(4.0 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    x_limit = _robust_limit(actual)
+    with np.errstate(invalid="ignore"):
+        actual_mean = actual.mean(axis=2)
+    for ax in axes[len(arrays):]:
+        ax.set_visible(False)
+    for ax, (name, values) in zip(axes, arrays.items(), strict=False):
+        y_limit = _robust_limit(values)
+        ax.axhline(0, color="0.85", lw=0.8)
+        ax.axvline(0, color="0.85", lw=0.8)
+        reach = max(x_limit, y_limit)
+        ax.plot([-reach, reach], [-reach, reach], color="0.5", lw=0.8, ls="--")
+        with np.errstate(invalid="ignore"):
+            predicted_mean = values.mean(axis=2)
+        for base in range(actual.shape[0]):
+            colour = f"C{base % 10}"
+            ax.scatter(actual[base].ravel(), values[base].ravel(), s=5, color=colour, alpha=0.35, linewidths=0)
+            ax.scatter(actual_mean[base], predicted_mean[base], s=18, color=colour, edgecolors="black",
+                       linewidths=0.5, zorder=3)
+        ax.set_xlim(-x_limit, x_limit)
+        ax.set_ylim(-y_limit, y_limit)
+        score = scores.get(name)
+        shown = "n/a" if score is None or not np.isfinite(score) else f"{score:.3f}"
+        ax.set_title(f"{name} (LDS {shown})", fontsize=10)
+        ax.set_xlabel("actual change of final loss")
+        ax.set_ylabel("predicted change")
+        ax.grid(alpha=0.3)
+    title = "LDS draws" + (f" ({protocol})" if protocol else "")
+    fig.suptitle(f"{title}: predicted vs retrained change of each test example's final loss\n"
+                 "(colour: base run; large points: a draw's mean over test examples)", fontsize=10)
+    _save(fig, path)
+    return fig

@@ -131,7 +131,7 @@ class TracInSimulator(_GradientMethod):
     params : ``"all"``, ``"last_layer"`` or a list of parameter names.
     checkpoint_runs : number of training runs whose checkpoint scores are averaged.
     chunk_size : examples per vectorised gradient pass (default: about 64 MiB of gradients).
-    weighting, scale, calibration, clip_negative : see :class:`FixedEffectsSimulator`.
+    weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
     """
 
     kind = "tracin"
@@ -139,8 +139,9 @@ class TracInSimulator(_GradientMethod):
     def __init__(self, variant: str = "dot", checkpoints: str | Sequence[int] = "all", time_varying: bool = True,
                  params: str | Sequence[str] = "all", checkpoint_runs: int = 1, chunk_size: int | None = None,
                  weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
-                 clip_negative: bool = True) -> None:
-        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative)
+                 clip_negative: bool = True, offset: str = "none") -> None:
+        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
+                         offset=offset)
         self.variant = variant
         self.checkpoints = checkpoints
         self.time_varying = time_varying
@@ -173,7 +174,7 @@ class InfluenceSimulator(_GradientMethod):
     params : ``"all"``, ``"last_layer"`` or a list of parameter names.
     checkpoint_runs : number of training runs whose scores are averaged.
     chunk_size : examples per vectorised pass.
-    weighting, scale, calibration, clip_negative : see :class:`FixedEffectsSimulator`.
+    weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
     """
 
     kind = "influence"
@@ -181,8 +182,9 @@ class InfluenceSimulator(_GradientMethod):
     def __init__(self, checkpoint: str | int = "final", damping: float = 0.01, hessian: str = "gauss_newton",
                  solver: str = "exact", params: str | Sequence[str] = "all", checkpoint_runs: int = 1,
                  chunk_size: int = 64, weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
-                 clip_negative: bool = True) -> None:
-        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative)
+                 clip_negative: bool = True, offset: str = "none") -> None:
+        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
+                         offset=offset)
         self.checkpoint = checkpoint
         self.damping = damping
         self.hessian = hessian
@@ -223,7 +225,7 @@ class TrackStarSimulator(_GradientMethod):
     seed : projection seed.
     checkpoint_runs : number of training runs whose scores are averaged.
     chunk_size : examples per vectorised gradient pass (default: about 64 MiB of gradients).
-    weighting, scale, calibration, clip_negative : see :class:`FixedEffectsSimulator`.
+    weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
     """
 
     kind = "trackstar"
@@ -233,8 +235,9 @@ class TrackStarSimulator(_GradientMethod):
                  crossing_k: int | None = None, damping: float = 1e-3, unit_normalize: bool = True,
                  params: str | Sequence[str] = "all", seed: int = 0, checkpoint_runs: int = 1,
                  chunk_size: int | None = None, weighting: str = "lr", scale: str = "global",
-                 calibration: str = "rollout", clip_negative: bool = True) -> None:
-        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative)
+                 calibration: str = "rollout", clip_negative: bool = True, offset: str = "none") -> None:
+        super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
+                         offset=offset)
         self.checkpoints = checkpoints
         self.optimizer_correction = optimizer_correction
         self.projection_dim = projection_dim

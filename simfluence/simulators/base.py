@@ -203,6 +203,10 @@ class Simulator:
             effects[ids] = out[:, step] - base
         return effects
 
+    def _self_check(self) -> None:
+        """Simulate a one-step curriculum: raises if loaded state or arrays are inconsistent (used by the loader)."""
+        self.simulate(Curriculum.from_batches([[0]], n_pool=int(self.n_pool_)), np.zeros(int(self.n_test_)))
+
     def check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load a saved one")
@@ -255,7 +259,9 @@ class Simulator:
             "params": _jsonable(self.get_params()),
             "state": _jsonable(self._state()),
         }
+        optional = getattr(self, "_optional_arrays", ())
         arrays = {name: getattr(self, name) for name in self._fitted_arrays}
+        arrays.update({name: getattr(self, name) for name in optional if getattr(self, name, None) is not None})
         atomic_savez(path, arrays, meta)
         return path
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 
 from simfluence.curriculum import Curriculum
 from simfluence.design import FeatureSpec, schedule_for, step_features
@@ -271,6 +272,9 @@ class LinearDynamics(Simulator):
         lengths = np.array([cur.n_steps for cur in curricula], dtype=np.int64)
         horizon = int(lengths.max(initial=0))
         out = np.empty((len(curricula), horizon + 1, n_test))
+        if self._effect_tables()[1].shape[0] == 1:
+            self._simulate_one_table(curricula, initial, learning_rates, lengths, horizon, clip, out)
+            return out
         chunk = max(1, _SIM_CHUNK_BYTES // (32 * max(horizon, 1) * n_test))
         for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
             hi = min(len(curricula), lo + chunk)
@@ -280,6 +284,102 @@ class LinearDynamics(Simulator):
             out[lo:hi] = unroll(alpha, beta, initial[lo:hi], self._momentum(), active,
                                 self.loss_floor_ if clip else None)
         return out
+
+    def _simulation_rows(
+        self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None, horizon: int, n_pool: int
+    ) -> sp.csr_matrix:
+        """(n_curricula * horizon, n_pool) csr of ``w_t / d_t * counts(c_t)``, row ``c * horizon + t - 1``.
+
+        Built for all curricula at once (entries are already in row order, so no sorting); the same weights
+        as :meth:`_coefficients` applies (``w_t`` on the counts, then the batch divisor).
+        """
+        n_cur = len(curricula)
+        sizes = np.zeros((n_cur, horizon), dtype=np.int64)
+        for index, cur in enumerate(curricula):
+            sizes[index, : cur.n_steps] = cur.batch_sizes
+        ids = np.concatenate([cur.ids for cur in curricula]) if n_cur else np.zeros(0, np.int64)
+        if ids.size and ids.max() >= n_pool:
+            index = next(i for i, cur in enumerate(curricula) if cur.ids.size and cur.ids.max() >= n_pool)
+            raise SimfluenceError(f"curriculum {index} uses pool position {int(curricula[index].ids.max())}, outside "
+                                  f"the fitted pool 0..{n_pool - 1}")
+        weight = np.ones((n_cur, horizon))
+        rates = self._learning_rates(curricula, learning_rates)
+        if rates is not None:
+            reference = self._lr_reference()
+            for index, (cur, lrs) in enumerate(zip(curricula, rates, strict=True)):
+                lrs = np.asarray(lrs, dtype=np.float64)
+                if lrs.shape != (cur.n_steps,) or not np.isfinite(lrs).all():
+                    raise SimfluenceError(
+                        f"curriculum {index}: need {cur.n_steps} finite learning rates, got shape {lrs.shape}"
+                        + ("" if lrs.shape != (cur.n_steps,) else " with NaN (learning rate not logged?)")
+                    )
+                weight[index, : cur.n_steps] = lrs / reference
+        if self._batch_mean():
+            weight /= batch_divisor(sizes, True)
+        indptr = np.zeros(n_cur * horizon + 1, dtype=np.int64)
+        np.cumsum(sizes.ravel(), out=indptr[1:])
+        data = np.repeat(weight.ravel(), sizes.ravel())
+        return sp.csr_matrix((data, ids, indptr), shape=(n_cur * horizon, n_pool))  # repeated ids add up
+
+    def _simulate_one_table(
+        self, curricula: list[Curriculum], initial: np.ndarray, learning_rates: Sequence[np.ndarray] | None,
+        lengths: np.ndarray, horizon: int, clip: bool, out: np.ndarray,
+    ) -> None:
+        """:meth:`simulate` for simulators with one effect table, into ``out`` (n_curricula, horizon + 1, n_test).
+
+        One sparse product gives every step's pool sums of A and B together (``[A | B]`` side by side), in
+        chunks of curricula; the recurrence then runs in place on the product, so no (curricula, steps, tests)
+        temporaries are made besides it.
+        """
+        mult, add = self._effect_tables()
+        n_pool, n_test = add.shape[1], add.shape[2]
+        table = add[0] if mult is None else np.concatenate([mult[0], add[0]], axis=1)
+        const_alpha, const_beta = self._step_constants(horizon)
+        gamma = np.broadcast_to(np.asarray(const_alpha, dtype=np.float64) - 1.0, (horizon, n_test))
+        const_beta = np.broadcast_to(np.asarray(const_beta, dtype=np.float64), (horizon, n_test))
+        with_gamma, with_beta = bool(np.any(gamma)), bool(np.any(const_beta))
+        momentum = self._momentum()
+        floor = self.loss_floor_ if clip else None
+        ragged = bool(np.any(lengths != horizon))
+        out[:, 0] = initial
+        chunk = max(1, _SIM_CHUNK_BYTES // (8 * max(horizon, 1) * table.shape[1]))
+        for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
+            hi = min(len(curricula), lo + chunk)
+            rates = None if learning_rates is None else learning_rates[lo:hi]
+            rows = self._simulation_rows(curricula[lo:hi], rates, horizon, n_pool)
+            step_major = np.arange((hi - lo) * horizon).reshape(hi - lo, horizon).T.ravel()
+            pool = np.asarray(rows[step_major] @ table).reshape(horizon, hi - lo, table.shape[1])
+            loss = out[lo:hi]
+            velocity = np.zeros((hi - lo, n_test))
+            active = (np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]) if ragged else None
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
+                for t in range(horizon):  # sequential in t; all curricula and tests of the chunk at once
+                    beta = pool[t, :, -n_test:]
+                    if with_beta:
+                        beta += const_beta[t]
+                    if mult is not None:
+                        change = pool[t, :, :n_test]  # (alpha_t - 1) * L_{t-1}, in place
+                        if with_gamma:
+                            change += gamma[t]
+                        change *= loss[:, t]
+                        change += beta
+                    elif with_gamma:
+                        change = gamma[t] * loss[:, t]
+                        change += beta
+                    else:
+                        change = beta
+                    if momentum:
+                        velocity *= momentum
+                        velocity += change
+                    else:
+                        velocity = change
+                    if active is not None:
+                        velocity *= active[:, t, None]
+                    np.add(loss[:, t], velocity, out=loss[:, t + 1])
+                    if floor is not None:
+                        np.maximum(loss[:, t + 1], floor, out=loss[:, t + 1])
+                        if momentum:
+                            np.subtract(loss[:, t + 1], loss[:, t], out=velocity)
 
     def leave_one_out(
         self,

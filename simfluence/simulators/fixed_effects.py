@@ -37,10 +37,12 @@ from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import training_runs
 from simfluence.simulators.dynamics import LinearDynamics
+from simfluence.simulators.mean_curve import MeanCurve
 
 WEIGHTINGS = ("lr", "batch_mean", "sum")
 SCALES = ("global", "per_test")
 CALIBRATIONS = ("rollout", "step")
+OFFSETS = ("none", "mean_curve")
 
 
 class FixedEffectsSimulator(LinearDynamics):
@@ -52,6 +54,10 @@ class FixedEffectsSimulator(LinearDynamics):
     scale : ``"global"`` or ``"per_test"``.
     calibration : ``"rollout"`` or ``"step"``.
     clip_negative : keep simulated losses >= 0 when the training losses never were negative.
+    offset : ``"none"`` (the special-case reading: the scores alone move the loss) or ``"mean_curve"`` (the
+        average training-run loss change m_t is the baseline trajectory and the scores explain how a curriculum
+        differs from the training runs' average: ``L_t = L_0 + m_t - s (R_t(c) - mean R_t)`` with ``R_t(c)`` the
+        cumulative score effect of curriculum c; the role the per-step terms play in ``linear_mom``).
 
     Attributes
     ----------
@@ -60,17 +66,21 @@ class FixedEffectsSimulator(LinearDynamics):
     scale_ : (n_test,) fitted scale s (all equal for ``scale="global"``).
     lr_schedule_ : (n_steps_fit,) mean learning rate per step of the calibration runs (NaN where unknown).
     calibration_mse_ : the calibration objective per (run, step, test) at the fitted scale.
+    offset_ : (n_steps_fit + 1, n_test) the baseline trajectory ``m_t + s mean R_t`` added to ``L_0`` (zeros for
+        ``offset="none"``).
     """
 
     kind = "fixed_effects"
     _fitted_arrays = ("scores_", "checkpoint_steps_", "scale_", "lr_schedule_")
+    _optional_arrays = ("offset_",)  # absent in files written before offsets existed: no offset
 
     def __init__(self, weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
-                 clip_negative: bool = True) -> None:
+                 clip_negative: bool = True, offset: str = "none") -> None:
         self.weighting = weighting
         self.scale = scale
         self.calibration = calibration
         self.clip_negative = clip_negative
+        self.offset = offset
 
     # ----------------------------------------------------------------------------------- scores
     def set_scores(self, scores: np.ndarray, checkpoint_steps: Sequence[int] | None = None) -> FixedEffectsSimulator:
@@ -112,6 +122,8 @@ class FixedEffectsSimulator(LinearDynamics):
                                   f"examples, the run set has {runset.n_pool} / {runset.n_test}")
         horizon = max(run.n_steps for run in chosen)
         self.lr_schedule_ = mean_lr_schedule(chosen)
+        mean_change = (MeanCurve().fit(runset, runs).mean_change_ if self.offset == "mean_curve"
+                       else np.zeros((horizon + 1, runset.n_test)))
         rates = None
         if self.weighting == "lr":
             missing = next((run.name for run in chosen if not np.isfinite(run.learning_rates).all()), None)
@@ -123,18 +135,21 @@ class FixedEffectsSimulator(LinearDynamics):
         _, raw, _, _, _ = self._coefficients([run.curriculum for run in chosen], rates, horizon,
                                              tables=(None, self.scores_))
         cumulative = np.concatenate([np.zeros_like(raw[:, :1]), np.cumsum(raw, axis=1)], axis=1)
+        # with an offset the scores explain differences from the average curriculum: centre their effect too
+        centre = cumulative.mean(axis=0) if self.offset == "mean_curve" else np.zeros_like(cumulative[0])
         numerator = np.zeros(runset.n_test)
         denominator = np.zeros(runset.n_test)
         pieces = []
         for row, run in enumerate(chosen):
             steps = run.logged_steps
-            losses = np.asarray(run.losses, dtype=np.float64)
+            losses = np.asarray(run.losses, dtype=np.float64) - mean_change[steps]  # what the scores must explain
+            effect = cumulative[row, steps] - centre[steps]
             if self.calibration == "rollout":
-                target = losses[steps > 0] - run.initial_losses
-                regressor = cumulative[row, steps[steps > 0]]
+                target = losses[steps > 0] - run.initial_losses  # mean_change[0] is 0
+                regressor = effect[steps > 0]
             else:
                 target = np.diff(losses, axis=0)
-                regressor = np.diff(cumulative[row, steps], axis=0)
+                regressor = np.diff(effect, axis=0)
             numerator += (regressor * target).sum(axis=0)
             denominator += (regressor ** 2).sum(axis=0)
             pieces.append((target, regressor))
@@ -143,6 +158,7 @@ class FixedEffectsSimulator(LinearDynamics):
             self.scale_ = np.full(runset.n_test, scale)
         else:
             self.scale_ = -np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+        self.offset_ = mean_change + self.scale_ * centre  # L_t = L_0 + offset_t - s R_t(c)
         squared = [((target + self.scale_ * regressor) ** 2) for target, regressor in pieces]
         total = sum(float(block.sum()) for block in squared)
         self.calibration_mse_ = total / max(sum(block.size for block in squared), 1)
@@ -154,7 +170,7 @@ class FixedEffectsSimulator(LinearDynamics):
 
     def _check_options(self) -> None:
         for name, value, allowed in (("weighting", self.weighting, WEIGHTINGS), ("scale", self.scale, SCALES),
-                                     ("calibration", self.calibration, CALIBRATIONS)):
+                                     ("calibration", self.calibration, CALIBRATIONS), ("offset", self.offset, OFFSETS)):
             if value not in allowed:
                 raise SimfluenceError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -178,6 +194,15 @@ class FixedEffectsSimulator(LinearDynamics):
 
     def _table_of_steps(self, steps: np.ndarray) -> np.ndarray:
         return self._checkpoint_of_steps(steps)
+
+    def _step_constants(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        offset = getattr(self, "offset_", None)
+        if offset is None or not offset.any():
+            return np.ones((1, 1)), np.zeros((1, 1))
+        increments = np.zeros((n_steps, offset.shape[1]))  # m_t - m_{t-1}; past the fitted horizon m is held
+        known = min(n_steps, offset.shape[0] - 1)
+        increments[:known] = np.diff(offset[: known + 1], axis=0)
+        return np.ones((1, 1)), increments
 
     def _lr_reference(self) -> float | None:
         return 1.0 if self.weighting == "lr" else None

@@ -39,7 +39,11 @@ sum A`` (exact for additive models, an approximation for multiplicative ones).
 
 Ridge strength ``lam="auto"`` (and ``momentum="auto"``) are chosen on validation runs carved out of the
 training runs (the last ``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit
-uses all training runs.
+uses all training runs. The search is cheap next to the final fit: candidates are solved strong to weak
+``lam``, each warm-starting the next, to a looser tolerance (``SELECTION_TOL``: validation errors need a
+few digits, not ten); the fit is linear in its target, so one solve per ``lam`` with two right-hand sides
+(first-order target and previous change) gives the effects of every momentum
+(``theta(mu) = theta_0 + mu * theta_1``); and the final fit starts from the chosen candidate.
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ from simfluence.solvers import solve_ridge
 
 DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.8, 0.9)
+SELECTION_TOL = 1e-7  # CG tolerance of the lam/momentum candidates (validation MSE to ~4 digits)
+PRECISIONS = ("float32", "float64")
 
 
 class SimfluenceLinear(LinearDynamics):
@@ -85,6 +91,9 @@ class SimfluenceLinear(LinearDynamics):
     tol, max_iter : conjugate-gradient tolerance (on the residual relative to the right-hand side; 1e-10 gives
         effects within ~1e-6 relative of the exact ridge solution on the fit benchmark, 1e-8 only ~2e-4) and
         iteration cap.
+    precision : ``"float32"``: conjugate-gradient iterations in single precision inside float64 iterative
+        refinement, so ``tol`` holds for the float64 residual as with ``"float64"`` (about 2x faster; a loose
+        ``tol`` >= 1e-5 skips the refinement and the float64 copies of the losses); ``"float64"``: double only.
 
     Attributes
     ----------
@@ -117,6 +126,7 @@ class SimfluenceLinear(LinearDynamics):
         solver: str = "auto",
         tol: float = 1e-10,
         max_iter: int = 5000,
+        precision: str = "float32",
     ) -> None:
         self.lam = lam
         self.multiplicative = multiplicative
@@ -133,6 +143,7 @@ class SimfluenceLinear(LinearDynamics):
         self.solver = solver
         self.tol = tol
         self.max_iter = max_iter
+        self.precision = precision
 
     # ----------------------------------------------------------------------------------- fitting
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> SimfluenceLinear:
@@ -145,13 +156,16 @@ class SimfluenceLinear(LinearDynamics):
                    else (self._check_momentum(self.momentum),))
         if self.momentum == "auto" and not _every_step_logged(runset, runs):
             momenta = (0.0,)  # the velocity needs consecutive steps; sparser logs fall back to first order
+        if self.precision not in PRECISIONS:
+            raise SimfluenceError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.validation_ = []
+        start_theta = None
         if len(lams) * len(momenta) > 1:
-            lam, momentum = self._choose(runset, runs, lams, momenta)
+            lam, momentum, start_theta = self._choose(runset, runs, lams, momenta)
         else:
             lam, momentum = lams[0], momenta[0]
         self.momentum_ = momentum
-        self._fit_fixed(build_transitions(runset, self._spec(), runs), lam, momentum)
+        self._fit_fixed(build_transitions(runset, self._spec(), runs), lam, momentum, x0=start_theta)
         self.lam_ = lam
         self.fit_seconds_ = time.perf_counter() - start
         self.fitted_ = True
@@ -201,23 +215,53 @@ class SimfluenceLinear(LinearDynamics):
         )
         return np.tile(per_feature, 2) if self.multiplicative else per_feature
 
-    def _fit_fixed(
-        self, transitions: Transitions, lam: float, momentum: float, x0: np.ndarray | None = None
-    ) -> np.ndarray:
+    def _first_order_target(self, transitions: Transitions) -> np.ndarray:
         # over a transition of k steps (losses logged every k steps) the first-order alpha of the whole gap is
         # 1 + k (alpha_center - 1) + (summed features) . A; for one-step transitions this is alpha_center + F . A
         gap = (transitions.end_step - transitions.start_step)[:, None]
-        target = transitions.next - (1.0 + gap * (self.alpha_center - 1.0)) * transitions.prev
-        if momentum:
-            if np.any(transitions.end_step - transitions.start_step != 1):
-                raise SimfluenceError("momentum > 0 needs losses logged at every step of the training runs")
-            target = target - momentum * transitions.previous_change()
-        theta, self.solve_info_ = solve_ridge(
-            transitions.features, transitions.prev, target, self._penalty(lam),
-            multiplicative=self.multiplicative, solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
+        return transitions.next - (1.0 + gap * (self.alpha_center - 1.0)) * transitions.prev
+
+    @staticmethod
+    def _previous_change(transitions: Transitions) -> np.ndarray:
+        if np.any(transitions.end_step - transitions.start_step != 1):
+            raise SimfluenceError("momentum > 0 needs losses logged at every step of the training runs")
+        return transitions.previous_change()
+
+    def _solve(self, transitions: Transitions, target: np.ndarray, lam: float, x0: np.ndarray | None):
+        return solve_ridge(
+            transitions.features, transitions.prev, target, self._penalty(lam), multiplicative=self.multiplicative,
+            solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
+            dtype=np.float32 if self.precision == "float32" else np.float64,
         )
+
+    def _fit_fixed(
+        self, transitions: Transitions, lam: float, momentum: float, x0: np.ndarray | None = None,
+        basis: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Fit the effects at (lam, momentum); ``basis`` = the solutions for the first-order target and for the
+        previous change at this lam (:meth:`_momentum_basis`), whose combination is the answer for any momentum."""
+        if basis is not None:
+            theta = basis[0] + momentum * basis[1]
+        else:
+            target = self._first_order_target(transitions)
+            if momentum:
+                target = target - momentum * self._previous_change(transitions)
+            theta, self.solve_info_ = self._solve(transitions, target, lam, x0)
         self._set_theta(theta)
         return theta
+
+    def _momentum_basis(
+        self, transitions: Transitions, lam: float, x0: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Effects for the first-order target and for the previous change (target ``-(L_{t-1} - L_{t-2})``), one
+        batched solve of 2 n_test columns: the fit at momentum mu is ``basis[0] + mu * basis[1]``."""
+        first = self._first_order_target(transitions)
+        targets = np.concatenate([first, -self._previous_change(transitions).astype(first.dtype, copy=False)], axis=1)
+        del first
+        start = None if x0 is None else np.concatenate(x0, axis=1)
+        theta, self.solve_info_ = self._solve(transitions, targets, lam, start)
+        n_test = theta.shape[1] // 2
+        return theta[:, :n_test], theta[:, n_test:]
 
     def _set_theta(self, theta: np.ndarray) -> None:
         n_features = self._spec().n_features
@@ -231,28 +275,45 @@ class SimfluenceLinear(LinearDynamics):
 
     def _choose(
         self, runset: RunSet, runs: list[int], lams: Sequence[float], momenta: Sequence[float]
-    ) -> tuple[float, float]:
-        """Pick (lam, momentum) by rolled-out all-steps MSE on the last ``val_fraction`` of the training runs."""
+    ) -> tuple[float, float, np.ndarray]:
+        """Pick (lam, momentum) by rolled-out all-steps MSE on the last ``val_fraction`` of the training runs.
+
+        Returns the chosen lam and momentum and the chosen candidate's effects (a warm start for the final fit).
+        """
         if len(runs) < 2:
             raise SimfluenceError("choosing lam or momentum needs at least 2 training runs (one is for validation)")
         n_val = min(len(runs) - 1, max(1, round(self.val_fraction * len(runs))))
         fit_runs, val_runs = runs[:-n_val], runs[-n_val:]
         transitions = build_transitions(runset, self._spec(), fit_runs)
-        for momentum in momenta:
-            theta = None
-            for lam in sorted(lams, reverse=True):  # strong to weak: each solution warm-starts the next
-                candidate = clone(self).set_params(lam=lam)
+        selection_tol = max(float(self.tol), SELECTION_TOL)
+        entries, best, best_theta = [], None, None
+        start = None
+        for lam in sorted(lams, reverse=True):  # strong to weak: each solution warm-starts the next
+            basis = None
+            if len(momenta) > 1:  # one solve for every momentum (the fit is linear in its target)
+                solver = clone(self).set_params(lam=lam, tol=selection_tol)
+                solver._prepare(runset, runs)
+                basis = solver._momentum_basis(transitions, lam, start)
+                start = basis
+            for momentum in momenta:
+                candidate = clone(self).set_params(lam=lam, tol=selection_tol)
                 candidate.momentum = momentum  # additive models have no momentum option; the value is 0 then
                 candidate._prepare(runset, runs)
-                theta = candidate._fit_fixed(transitions, lam, momentum, x0=theta)
+                theta = candidate._fit_fixed(transitions, lam, momentum, x0=start, basis=basis)
+                if basis is None:
+                    start = theta
                 candidate.momentum_, candidate.lam_, candidate.fitted_ = momentum, lam, True
                 mse = validation_mse(candidate, runset, val_runs)
-                self.validation_.append({"lam": lam, "momentum": momentum, "mse": mse if np.isfinite(mse) else None})
-        scored = [entry for entry in self.validation_ if entry["mse"] is not None]
-        if not scored:
+                entries.append({"lam": lam, "momentum": momentum, "mse": mse if np.isfinite(mse) else None})
+                if np.isfinite(mse) and (best is None or mse < best["mse"]):
+                    best, best_theta = entries[-1], theta
+        del transitions
+        # reported in the order momentum by momentum, each from strong to weak lam
+        order = {momentum: index for index, momentum in enumerate(momenta)}
+        self.validation_ = sorted(entries, key=lambda entry: (order[entry["momentum"]], -entry["lam"]))
+        if best is None:
             raise SimfluenceError("every candidate lam/momentum gave a non-finite validation error")
-        best = min(scored, key=lambda entry: entry["mse"])
-        return best["lam"], best["momentum"]
+        return best["lam"], best["momentum"], best_theta
 
     # ----------------------------------------------------------------------------------- dynamics
     def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:
@@ -302,11 +363,12 @@ class SimfluenceAdditive(SimfluenceLinear):
         solver: str = "auto",
         tol: float = 1e-10,
         max_iter: int = 5000,
+        precision: str = "float32",
     ) -> None:
         super().__init__(
             lam=lam, multiplicative=False, alpha_center=1.0, step_terms=step_terms, lr_scaled=lr_scaled,
             batch_mean=batch_mean, step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction,
-            solver=solver, tol=tol, max_iter=max_iter,
+            solver=solver, tol=tol, max_iter=max_iter, precision=precision,
         )
 
 

@@ -142,6 +142,10 @@ class _Trainer:
         task = self.task
         curriculum = Curriculum(job.offsets, job.ids, task.n_pool)
         n_steps = curriculum.n_steps
+        # a Task trained by a framework's own loop (simfluence.integrations.huggingface.TrainerTask)
+        train_logged_run = getattr(task, "train_logged_run", None)
+        if train_logged_run is not None and self.checkpoint_steps:
+            raise TaskError(f"{type(task).__name__} trains its own runs: checkpoint_steps are not supported")
         checkpoint_dir = self.runset_path / CHECKPOINTS_DIR / job.name
         if checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)
@@ -156,6 +160,9 @@ class _Trainer:
             if 0 in self.checkpoint_steps:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 checkpoints.append({"step": 0, "path": self.save_checkpoint(job.name, 0, optimizer)})
+            if train_logged_run is not None:
+                train_logged_run(self.model, curriculum, logger, self.log_every, job.seed)
+                return job.name
             for step in range(1, n_steps + 1):
                 lr = float(task.lr_at(step))
                 batch = curriculum.ids[curriculum.offsets[step - 1]:curriculum.offsets[step]]

@@ -1,0 +1,722 @@
+"""Linear datamodeling score (LDS): every method's counterfactual predictions against real retraining.
+
+For several held-out base runs, draw many random edits of each base curriculum (:func:`lds_draws`: remove
+p% of the examples it used, MAGIC's protocol; move k random examples' occurrences to the last or first
+steps; keep a random half, datamodels' protocol), retrain every draw for real with the base run's task,
+initial weights and run seed, and ask each method to predict the same draws. Per (method, protocol), for
+each test example, the Spearman correlation over draws between the predicted and the real change of its
+final loss (both against the unedited base curriculum: the simulated base for predictions, the retrained
+base for reality) is averaged over test examples and base runs (:func:`lds_scores`); a bootstrap over
+draws gives its 95% interval. Sign agreement of the mean change over test examples and |predicted| /
+|actual| say whether the predictions also get the direction and the size right.
+
+The retrained runs go to one run-set folder per base run (``out / <base run name>``, the unedited base as
+``base``, draw d of a protocol as ``<protocol>-<d>``), so running again on the same folder trains only
+what is missing. :func:`write_lds_report` writes report.md, lds.json and one predicted-vs-actual plot per
+protocol.
+
+Conventions for degenerate cases (no RuntimeWarning is raised): a test example whose real change does
+not vary over the draws says nothing about ranking and is left out; one whose predicted change does not
+vary (or is not finite) counts as correlation 0; a method whose predictions vary for no test example
+(``mean_curve``) has an undefined LDS (NaN), sign agreement 0 and magnitude ratio 0.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from simfluence._io import atomic_write_bytes, atomic_write_json
+from simfluence.apps.verify import _check_schedule
+from simfluence.counterfactual import move_all
+from simfluence.curriculum import Curriculum
+from simfluence.errors import SimfluenceError
+from simfluence.evaluation import complete_positions, split_runs
+from simfluence.methods import METHODS
+from simfluence.metrics import spearman
+from simfluence.runlog import Run, RunSet, run_status
+from simfluence.simulators import Simulator
+from simfluence.simulators.base import clone
+
+if TYPE_CHECKING:
+    from simfluence.task import Task
+
+__all__ = ["DEFAULT_PROTOCOLS", "LDSResult", "describe_protocol", "fits_per_base", "format_lds_table", "lds_draws",
+           "lds_json", "lds_scores", "run_lds", "write_lds_report"]
+
+DEFAULT_PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
+_REMOVE = re.compile(r"remove-(\d+(?:\.\d+)?)")
+BASE_NAME = "base"
+TABLE_COLUMNS = ("method", "protocol", "lds", "lds_low", "lds_high", "sign_agreement", "magnitude_ratio",
+                 "n_draws", "n_bases", "seconds")
+
+
+def describe_protocol(protocol: str, k: int = 8) -> str:
+    """One line saying what a protocol's draws are; an unknown protocol is a ``SimfluenceError``."""
+    removed = _REMOVE.fullmatch(protocol)
+    if removed:
+        percent = float(removed.group(1))
+        if not 0.0 < percent < 100.0:
+            raise SimfluenceError(f"protocol {protocol!r}: the percentage removed must lie in (0, 100)")
+        return f"remove {percent:g}% of the examples the base run used (every occurrence)"
+    if protocol == "move-end":
+        return f"move every occurrence of {k} random examples of the base run to its last steps"
+    if protocol == "move-start":
+        return f"move every occurrence of {k} random examples of the base run to its first steps"
+    if protocol == "half":
+        return "keep a random half of the examples the base run used"
+    raise SimfluenceError(f"unknown LDS protocol {protocol!r}; choose from remove-P (P a percentage, e.g. "
+                          "remove-1, remove-5, remove-10), move-end, move-start, half")
+
+
+def lds_draws(
+    base: Curriculum,
+    protocol: str,
+    n_draws: int,
+    seed: int = 0,
+    n_pool: int | None = None,
+    k: int = 8,
+    spread: int = 4,
+) -> list[Curriculum]:
+    """Random edits of a base curriculum under one LDS protocol.
+
+    Draw ``d`` depends only on ``(seed, protocol, d)``, so asking for more draws keeps the first ones (and
+    a resumed retraining finds them).
+
+    Parameters
+    ----------
+    base : the base run's curriculum (pool positions).
+    protocol : ``remove-P`` (remove ``round(P% x n_used)`` of the ``n_used`` distinct examples the base
+        used, at least one, with all their occurrences), ``move-end`` / ``move-start`` (every occurrence of
+        ``k`` random used examples goes to one of the last / first ``spread`` steps, example ``r`` of the
+        draw to the ``r mod spread``-th of them; batches there grow), ``half`` (keep ``n_used // 2`` random
+        used examples, every occurrence; the others' batch slots are dropped).
+    n_draws : number of draws.
+    seed : seed of the draws.
+    n_pool : pool size the draws are over (default ``base.n_pool``); must agree with it where both are known.
+    k : examples moved per draw (move protocols).
+    spread : number of last / first steps the moved occurrences are spread over (move protocols).
+
+    Returns
+    -------
+    draws : ``n_draws`` curricula with the base's number of steps, over ``n_pool`` pool ids.
+
+    Raises
+    ------
+    SimfluenceError : unknown protocol, ``n_draws < 1``, or the base uses too few examples for the edit.
+    """
+    describe_protocol(protocol, k)
+    if n_draws < 1:
+        raise SimfluenceError(f"n_draws must be >= 1, got {n_draws}")
+    if n_pool is None:
+        n_pool = base.n_pool
+    elif base.n_pool is not None and base.n_pool != n_pool:
+        raise SimfluenceError(f"the base curriculum is over {base.n_pool} pool ids, not n_pool = {n_pool}")
+    if base.n_pool != n_pool:
+        base = Curriculum(base.offsets, base.ids, n_pool)
+    used = np.unique(base.ids)
+    removed = _REMOVE.fullmatch(protocol)
+    if removed:
+        count = max(1, round(float(removed.group(1)) / 100.0 * used.size))
+        if count >= used.size:
+            raise SimfluenceError(f"protocol {protocol!r} would remove all {used.size} examples the base run used")
+    elif protocol == "half":
+        count = used.size // 2
+        if count < 1:
+            raise SimfluenceError(f"protocol 'half' needs a base run that used >= 2 examples, it used {used.size}")
+    else:
+        count = k
+        if not 1 <= k <= used.size:
+            raise SimfluenceError(f"protocol {protocol!r} moves k = {k} examples; the base run used {used.size}")
+        if spread < 1:
+            raise SimfluenceError(f"spread must be >= 1, got {spread}")
+    draws = []
+    for draw in range(n_draws):
+        rng = np.random.default_rng([int(seed), zlib.crc32(protocol.encode()), draw])
+        chosen = rng.choice(used, size=count, replace=False)
+        if removed:
+            draws.append(base.remove(chosen))
+        elif protocol == "half":
+            draws.append(base.keep_only(chosen))
+        else:
+            width = min(spread, base.n_steps)
+            edited = base
+            for rank, example in enumerate(chosen):
+                offset = rank % width
+                edited = move_all(edited, int(example), base.n_steps - offset if protocol == "move-end" else 1 + offset)
+            draws.append(edited)
+    return draws
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def _per_test_rho(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spearman over draws per test example, with the degenerate cases of the module docstring.
+
+    Parameters
+    ----------
+    predicted, actual : (..., n_draws, n_test) changes of the final loss.
+
+    Returns
+    -------
+    rho : (..., n_test) correlation, 0 where the predictions do not vary.
+    informative : (..., n_test) True where the real change varies over the draws (the tests that count).
+    varies : (..., n_test) True where the predicted change varies over the draws.
+    """
+    rho = spearman(predicted, actual, axis=-2)
+    informative = actual.max(axis=-2) > actual.min(axis=-2)  # False where NaN
+    varies = predicted.max(axis=-2) > predicted.min(axis=-2)
+    return np.where(np.isnan(rho), 0.0, rho), informative, varies
+
+
+def _mean_lds(total: np.ndarray, count: np.ndarray, any_varies: np.ndarray) -> np.ndarray:
+    """LDS from summed correlations and counts of informative tests; NaN where undefined."""
+    lds = np.full(np.shape(total), np.nan)
+    np.divide(total, count, out=lds, where=(count > 0) & any_varies)
+    return lds
+
+
+def lds_scores(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """LDS with a bootstrap interval, sign agreement and magnitude ratio of predicted vs real changes.
+
+    Parameters
+    ----------
+    predicted, actual : (n_bases, n_draws, n_test) change of each test example's final loss under each draw
+        of each base run, against that base (predicted: simulated draw - simulated base; actual: retrained
+        draw - retrained base).
+    n_boot : bootstrap resamples (draws resampled with replacement within each base run; the same
+        resamples for every call with the same shapes and seed, so methods are compared on paired resamples).
+        0 skips the interval.
+    seed : seed of the resamples.
+    confidence : coverage of the interval.
+
+    Returns
+    -------
+    scores : ``lds`` (mean over base runs and informative test examples of the per-test Spearman over
+        draws), ``lds_low`` / ``lds_high`` (bootstrap interval, recentred on ``lds``), ``sign_agreement`` (fraction of
+        (base, draw) pairs where the mean-over-tests predicted change has the sign of the real one),
+        ``magnitude_ratio`` (mean |predicted change| / mean |actual change|). NaN where undefined.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if predicted.shape != actual.shape or predicted.ndim != 3:
+        raise SimfluenceError(f"predicted and actual changes must both be (n_bases, n_draws, n_test), got "
+                              f"{predicted.shape} and {actual.shape}")
+    rho, informative, varies = _per_test_rho(predicted, actual)
+    lds = float(_mean_lds((rho * informative).sum(), informative.sum(), np.asarray(varies.any())))
+    low = high = float("nan")
+    if n_boot > 0 and np.isfinite(lds):
+        low, high = _bootstrap_interval(predicted, actual, lds, n_boot, seed, confidence)
+    with np.errstate(invalid="ignore"):
+        same_sign = np.sign(predicted.mean(axis=2)) == np.sign(actual.mean(axis=2))
+    real_size = float(np.abs(actual).mean())
+    ratio = float(np.abs(predicted).mean()) / real_size if real_size > 0 else float("nan")
+    return {"lds": lds, "lds_low": low, "lds_high": high, "sign_agreement": float(same_sign.mean()),
+            "magnitude_ratio": ratio}
+
+
+def _bootstrap_interval(predicted: np.ndarray, actual: np.ndarray, lds: float, n_boot: int, seed: int,
+                        confidence: float) -> tuple[float, float]:
+    """Percentile interval of the LDS over resamples of the draws within each base run, recentred on ``lds``.
+
+    Resampling with replacement repeats draws, and the ties pull a rank correlation down: the resampled scores
+    sit below the score (for a good method the plain percentile interval misses it). The interval keeps their
+    spread and moves their median onto ``lds`` (clipped to [-1, 1]).
+    """
+    n_bases, n_draws, n_test = predicted.shape
+    rng = np.random.default_rng([int(seed), 7])
+    resamples = rng.integers(0, n_draws, size=(n_bases, n_boot, n_draws))
+    total, count = np.zeros(n_boot), np.zeros(n_boot)
+    any_varies = np.zeros(n_boot, dtype=bool)
+    chunk = max(1, 2_000_000 // max(1, n_draws * n_test))  # bounds memory: (chunk, n_draws, n_test) arrays
+    for base in range(n_bases):
+        for start in range(0, n_boot, chunk):
+            index = resamples[base, start:start + chunk]
+            rho, informative, varies = _per_test_rho(predicted[base][index], actual[base][index])
+            total[start:start + chunk] += (rho * informative).sum(axis=1)
+            count[start:start + chunk] += informative.sum(axis=1)
+            any_varies[start:start + chunk] |= varies.any(axis=1)
+    values = _mean_lds(total, count, any_varies)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = 50.0 * (1.0 - confidence)
+    low, middle, high = np.percentile(values, [tail, 50.0, 100.0 - tail])
+    return float(np.clip(low + lds - middle, -1.0, 1.0)), float(np.clip(high + lds - middle, -1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------- running
+@dataclass
+class LDSResult:
+    """Result of :func:`run_lds`.
+
+    Attributes
+    ----------
+    table : one row per (method, protocol): ``method, protocol, lds, lds_low, lds_high, sign_agreement,
+        magnitude_ratio, n_draws, n_bases, seconds`` (``seconds``: wall time to fit the method and predict
+        every draw of every protocol and base run; the same on each of the method's rows).
+    predicted : {method: {protocol: (n_bases, n_draws, n_test) predicted change of the final loss}}.
+    actual : {protocol: (n_bases, n_draws, n_test) real change of the final loss (retrained draw - retrained
+        base)}.
+    per_base : one row per (method, protocol, base): ``method, protocol, base, lds``.
+    bases : names of the base runs, in the order of axis 0 of the change arrays.
+    train_runs : names of the runs the methods (other than per-base ones) were fitted on.
+    test_ids : external test ids (axis 2 of the change arrays).
+    reproduction : {base: largest |retrained base - logged base| loss} (0 when retraining is deterministic).
+    n_trained : runs trained by this call (0 when every draw was already retrained in ``out``).
+    settings : n_draws, protocols, seed, k, n_boot, per-base methods, the folder of the retrained runs.
+    """
+
+    table: pd.DataFrame
+    predicted: dict[str, dict[str, np.ndarray]]
+    actual: dict[str, np.ndarray]
+    per_base: pd.DataFrame
+    bases: list[str]
+    train_runs: list[str]
+    test_ids: list
+    reproduction: dict[str, float] = field(default_factory=dict)
+    n_trained: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_reproduction(self) -> float:
+        """Largest |retrained base - logged base| loss over the base runs."""
+        return max(self.reproduction.values(), default=float("nan"))
+
+
+def fits_per_base(name: str, simulator: Simulator | None = None) -> bool:
+    """Whether a method is fitted around one base run (``fit(runset, runs=[base])``), not on training runs.
+
+    True for ``unrolled``, for a registry entry whose ``needs`` holds ``"base_run"``, and for a simulator
+    class tagged ``tags["per_base"]``.
+    """
+    entry = METHODS.get(name)
+    tagged = simulator is not None and bool(type(simulator).tags.get("per_base", False))
+    return name == "unrolled" or (entry is not None and "base_run" in entry.needs) or tagged
+
+
+def _needs_task(name: str, simulator: Simulator) -> bool:
+    entry = METHODS.get(name) or METHODS.get(simulator.kind)
+    return entry is not None and "task" in entry.needs
+
+
+def _fit(name: str, simulator: Simulator, runset: RunSet, runs: list[int], task: Task) -> Simulator:
+    if _needs_task(name, simulator):
+        return simulator.fit(runset, runs=runs, task=task)
+    return simulator.fit(runset, runs=runs)
+
+
+def _positions(runset: RunSet, runs: Sequence[int | str], what: str) -> list[int]:
+    names = runset.run_names
+    positions = []
+    for run in runs:
+        if isinstance(run, str):
+            runset[run]  # an unknown name raises RunLogError naming it
+            positions.append(names.index(run))
+        elif isinstance(run, int | np.integer) and -len(names) <= int(run) < len(names):
+            positions.append(int(run) % len(names))
+        else:
+            raise SimfluenceError(f"{what}: {run!r} is not a run of the run set ({len(names)} runs)")
+    return positions
+
+
+def _choose_runs(runset: RunSet, base_runs: Sequence[int | str] | None, train_runs: Sequence[int | str] | None,
+                 holdout: int) -> tuple[list[int], list[int]]:
+    """Positions of the training runs and of the base runs (disjoint)."""
+    used, _ = complete_positions(runset)
+    if train_runs is None:
+        train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
+    else:
+        train = _positions(runset, train_runs, "train_runs")
+        heldout = [position for position in used if position not in train]
+    if base_runs is None:
+        if len(heldout) < 3:
+            raise SimfluenceError(f"LDS averages over at least 3 held-out base runs; the run set holds out "
+                                  f"{len(heldout)} (hold out more runs or name the base runs)")
+        bases = heldout
+    else:
+        bases = _positions(runset, base_runs, "base_runs")
+    if not bases:
+        raise SimfluenceError("no base runs to score on")
+    if len(set(bases)) != len(bases):
+        raise SimfluenceError("a base run is named twice")
+    leaked = [runset[b].name for b in bases if b in train]
+    if leaked:
+        raise SimfluenceError(f"base run {leaked[0]!r} is a training run; an LDS must be measured on held-out runs")
+    if not train:
+        raise SimfluenceError("no training runs to fit the methods on")
+    return train, bases
+
+
+def _check_matches(name: str, simulator: Simulator, runset: RunSet) -> None:
+    simulator.check_fitted()
+    if list(simulator.pool_ids_) != list(runset.pool_ids) or list(simulator.test_ids_) != list(runset.test_ids):
+        raise SimfluenceError(f"method {name!r} was fitted on other pool or test ids than the run set's "
+                              f"({len(simulator.pool_ids_)} / {len(simulator.test_ids_)} vs {runset.n_pool} / "
+                              f"{runset.n_test})")
+
+
+def _final_changes(trajectories: np.ndarray) -> np.ndarray:
+    """(1 + n, T + 1, n_test) trajectories, base first -> (n, n_test) change of the final loss against the base."""
+    final = np.asarray(trajectories, dtype=np.float64)[:, -1]
+    with np.errstate(invalid="ignore"):  # inf - inf of a diverged prediction is NaN, scored as such
+        return final[1:] - final[:1]
+
+
+def _retraining_seeds(runset: RunSet, task: Task, run: Run) -> tuple[int, int]:
+    """Seed of the run set's initial weights and torch seed of ``run``, as :func:`generate_runs` used them.
+
+    The init seed is the one the generator recorded (else ``task.init_seed``); the run seed is the run's
+    ``metadata["seed"]`` (else ``init_seed + 1``).
+    """
+    recorded = (runset.metadata.get("generator") or {}).get("init_seed")
+    init_seed = task.init_seed if recorded is None else int(recorded)
+    return init_seed, int(run.metadata.get("seed", init_seed + 1))
+
+
+def run_lds(
+    runset: RunSet,
+    methods: Sequence[str] | Mapping[str, Simulator],
+    base_runs: Sequence[int | str] | None = None,
+    train_runs: Sequence[int | str] | None = None,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+    n_draws: int = 40,
+    task: Task | str | None = None,
+    out: str | os.PathLike | None = None,
+    workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    holdout: int = 8,
+    k: int = 8,
+    n_boot: int = 1000,
+) -> LDSResult:
+    """Score every method's counterfactual predictions against real retraining (LDS).
+
+    Parameters
+    ----------
+    runset : the logged (or imported) runs.
+    methods : method names of :data:`~simfluence.methods.METHODS` (a list or ``"a,b"``), or {name: simulator}.
+        A fitted simulator is used as it is (it must not have seen the base runs); an unfitted one is fitted
+        like a named method.
+        Methods are fitted on the training runs, except per-base ones (:func:`fits_per_base`, e.g.
+        ``unrolled``), fitted on each base run in turn; methods that need a model get the ``task``.
+    base_runs : base runs (positions or names); default every held-out run, at least 3.
+    train_runs : runs to fit on (positions or names); default the complete runs but the last ``holdout``.
+    protocols : protocols of :func:`lds_draws`.
+    n_draws : draws per protocol and base run (>= 2; the field uses >= 40).
+    task : the runs' task (a Task or ``file.py:function``); default the built-in workload the run set records.
+    out : folder of the retrained runs, one run set per base run (``out / <base name>``); a second call on
+        it trains only what is missing. Default: a temporary folder, removed afterwards.
+    workers : training processes (see :func:`~simfluence.workloads.generator.generate_runs`).
+    seed : seed of the draws and of the bootstrap.
+    progress : show progress bars.
+    holdout : runs held out at the end of the run set when ``train_runs`` is not given.
+    k : examples moved per draw (move protocols).
+    n_boot : bootstrap resamples for the interval.
+
+    Returns
+    -------
+    LDSResult
+
+    Raises
+    ------
+    SimfluenceError : no methods, an unknown method or protocol, too few draws or base runs, a base run
+        that is a training run; ``TaskError`` when no task is known or it does not describe the base runs.
+    """
+    from simfluence.task import task_for_runset
+    from simfluence.workloads.generator import generate_runs
+
+    protocols = list(dict.fromkeys(protocols))
+    if not protocols:
+        raise SimfluenceError("no LDS protocols given")
+    for protocol in protocols:
+        describe_protocol(protocol, k)
+    if n_draws < 2:
+        raise SimfluenceError(f"an LDS correlates over draws: n_draws must be >= 2, got {n_draws}")
+    simulators = _simulators(methods)
+    task = task_for_runset(runset, task)  # before any work: a missing task is one error, nothing written
+    train, bases = _choose_runs(runset, base_runs, train_runs, holdout)
+    base_list = [runset[position] for position in bases]
+    for base in base_list:
+        _check_schedule(task, base)
+
+    draws = {base.name: [curriculum for protocol in protocols
+                         for curriculum in lds_draws(base.curriculum, protocol, n_draws, seed, runset.n_pool, k)]
+             for base in base_list}
+    predicted_changes, seconds = _predict(simulators, runset, train, bases, draws, task, progress)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(out) if out is not None else Path(scratch)
+        actual_changes, reproduction, n_trained = {}, {}, 0
+        for base in base_list:
+            folder = root / base.name
+            names = [BASE_NAME] + [f"{protocol}-{draw:03d}" for protocol in protocols for draw in range(n_draws)]
+            n_trained += sum(run_status(folder, name) != "complete" for name in names)
+            init_seed, run_seed = _retraining_seeds(runset, task, base)
+            retrained = generate_runs(task, [base.curriculum, *draws[base.name]], folder, names=names,
+                                      init_seed=init_seed, seeds=[run_seed] * len(names), workers=workers,
+                                      progress=progress)
+            finals = np.stack([np.asarray(retrained[name].losses[-1], dtype=np.float64) for name in names])
+            actual_changes[base.name] = finals[1:] - finals[:1]
+            logged, _ = base.dense_losses()
+            replayed, _ = retrained[BASE_NAME].dense_losses()
+            reproduction[base.name] = float(np.nanmax(np.abs(replayed - logged)))
+
+    n_test = runset.n_test
+    shape = (len(bases), len(protocols), n_draws, n_test)
+    actual = np.stack([actual_changes[base.name] for base in base_list]).reshape(shape)
+    rows, per_base_rows, predicted_by_method = [], [], {}
+    for name in simulators:
+        predicted = np.stack([predicted_changes[name][base.name] for base in base_list]).reshape(shape)
+        predicted_by_method[name] = {protocol: predicted[:, index] for index, protocol in enumerate(protocols)}
+        for index, protocol in enumerate(protocols):
+            scores = lds_scores(predicted[:, index], actual[:, index], n_boot=n_boot, seed=seed)
+            rows.append({"method": name, "protocol": protocol, **scores, "n_draws": n_draws,
+                         "n_bases": len(bases), "seconds": seconds[name]})
+            for position, base in enumerate(base_list):
+                one = lds_scores(predicted[position:position + 1, index], actual[position:position + 1, index],
+                                 n_boot=0)
+                per_base_rows.append({"method": name, "protocol": protocol, "base": base.name, "lds": one["lds"]})
+    return LDSResult(
+        table=pd.DataFrame(rows, columns=list(TABLE_COLUMNS)),
+        predicted=predicted_by_method,
+        actual={protocol: actual[:, index] for index, protocol in enumerate(protocols)},
+        per_base=pd.DataFrame(per_base_rows, columns=["method", "protocol", "base", "lds"]),
+        bases=[base.name for base in base_list],
+        train_runs=[runset[position].name for position in train],
+        test_ids=list(runset.test_ids),
+        reproduction=reproduction,
+        n_trained=int(n_trained),
+        settings={"n_draws": n_draws, "protocols": protocols, "seed": seed, "k": k, "n_boot": n_boot,
+                  "per_base_methods": [name for name, sim in simulators.items() if _per_base(name, sim)],
+                  "out": None if out is None else str(out)},
+    )
+
+
+def _simulators(methods: Sequence[str] | Mapping[str, Simulator]) -> dict[str, Simulator | None]:
+    """{name: given simulator, or None for a method built from the registry}; names checked."""
+    if isinstance(methods, str):
+        methods = [part.strip() for part in methods.split(",") if part.strip()]
+    if isinstance(methods, Mapping):
+        chosen = dict(methods)
+        for name, simulator in chosen.items():
+            if not isinstance(simulator, Simulator):
+                raise SimfluenceError(f"methods[{name!r}] is a {type(simulator).__name__}, not a Simulator")
+    else:
+        chosen = {}
+        for name in methods:
+            if name not in METHODS:
+                raise SimfluenceError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            chosen[name] = None
+    if not chosen:
+        raise SimfluenceError("no methods to score")
+    return chosen
+
+
+def _per_base(name: str, given: Simulator | None) -> bool:
+    """Whether to fit the method around each base run (never for a simulator given already fitted)."""
+    if given is None:
+        return fits_per_base(name)
+    if getattr(given, "fitted_", False):
+        return False
+    return fits_per_base(name, given) or fits_per_base(given.kind)
+
+
+def _predict(
+    simulators: dict[str, Simulator | None],
+    runset: RunSet,
+    train: list[int],
+    bases: list[int],
+    draws: dict[str, list[Curriculum]],
+    task: Task,
+    progress: bool,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Fit each method and predict every draw of every base: {method: {base: (n, n_test) changes}}, seconds."""
+    changes: dict[str, dict[str, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for name, given in tqdm(simulators.items(), desc="fit + predict", disable=not progress, leave=False):
+        start = time.perf_counter()
+        template = METHODS[name].build() if given is None else given
+        per_base = _per_base(name, given)
+        fitted = None
+        if not per_base:
+            if given is not None and getattr(given, "fitted_", False):
+                fitted = given
+            else:
+                fitted = _fit(name, clone(template), runset, train, task)
+            _check_matches(name, fitted, runset)
+        changes[name] = {}
+        for position in bases:
+            base = runset[position]
+            simulator = fitted
+            if per_base:
+                simulator = _fit(name, clone(template), runset, [position], task)
+                _check_matches(name, simulator, runset)
+            curricula = [base.curriculum, *draws[base.name]]
+            rates = None
+            if np.isfinite(base.learning_rates).all():
+                rates = [base.learning_rates] * len(curricula)
+            trajectories = simulator.simulate(curricula, base.initial_losses, rates)
+            changes[name][base.name] = _final_changes(trajectories)
+        seconds[name] = time.perf_counter() - start
+    return changes, seconds
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+def _cell(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def format_lds_table(table: pd.DataFrame) -> str:
+    """The table of :class:`LDSResult` as markdown: one row per method, one LDS column per protocol, then
+    sign agreement, magnitude ratio |predicted| / |actual| (both averaged over protocols) and seconds.
+
+    Each LDS cell is ``lds [low, high]``; ``n/a`` where it is undefined (predictions that never vary).
+    """
+    protocols = list(dict.fromkeys(table["protocol"]))
+    header = ["method", *(f"LDS {protocol}" for protocol in protocols), "sign agreement", "magnitude ratio",
+              "fit + predict s"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, rows in table.groupby("method", sort=False):
+        by_protocol = {row["protocol"]: row for _, row in rows.iterrows()}
+        cells = [name]
+        for protocol in protocols:
+            row = by_protocol.get(protocol)
+            if row is None or not np.isfinite(row["lds"]):
+                cells.append("n/a")
+            else:
+                cells.append(f"{row['lds']:.3f} [{_cell(row['lds_low'], 2)}, {_cell(row['lds_high'], 2)}]")
+        cells.append(_cell(_mean(rows["sign_agreement"]), 2))
+        cells.append(_cell(_mean(rows["magnitude_ratio"]), 2))
+        cells.append(f"{rows['seconds'].iloc[0]:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean(values: pd.Series) -> float:
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _quality(lds: float) -> str:
+    if lds >= 0.9:
+        return "near-exact"
+    if lds >= 0.7:
+        return "good"
+    if lds >= 0.4:
+        return "partial"
+    if lds >= 0.1:
+        return "weak"
+    return "no"
+
+
+def _describe_method(name: str, rows: pd.DataFrame) -> str:
+    """One plain-language line on a method's rows of the LDS table."""
+    scored = rows[np.isfinite(rows["lds"].astype(float))]
+    if scored.empty:
+        return (f"**{name}** predicts the same change for every draw, so it cannot rank edited curricula "
+                "(LDS undefined).")
+    best = scored.loc[scored["lds"].idxmax()]
+    worst = scored.loc[scored["lds"].idxmin()]
+    parts = [f"**{name}** ranks the draws of {best['protocol']} best ({_quality(best['lds'])} ranking, "
+             f"LDS {best['lds']:.2f})"]
+    if worst["protocol"] != best["protocol"]:
+        parts.append(f"those of {worst['protocol']} worst ({_quality(worst['lds'])}, LDS {worst['lds']:.2f})")
+    sign = _mean(rows["sign_agreement"])
+    ratio = _mean(rows["magnitude_ratio"])
+    line = "; ".join(parts)
+    line += f"; it gets the direction of the mean change right in {100 * sign:.0f}% of the draws"
+    if np.isfinite(ratio):
+        line += f", and its predicted changes are {ratio:.2f}x the real ones in size"
+    return line + "."
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def lds_json(result: LDSResult) -> dict[str, Any]:
+    """The result without the per-draw arrays, as strict JSON (NaN as null)."""
+    return _jsonable({
+        "settings": result.settings,
+        "bases": result.bases,
+        "train_runs": result.train_runs,
+        "base_reproduction": result.base_reproduction,
+        "reproduction": result.reproduction,
+        "n_trained": result.n_trained,
+        "table": result.table.to_dict(orient="records"),
+        "per_base": result.per_base.to_dict(orient="records"),
+    })
+
+
+def write_lds_report(result: LDSResult, folder: str | os.PathLike) -> dict[str, Path]:
+    """Write report.md, lds.json and ``lds_<protocol>.png`` (predicted vs real change) into ``folder``.
+
+    Returns
+    -------
+    paths : {"report": ..., "json": ..., protocol: png path, ...}.
+    """
+    from simfluence.apps.plot import plot_lds
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"report": folder / "report.md", "json": folder / "lds.json"}
+    settings = result.settings
+    lines = [
+        "# LDS: counterfactual predictions against real retraining",
+        "",
+        f"Base runs (held out): {', '.join(result.bases)}. Methods fitted on {len(result.train_runs)} training "
+        f"run(s)" + (f"; fitted around each base run: {', '.join(settings['per_base_methods'])}"
+                     if settings.get("per_base_methods") else "") + ".",
+        f"{settings.get('n_draws')} draws per protocol and base run, every one retrained for real from the base "
+        f"run's initial weights and seed; retraining each unedited base reproduces its log to "
+        f"{result.base_reproduction:.1e}.",
+        "",
+        "Protocols:",
+        "",
+        *(f"- `{protocol}`: {describe_protocol(protocol, settings.get('k', 8))}" for protocol in settings["protocols"]),
+        "",
+        "LDS: for each test example, the Spearman correlation over draws between the predicted and the real "
+        "change of its final loss, averaged over test examples and base runs, with a bootstrap "
+        "95% interval over draws. Sign agreement: how often the predicted mean change over test examples has "
+        "the real one's sign. Magnitude ratio: mean absolute predicted change over the mean absolute real one.",
+        "",
+        format_lds_table(result.table),
+        "",
+        *(f"- {_describe_method(name, rows)}" for name, rows in result.table.groupby("method", sort=False)),
+        "",
+    ]
+    for protocol in settings["protocols"]:
+        path = folder / f"lds_{protocol}.png"
+        scores = {row["method"]: row["lds"] for _, row in result.table[result.table["protocol"] == protocol].iterrows()}
+        plot_lds({name: changes[protocol] for name, changes in result.predicted.items()}, result.actual[protocol],
+                 protocol, scores=scores, path=path)
+        paths[protocol] = path
+        lines.append(f"![{protocol}]({path.name})")
+    atomic_write_bytes(paths["report"], ("\n".join(lines) + "\n").encode())
+    atomic_write_json(paths["json"], lds_json(result))
+    return paths

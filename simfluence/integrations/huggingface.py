@@ -1,0 +1,416 @@
+"""Log Hugging Face ``Trainer`` runs into a run set, and train a given curriculum with ``Trainer``.
+
+Three pieces, usable apart or together:
+
+- :class:`SimfluenceCallback` logs one run: per optimizer step the pool ids of the whole step (every
+  gradient-accumulation micro-batch, and every data-parallel rank gathered on rank 0), the learning rate,
+  and every ``log_every`` steps the per-example losses of a probe set (a
+  :class:`~simfluence.integrations.probes.ProbeSet`), through a :class:`~simfluence.runlog.RunLogger`.
+- The ids travel with the batch: :class:`~simfluence.integrations.sampler.IndexedDataset` adds each example's
+  pool position under ``simfluence_id``, :class:`IdCollator` keeps that column through any collator, and a
+  forward pre-hook on the model takes it out of the model's inputs (and reports it to the callback).
+- :class:`CurriculumTrainer` is a ``Trainer`` that does all of that itself and, given a
+  :class:`~simfluence.curriculum.Curriculum`, trains exactly that curriculum (one optimizer step per
+  curriculum step) through :class:`~simfluence.integrations.sampler.CurriculumBatchSampler`.
+
+:class:`TrainerTask` is a :class:`~simfluence.task.Task` whose runs are trained by ``Trainer``, so that
+``generate_runs`` and ``verify`` retrain counterfactual curricula the way the logged runs were trained.
+
+Needs the ``hf`` extra (``pip install 'simfluence[hf]'``: transformers and accelerate).
+
+Data-parallel runs: ids are gathered with ``torch.distributed.gather_object`` (any backend); probe losses are
+computed on rank 0 with the unwrapped model, so the full model must live on rank 0 (DDP, not FSDP/ZeRO-3).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from simfluence.curriculum import Curriculum
+from simfluence.errors import CurriculumError, TaskError
+from simfluence.integrations._recording import IdTap, ProbeFn, StepRecorder, distributed_rank_and_size, probe_test_ids
+from simfluence.integrations.sampler import ID_COLUMN, CurriculumBatchSampler, IndexedDataset
+from simfluence.runlog import RunLogger, RunSet
+from simfluence.task import Task
+
+try:
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+except ImportError as _error:  # one line naming the extra, not a traceback through transformers
+    raise ImportError(
+        f"simfluence.integrations.huggingface needs transformers ({_error}): pip install 'simfluence[hf]'"
+    ) from None
+
+__all__ = ["CurriculumTrainer", "IdCollator", "SimfluenceCallback", "TrainerTask"]
+
+
+class IdCollator:
+    """Wrap a collator so that the id column of the examples survives it as a ``(batch,)`` int64 tensor.
+
+    The ids are taken out of every example, the rest is collated by ``collator``, and the ids are put back
+    under ``id_column``. Examples without the column are collated unchanged.
+
+    Parameters
+    ----------
+    collator : ``collator(list_of_examples) -> dict``; default ``transformers.default_data_collator``.
+    id_column : the column of pool positions (:class:`~simfluence.integrations.sampler.IndexedDataset` adds it).
+    """
+
+    def __init__(self, collator: Callable[[list], Any] | None = None, id_column: str = ID_COLUMN) -> None:
+        self.collator = collator if collator is not None else default_data_collator
+        self.id_column = id_column
+
+    def __call__(self, features: list) -> Any:
+        if not features or not isinstance(features[0], Mapping) or self.id_column not in features[0]:
+            return self.collator(features)
+        ids = torch.tensor([int(feature[self.id_column]) for feature in features], dtype=torch.long)
+        rest = [{key: value for key, value in feature.items() if key != self.id_column} for feature in features]
+        batch = self.collator(rest)
+        batch[self.id_column] = ids
+        return batch
+
+    def __repr__(self) -> str:
+        return f"IdCollator({self.collator!r}, id_column={self.id_column!r})"
+
+
+class SimfluenceCallback(TrainerCallback):
+    """Log a ``Trainer`` run into a run set: each optimizer step's pool ids and learning rate, probe losses.
+
+    The batches must carry their pool positions in ``id_column`` and the model must not receive it: use
+    :class:`CurriculumTrainer`, or with a plain ``Trainer`` wrap the training set in
+    :class:`~simfluence.integrations.sampler.IndexedDataset`, pass ``data_collator=IdCollator(...)`` and
+    ``TrainingArguments(remove_unused_columns=False)``. The callback puts a forward pre-hook on the model that
+    strips the column and records the ids of every training forward (micro-batch); at the end of each
+    optimizer step the micro-batches of all ranks are gathered on rank 0 (``torch.distributed`` when
+    initialised), which logs them as that step's batch. Step 0 holds the probe losses before training; they
+    are logged again every ``log_every`` optimizer steps and at the last step. The learning rate of a step is
+    the optimizer's at the start of the step (the rate its update used). The run is written on a background
+    thread (a killed process loses at most the last ~50 ms of steps); a training that raises inside
+    :class:`CurriculumTrainer` leaves the run ``aborted`` with every completed step readable.
+
+    Parameters
+    ----------
+    runset : run-set folder; created (``RunSet.create(..., exist_ok=True)``) on rank 0 if missing.
+    run_name : name of this run in the run set.
+    probe : ``probe(model) -> (n_test,)`` per-example losses of the test examples, e.g. a
+        :class:`~simfluence.integrations.probes.ProbeSet`; evaluated on rank 0 only.
+    n_pool : size of the training pool; default the length of the training dataset.
+    pool_ids : (n_pool,) external ids of the pool examples for the manifest (default ``0..n_pool-1``).
+    test_ids : (n_test,) external ids of the probe examples (default ``0..len(probe)-1``).
+    log_every : probe-loss logging interval in optimizer steps.
+    metadata : JSON metadata added to the run's (which records the training arguments that matter).
+    runset_metadata : JSON metadata of a run set created by the callback.
+    overwrite : replace an existing run of that name.
+    id_column : the batch column of pool positions.
+    """
+
+    def __init__(
+        self,
+        runset: str | os.PathLike,
+        run_name: str,
+        probe: ProbeFn,
+        n_pool: int | None = None,
+        pool_ids: Sequence | None = None,
+        test_ids: Sequence | None = None,
+        log_every: int = 1,
+        metadata: dict | None = None,
+        runset_metadata: dict | None = None,
+        overwrite: bool = False,
+        id_column: str = ID_COLUMN,
+    ) -> None:
+        self.runset = runset
+        self.run_name = run_name
+        self.probe = probe
+        self.n_pool = n_pool
+        self.pool_ids = pool_ids
+        self.test_ids = test_ids
+        self.log_every = log_every
+        self.metadata = metadata
+        self.runset_metadata = runset_metadata
+        self.overwrite = overwrite
+        self.id_column = id_column
+        self.recorder = StepRecorder(probe, log_every)
+        self._open_logger: RunLogger | None = None  # a logger opened by the caller (TrainerTask), else None
+        self._learning_rate: float | None = None
+
+    def _run_metadata(self, args: TrainingArguments, optimizer: Any) -> dict:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        return {
+            "framework": "transformers", "transformers_version": transformers.__version__,
+            "seed": args.seed, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "max_grad_norm": args.max_grad_norm, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value",
+                                                                                   args.lr_scheduler_type)),
+            "optimizer": type(inner).__name__ if inner is not None else None, "log_every": self.log_every,
+            **(self.metadata or {}),
+        }
+
+    def _logger(self, args: TrainingArguments, optimizer: Any, train_dataloader: Any) -> RunLogger:
+        n_pool = self.n_pool
+        if n_pool is None:
+            n_pool = len(self.pool_ids) if self.pool_ids is not None else len(train_dataloader.dataset)
+        test_ids = probe_test_ids(self.probe, self.test_ids)
+        RunSet.create(self.runset, n_pool=n_pool, pool_ids=self.pool_ids, test_ids=test_ids,
+                      metadata=self.runset_metadata, exist_ok=True)
+        return RunLogger(self.runset, self.run_name, metadata=self._run_metadata(args, optimizer),
+                         overwrite=self.overwrite)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        rank, _ = distributed_rank_and_size()
+        if self._open_logger is not None:
+            self.recorder.start(model, self._open_logger if rank == 0 else None, self.id_column, log_initial=False)
+            return
+        logger = self._logger(args, optimizer, train_dataloader) if rank == 0 else None
+        self.recorder.start(model, logger, self.id_column)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._learning_rate = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.recorder.end_step(state.global_step, self._learning_rate, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.recorder.finish(model, close=self._open_logger is None)
+
+    def abort(self) -> None:
+        """After a failed training: wait for the queued writes and mark the run ``aborted`` (its prefix stays).
+
+        ``Trainer`` has no event for a failure; :class:`CurriculumTrainer` calls this when ``train`` raises.
+        """
+        logger = self.recorder.logger
+        self.recorder.abandon()
+        if logger is not None and self._open_logger is None:
+            logger.close("aborted")
+
+
+class _StripIds(TrainerCallback):
+    """Put the id-stripping hook on the model ``Trainer`` trains (it may come from ``model_init``)."""
+
+    def __init__(self, id_column: str) -> None:
+        self.id_column = id_column
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        IdTap.on(model, self.id_column)
+
+
+class CurriculumTrainer(Trainer):
+    """A ``Trainer`` whose batches carry their pool ids and that can train a given curriculum.
+
+    The training set is wrapped in :class:`~simfluence.integrations.sampler.IndexedDataset` (unless it is one
+    already), the collator in :class:`IdCollator`, the id column is kept when ``remove_unused_columns`` drops
+    the others, and a forward pre-hook removes it before the model's forward. So a
+    :class:`SimfluenceCallback` logs the ids with no further setup.
+
+    With ``curriculum``, training is one pass over it: curriculum step t is optimizer step t, cut into
+    ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks (see
+    :class:`~simfluence.integrations.sampler.CurriculumBatchSampler`); ``per_device_train_batch_size``,
+    ``num_train_epochs`` and the sampling options are not used, ``max_steps`` becomes the curriculum's length.
+
+    Parameters
+    ----------
+    *args, **kwargs : as for ``transformers.Trainer``.
+    curriculum : the curriculum to train (ids are positions in ``train_dataset``), or None for the usual
+        sampling.
+    id_column : the batch column of pool positions.
+    """
+
+    def __init__(self, *args: Any, curriculum: Curriculum | None = None, id_column: str = ID_COLUMN,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.id_column = id_column
+        self.curriculum = curriculum
+        if self.train_dataset is not None and not isinstance(self.train_dataset, IndexedDataset):
+            self.train_dataset = IndexedDataset(self.train_dataset, id_column)
+        if not isinstance(self.data_collator, IdCollator):
+            self.data_collator = IdCollator(self.data_collator, id_column)
+        self.add_callback(_StripIds(id_column))
+        if self.model is not None:
+            IdTap.on(self.model, id_column)
+        if curriculum is not None:
+            if not isinstance(curriculum, Curriculum):
+                raise CurriculumError(f"curriculum must be a Curriculum, got a {type(curriculum).__name__}")
+            if self.train_dataset is None:
+                raise CurriculumError("CurriculumTrainer: a curriculum needs a train_dataset to index")
+            if curriculum.ids.size and int(curriculum.ids.max()) >= len(self.train_dataset):
+                raise CurriculumError(f"the curriculum uses pool id {int(curriculum.ids.max())}, but train_dataset "
+                                      f"has {len(self.train_dataset)} examples")
+            if self.args.max_steps > 0 and self.args.max_steps != curriculum.n_steps:
+                raise CurriculumError(f"TrainingArguments.max_steps={self.args.max_steps} but the curriculum has "
+                                      f"{curriculum.n_steps} steps (leave max_steps unset)")
+            self.args = copy.copy(self.args)  # the caller's arguments stay as they were
+            self.args.max_steps = curriculum.n_steps
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; if it raises, every :class:`SimfluenceCallback` marks its run ``aborted``."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, SimfluenceCallback):
+                    callback.abort()
+            raise
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and self.id_column not in self._signature_columns:
+            self._signature_columns.append(self.id_column)
+
+    def curriculum_sampler(self) -> CurriculumBatchSampler:
+        """The batch sampler of ``curriculum``: ``gradient_accumulation_steps * world_size`` chunks per step.
+
+        ``Trainer`` (accelerate) hands batch i to rank ``i % world_size``, so each rank gets its
+        ``gradient_accumulation_steps`` micro-batches of every step.
+        """
+        chunks = self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
+        return CurriculumBatchSampler(self.curriculum, micro_batches=chunks)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.curriculum is None:
+            return super().get_train_dataloader()
+        collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=self.curriculum_sampler(), collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+        )
+        return self.accelerator.prepare(loader)
+
+
+# ------------------------------------------------------------------------------------------ Task
+class _LearningRateOf:
+    """LambdaLR factor for optimizer groups whose base rate is 1: the task's rate of step ``k + 1``."""
+
+    def __init__(self, lr_at: Callable[[int], float]) -> None:
+        self.lr_at = lr_at
+
+    def __call__(self, scheduler_step: int) -> float:
+        return float(self.lr_at(scheduler_step + 1))
+
+
+class _TensorPool(torch.utils.data.Dataset):
+    """Row i of a task's pool tensors as the example ``{input_name: inputs[i], label_name: targets[i]}``."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, input_name: str, label_name: str) -> None:
+        self.inputs, self.targets = inputs, targets
+        self.input_name, self.label_name = input_name, label_name
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict:
+        return {self.input_name: self.inputs[index], self.label_name: self.targets[index]}
+
+
+def _stack(features: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(feature[key]) for feature in features]) for key in features[0]}
+
+
+class _TaskTrainer(CurriculumTrainer):
+    """Trains a Task's model on its loss: ``loss_fn(model(inputs), targets)``, the mean over each whole step.
+
+    A micro-batch's mean loss is weighted by its share of the step (``n_micro * chunks / step_size``), so that
+    after ``Trainer`` divides by the accumulation steps and DDP averages over ranks, the gradient is that of
+    the mean loss over the step's batch, as in the plain loop of ``generate_runs``, for any split.
+    """
+
+    def __init__(self, *args: Any, task: TrainerTask, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.model_accepts_loss_kwargs = False  # the loss below is a micro-batch mean: Trainer divides by GA
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs.get(self.id_column)
+        extra = {self.id_column: ids} if ids is not None else {}  # stripped (and recorded) by the id tap
+        outputs = model(inputs[self.task.input_name], **extra)
+        losses = self.task.loss_fn(outputs, inputs[self.task.label_name])
+        loss = losses.mean()
+        if model.training and self.curriculum is not None:
+            step_size = int(self.curriculum.batch_sizes[self.state.global_step])
+            chunks = self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
+            loss = loss * (losses.numel() * chunks / step_size)
+        return (loss, outputs) if return_outputs else loss
+
+
+@dataclasses.dataclass(eq=False)
+class TrainerTask(Task):
+    """A :class:`~simfluence.task.Task` whose runs ``generate_runs`` trains with ``transformers.Trainer``.
+
+    The Task's own fields keep their meaning: the model is ``make_model(init_seed)``, the loss of a step is the
+    mean of ``loss_fn(model(inputs), targets)`` over its batch, the optimizer is ``make_optimizer(params)`` and
+    the rate of step t is ``lr_at(t)``. ``Trainer`` adds what ``training_kwargs`` configure (gradient
+    accumulation, gradient clipping, mixed precision, devices, distributed training, ...). Every curriculum
+    step is one optimizer step (a :class:`CurriculumTrainer`); with the default ``max_grad_norm=0`` and no
+    other options, a run equals the plain loop's to float tolerance.
+
+    Attributes
+    ----------
+    training_kwargs : keyword arguments of ``transformers.TrainingArguments`` (picklable, for worker
+        processes). ``output_dir`` (a temporary folder), ``max_steps``, ``seed`` (the run's), ``save_strategy``
+        ("no") and ``report_to`` ("none") are set per run.
+    input_name, label_name : names of the pool inputs and targets in the Trainer's batches.
+    """
+
+    training_kwargs: dict = dataclasses.field(default_factory=dict)
+    input_name: str = "input_ids"
+    label_name: str = "labels"
+
+    def training_arguments(self, output_dir: str, n_steps: int, seed: int) -> TrainingArguments:
+        """The ``TrainingArguments`` of one run of ``n_steps`` steps."""
+        options = {"max_grad_norm": 0.0, "disable_tqdm": True, "logging_strategy": "no",
+                   "use_cpu": not torch.cuda.is_available(), **self.training_kwargs}
+        options.update(output_dir=output_dir, max_steps=n_steps, seed=seed, save_strategy="no", report_to="none")
+        return TrainingArguments(**options)
+
+    def test_losses(self, model: nn.Module) -> np.ndarray:
+        """(n_test,) float64 ``loss_fn(model(test_inputs), test_targets)`` in evaluation mode, on the model's device."""
+        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                losses = self.loss_fn(model(self.test_inputs.to(device)), self.test_targets.to(device))
+        finally:
+            model.train(was_training)
+        return losses.detach().to(torch.float64).cpu().numpy().reshape(-1)
+
+    def train_logged_run(self, model: nn.Module, curriculum: Curriculum, logger: RunLogger, log_every: int,
+                         seed: int) -> None:
+        """Train ``model`` on ``curriculum`` with ``Trainer``, logging steps 1 and on into ``logger``.
+
+        The hook :func:`~simfluence.workloads.generator.generate_runs` calls instead of its plain loop, after
+        logging the initial losses. The model is back on the CPU afterwards.
+        """
+        if curriculum.n_steps == 0:
+            return
+        empty = np.flatnonzero(curriculum.batch_sizes == 0)
+        if empty.size:
+            raise TaskError(f"a TrainerTask cannot train step {int(empty[0]) + 1} of the curriculum: it is empty")
+        optimizer = self.make_optimizer(model.parameters())
+        for group in optimizer.param_groups:
+            group["lr"] = 1.0  # LambdaLR then sets lr_at(step) itself
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LearningRateOf(self.lr_at))
+        callback = SimfluenceCallback(logger.runset_path, logger.name, probe=self.test_losses, log_every=log_every)
+        callback._open_logger = logger
+        try:
+            with tempfile.TemporaryDirectory(prefix="simfluence-trainer-") as output_dir:
+                trainer = _TaskTrainer(
+                    model=model, args=self.training_arguments(output_dir, curriculum.n_steps, seed),
+                    train_dataset=_TensorPool(self.pool_inputs, self.pool_targets, self.input_name, self.label_name),
+                    data_collator=_stack, optimizers=(optimizer, scheduler), callbacks=[callback],
+                    curriculum=curriculum, task=self,
+                )
+                for quiet in (PrinterCallback, ProgressCallback):  # generate_runs shows its own progress
+                    trainer.remove_callback(quiet)
+                trainer.train()
+        finally:
+            model.cpu()  # generate_runs evaluates and resets the model on the CPU

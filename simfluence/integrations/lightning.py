@@ -1,0 +1,147 @@
+"""Log Lightning training runs into a run set with :class:`SimfluenceLightningCallback`.
+
+Lightning hands every training batch to its callbacks, so the pool ids are read from the batch itself
+(:func:`~simfluence.integrations.sampler.batch_ids`: the ``simfluence_id`` column of a dict batch, the last
+element of a tuple batch, as :class:`~simfluence.integrations.sampler.IndexedDataset` produces). The callback
+logs per optimizer step the ids of all its micro-batches (``accumulate_grad_batches``; data-parallel ranks
+gathered on rank 0 with ``torch.distributed``), the learning rate, and every ``log_every`` steps the probe
+losses. To train a given curriculum, give the Trainer a
+:func:`~simfluence.integrations.sampler.curriculum_dataloader` with ``micro_batches=accumulate_grad_batches``
+and ``max_epochs=1``; under DDP also ``num_replicas``/``rank`` and ``use_distributed_sampler=False``.
+
+Needs the ``lightning`` extra (``pip install 'simfluence[lightning]'``); ``lightning.pytorch`` is used, else
+``pytorch_lightning``. The callback must come from the same package as the Trainer.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from simfluence.integrations._recording import ProbeFn, StepRecorder, distributed_rank_and_size, probe_test_ids
+from simfluence.integrations.sampler import ID_COLUMN, batch_ids
+from simfluence.runlog import RunLogger, RunSet
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    try:
+        import pytorch_lightning as pl
+    except ImportError as _error:  # one line naming the extra, not a traceback
+        raise ImportError(
+            f"simfluence.integrations.lightning needs lightning ({_error}): pip install 'simfluence[lightning]'"
+        ) from None
+
+__all__ = ["SimfluenceLightningCallback"]
+
+
+class SimfluenceLightningCallback(pl.Callback):
+    """Log a Lightning run into a run set: each optimizer step's pool ids and learning rate, probe losses.
+
+    Step 0 holds the probe losses before training; they are logged again every ``log_every`` optimizer steps
+    and at the last step. The learning rate of a step is the first parameter group's when its optimizer steps.
+    Probe losses are computed on rank 0 with the LightningModule (the full model must be on rank 0).
+
+    Parameters
+    ----------
+    runset : run-set folder; created (``RunSet.create(..., exist_ok=True)``) on rank 0 if missing.
+    run_name : name of this run in the run set.
+    probe : ``probe(pl_module) -> (n_test,)`` per-example losses of the test examples, e.g.
+        ``lambda module: probe_set(module.model)`` with a :class:`~simfluence.integrations.probes.ProbeSet`.
+    n_pool : size of the training pool; default the length of the training dataloader's dataset.
+    pool_ids : (n_pool,) external ids of the pool examples for the manifest (default ``0..n_pool-1``).
+    test_ids : (n_test,) external ids of the probe examples (default ``0..len(probe)-1``).
+    log_every : probe-loss logging interval in optimizer steps.
+    metadata : JSON metadata added to the run's.
+    runset_metadata : JSON metadata of a run set created by the callback.
+    overwrite : replace an existing run of that name.
+    ids_of : ``ids_of(batch) -> (batch,)`` pool positions of a training batch; default
+        :func:`~simfluence.integrations.sampler.batch_ids` with ``id_column``.
+    id_column : the column of pool positions in dict batches.
+    """
+
+    def __init__(
+        self,
+        runset: str | os.PathLike,
+        run_name: str,
+        probe: ProbeFn,
+        n_pool: int | None = None,
+        pool_ids: Sequence | None = None,
+        test_ids: Sequence | None = None,
+        log_every: int = 1,
+        metadata: dict | None = None,
+        runset_metadata: dict | None = None,
+        overwrite: bool = False,
+        ids_of: Callable[[Any], np.ndarray] | None = None,
+        id_column: str = ID_COLUMN,
+    ) -> None:
+        self.runset = runset
+        self.run_name = run_name
+        self.probe = probe
+        self.n_pool = n_pool
+        self.pool_ids = pool_ids
+        self.test_ids = test_ids
+        self.log_every = log_every
+        self.metadata = metadata
+        self.runset_metadata = runset_metadata
+        self.overwrite = overwrite
+        self.ids_of = ids_of
+        self.id_column = id_column
+        self.recorder = StepRecorder(probe, log_every)
+        self._learning_rate: float | None = None
+        self._global_step = 0
+
+    def _n_pool(self, trainer: pl.Trainer) -> int:
+        if self.n_pool is not None:
+            return self.n_pool
+        if self.pool_ids is not None:
+            return len(self.pool_ids)
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if dataset is None:
+            raise TypeError("SimfluenceLightningCallback cannot tell the pool size from the training dataloader; "
+                            "pass n_pool")
+        return len(dataset)
+
+    def _logger(self, trainer: pl.Trainer) -> RunLogger:
+        test_ids = probe_test_ids(self.probe, self.test_ids)
+        RunSet.create(self.runset, n_pool=self._n_pool(trainer), pool_ids=self.pool_ids, test_ids=test_ids,
+                      metadata=self.runset_metadata, exist_ok=True)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        metadata = {
+            "framework": "lightning", "lightning_version": pl.__version__,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
+            "gradient_clip_val": trainer.gradient_clip_val, "log_every": self.log_every,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None, **(self.metadata or {}),
+        }
+        return RunLogger(self.runset, self.run_name, metadata=metadata, overwrite=self.overwrite)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        rank, _ = distributed_rank_and_size()
+        self._global_step = trainer.global_step
+        self.recorder.start(pl_module, self._logger(trainer) if rank == 0 else None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        ids_of = self.ids_of if self.ids_of is not None else lambda batch: batch_ids(batch, self.id_column)
+        self.recorder.add_micro_batch(ids_of(batch))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: Any) -> None:
+        self._learning_rate = float(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: nn.Module, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step > self._global_step:  # this batch ended an optimizer step
+            self._global_step = trainer.global_step
+            self.recorder.end_step(trainer.global_step, self._learning_rate, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        self.recorder.finish(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: nn.Module, exception: BaseException) -> None:
+        """Wait for the queued writes and mark the run ``aborted`` (every completed step stays readable)."""
+        logger = self.recorder.logger
+        self.recorder.abandon()
+        if logger is not None:
+            logger.close("aborted")

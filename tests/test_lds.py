@@ -1,0 +1,272 @@
+"""LDS verification: random edits of base runs, retrained for real, every method's predictions scored."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simfluence.apps.lds import format_lds_table, lds_draws, lds_scores, run_lds, write_lds_report
+from simfluence.cli import main
+from simfluence.curriculum import Curriculum, shuffled_epochs
+from simfluence.errors import SimfluenceError
+from simfluence.runlog import RunSet
+from simfluence.simulators import Simulator
+from simfluence.workloads import generate_digits
+
+PROTOCOLS = ["remove-10", "move-end"]
+
+
+@pytest.fixture
+def base() -> Curriculum:
+    """60 of a pool of 100 examples, each seen about 4 times, in 60 steps of 4."""
+    return shuffled_epochs(100, 4, 60, seed=0, pool_ids=list(range(20, 80)))
+
+
+def _occurrences(curriculum: Curriculum) -> dict[int, list[int]]:
+    steps = curriculum.step_of_entries()
+    return {int(i): sorted(steps[curriculum.ids == i].tolist()) for i in np.unique(curriculum.ids)}
+
+
+# ----------------------------------------------------------------------------------------------- draws
+def test_draws_are_deterministic_and_more_draws_keep_the_first(base):
+    for protocol in ("remove-5", "move-end", "move-start", "half"):
+        first = lds_draws(base, protocol, 3, seed=1)
+        assert first == lds_draws(base, protocol, 3, seed=1)
+        assert lds_draws(base, protocol, 5, seed=1)[:3] == first
+        assert lds_draws(base, protocol, 3, seed=2) != first
+
+
+def test_remove_drops_the_stated_fraction_of_the_used_examples_everywhere(base):
+    used = np.unique(base.ids)
+    for percent, count in ((1, 1), (5, 3), (10, 6)):
+        for draw in lds_draws(base, f"remove-{percent}", 4, seed=0):
+            gone = np.setdiff1d(used, draw.ids)
+            assert gone.size == count == round(max(1, percent / 100 * used.size))
+            assert draw == base.remove(gone) and draw.n_steps == base.n_steps
+
+
+def test_move_end_puts_every_occurrence_of_k_examples_in_the_last_steps(base):
+    before = _occurrences(base)
+    for draw in lds_draws(base, "move-end", 5, seed=0, k=8):
+        after = _occurrences(draw)
+        moved = [i for i in before if after[i] != before[i]]
+        assert set(after) == set(before) and all(len(after[i]) == len(before[i]) for i in before)
+        assert 6 <= len(moved) <= 8  # an example already in the last steps may stay where it was
+        assert all(min(after[i]) > base.n_steps - 4 for i in moved)
+        assert draw.n_entries == base.n_entries and draw.n_steps == base.n_steps
+
+
+def test_move_start_puts_them_in_the_first_steps(base):
+    before = _occurrences(base)
+    for draw in lds_draws(base, "move-start", 5, seed=0, k=8, spread=2):
+        after = _occurrences(draw)
+        moved = [i for i in before if after[i] != before[i]]
+        assert moved and all(max(after[i]) <= 2 for i in moved)
+
+
+def test_half_keeps_every_occurrence_of_a_random_half(base):
+    used = np.unique(base.ids)
+    kept_sets = []
+    for draw in lds_draws(base, "half", 4, seed=0):
+        kept = np.unique(draw.ids)
+        assert kept.size == used.size // 2
+        assert draw == base.keep_only(kept)
+        kept_sets.append(tuple(kept))
+    assert len(set(kept_sets)) == 4
+
+
+@pytest.mark.parametrize("protocol, options, message", [
+    ("shuffle", {}, "unknown LDS protocol 'shuffle'"),
+    ("remove-100", {}, r"must lie in \(0, 100\)"),
+    ("move-end", {"k": 500}, "moves k = 500 examples; the base run used 60"),
+])
+def test_bad_draws_are_errors(base, protocol, options, message):
+    with pytest.raises(SimfluenceError, match=message):
+        lds_draws(base, protocol, 2, **options)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def test_an_exact_or_monotone_predictor_scores_one():
+    actual = np.random.default_rng(0).normal(size=(3, 20, 7))
+    exact = lds_scores(actual, actual, n_boot=200)
+    assert exact["lds"] == exact["lds_low"] == exact["lds_high"] == 1.0
+    assert exact["sign_agreement"] == 1.0 and exact["magnitude_ratio"] == 1.0
+    cubed = lds_scores(2 * actual**3, actual, n_boot=0)
+    assert cubed["lds"] == 1.0 and cubed["magnitude_ratio"] > 1.0
+    assert lds_scores(-actual, actual, n_boot=0)["lds"] == -1.0
+
+
+def test_a_noisy_predictor_gets_a_reproducible_interval_around_its_score():
+    rng = np.random.default_rng(0)
+    actual = rng.normal(size=(3, 40, 20))
+    predicted = actual + rng.normal(size=actual.shape)
+    scores = lds_scores(predicted, actual, n_boot=300)
+    assert 0.4 < scores["lds_low"] < scores["lds"] < scores["lds_high"] < 0.9
+    assert lds_scores(predicted, actual, n_boot=300) == scores
+
+
+def test_a_constant_predictor_is_undefined_not_a_warning():
+    actual = np.random.default_rng(0).normal(size=(2, 10, 4))
+    scores = lds_scores(np.zeros_like(actual), actual, n_boot=100)
+    assert np.isnan(scores["lds"]) and np.isnan(scores["lds_low"]) and np.isnan(scores["lds_high"])
+    assert scores["sign_agreement"] == 0.0 and scores["magnitude_ratio"] == 0.0
+
+
+def test_a_test_the_predictor_ignores_counts_as_zero_and_a_test_that_never_moves_is_left_out():
+    actual = np.random.default_rng(0).normal(size=(1, 10, 3))
+    predicted = actual.copy()
+    predicted[..., 1] = 0.0  # no opinion on test 1: correlation 0
+    assert lds_scores(predicted, actual, n_boot=0)["lds"] == pytest.approx(2 / 3)
+    actual[..., 2] = 0.5  # test 2 never moves: it cannot rank anything
+    assert lds_scores(predicted, actual, n_boot=0)["lds"] == pytest.approx(1 / 2)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+class Oracle(Simulator):
+    """Predicts the losses the draws really had (looked up in the retrained run sets)."""
+
+    kind = "oracle"
+
+    def __init__(self, folders: tuple = ()) -> None:
+        self.folders = folders
+
+    def fit(self, runset, runs=None):
+        self.lookup_ = {}
+        for folder in self.folders:
+            for run in RunSet.load(folder):
+                key = (run.curriculum.offsets.tobytes(), run.curriculum.ids.tobytes())
+                self.lookup_[key] = np.asarray(run.losses, dtype=np.float64)
+        self._remember_ids(runset, runs)
+        self.fitted_ = True
+        return self
+
+    def simulate(self, curricula, initial_losses, learning_rates=None):
+        return np.stack([self.lookup_[(c.offsets.tobytes(), c.ids.tobytes())] for c in curricula])
+
+
+class PerBase(Simulator):
+    """Fitted around one base run: records which, predicts that the removed examples' count matters."""
+
+    kind = "per_base_probe"
+    tags = {"exact_loo": False, "per_base": True}
+    fitted_on: list = []
+
+    def __init__(self) -> None:
+        pass
+
+    def fit(self, runset, runs=None):
+        PerBase.fitted_on.append(list(runs))
+        self._remember_ids(runset, runs)
+        self.fitted_ = True
+        return self
+
+    def simulate(self, curricula, initial_losses, learning_rates=None):
+        sizes = np.array([c.n_entries for c in curricula], dtype=float)
+        return np.broadcast_to(-sizes[:, None, None], (len(curricula), 21, len(self.test_ids_))).copy()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lds")
+    generate_digits(folder / "runs", n_runs=8, n_steps=20, batch_size=4, pool_size=40, test_size=10, workers=1,
+                    progress=False)
+    return folder, RunSet.load(folder / "runs")
+
+
+@pytest.fixture(scope="module")
+def first_lds(digits):
+    folder, runset = digits
+    result = run_lds(runset, ["mean_curve", "linear_mom"], holdout=3, protocols=PROTOCOLS, n_draws=6,
+                     out=folder / "cli" / "retrained", workers=1, progress=False, n_boot=200)
+    return folder / "cli" / "retrained", runset, result
+
+
+def test_lds_retrains_every_draw_and_scores_every_method(first_lds):
+    retrained, runset, result = first_lds
+    assert result.bases == ["run-005", "run-006", "run-007"] and len(result.train_runs) == 5
+    assert result.n_trained == 3 * (1 + 2 * 6)
+    assert result.base_reproduction == 0.0  # the unedited base comes back exactly
+    assert list(result.table.columns) == ["method", "protocol", "lds", "lds_low", "lds_high", "sign_agreement",
+                                          "magnitude_ratio", "n_draws", "n_bases", "seconds"]
+    assert len(result.table) == 4 and (result.table["n_draws"] == 6).all() and (result.table["n_bases"] == 3).all()
+    assert result.actual["move-end"].shape == result.predicted["linear_mom"]["move-end"].shape == (3, 6, 10)
+    mean_curve = result.table[result.table["method"] == "mean_curve"]
+    assert mean_curve["lds"].isna().all() and (mean_curve["sign_agreement"] == 0).all()
+    learned = result.table[result.table["method"] == "linear_mom"]
+    assert np.isfinite(learned["lds"]).all() and (learned["lds_low"] <= learned["lds"]).all()
+    draws = RunSet.load(retrained / "run-006")
+    expected = lds_draws(runset["run-006"].curriculum, "remove-10", 6, seed=0, n_pool=40)
+    assert draws["remove-10-003"].curriculum == expected[3] and draws["base"].curriculum == runset[6].curriculum
+
+
+def test_an_oracle_scores_one_and_a_second_call_retrains_nothing(first_lds):
+    retrained, runset, _ = first_lds
+    oracle = Oracle(tuple(sorted(str(path) for path in retrained.iterdir()))).fit(runset, runs=[0])
+    result = run_lds(runset, {"oracle": oracle}, holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained,
+                     workers=1, progress=False, n_boot=100)
+    assert result.n_trained == 0
+    assert (result.table["lds"] == 1.0).all() and (result.table["sign_agreement"] == 1.0).all()
+    assert np.allclose(result.table["magnitude_ratio"], 1.0)
+
+
+def test_a_per_base_method_is_fitted_on_each_base_run(first_lds):
+    retrained, runset, _ = first_lds
+    PerBase.fitted_on.clear()
+    result = run_lds(runset, {"probe": PerBase()}, holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained,
+                     workers=1, progress=False, n_boot=0)
+    assert PerBase.fitted_on == [[5], [6], [7]] and result.settings["per_base_methods"] == ["probe"]
+    assert result.n_trained == 0
+
+
+def test_report_has_table_json_and_a_plot_per_protocol(first_lds, tmp_path):
+    _, _, result = first_lds
+    paths = write_lds_report(result, tmp_path / "report")
+    text = paths["report"].read_text()
+    assert format_lds_table(result.table) in text and "**linear_mom**" in text and "LDS undefined" in text
+    data = json.loads(paths["json"].read_text())
+    assert len(data["table"]) == 4 and data["table"][0]["lds"] is None and data["base_reproduction"] == 0.0
+    assert paths["move-end"].stat().st_size > 0 and paths["remove-10"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_draws": 1}, "n_draws must be >= 2"),
+    ({"protocols": ["shuffle"]}, "unknown LDS protocol"),
+    ({"base_runs": ["run-001"]}, "base run 'run-001' is a training run"),
+    ({"holdout": 2}, "at least 3 held-out base runs"),
+])
+def test_bad_lds_requests_are_errors_before_any_training(digits, tmp_path, options, message):
+    _, runset = digits
+    with pytest.raises(SimfluenceError, match=message):
+        run_lds(runset, ["linear"], **{"holdout": 3, **options}, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_lds_resumes_and_writes_the_report(first_lds, capsys):
+    retrained, _, _ = first_lds
+    out, runs = retrained.parent, retrained.parent.parent / "runs"
+    json_file = out / "table.json"
+    code = main(["verify", str(runs), "--protocol", "lds", "--methods", "mean_curve,linear_mom", "--holdout", "3",
+                 "--draws", "6", "--protocols", ",".join(PROTOCOLS), "--workers", "1", "--out", str(out),
+                 "--json", str(json_file)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| linear_mom |" in printed and "retrained 0 run(s)" in printed
+    assert (out / "report.md").is_file() and (out / "lds_move-end.png").is_file()
+    assert len(json.loads(json_file.read_text())["table"]) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "lds", "--draws", "1"], "n_draws must be >= 2"),
+    (["--protocol", "lds", "--protocols", "remove-1,shuffle"], "unknown LDS protocol 'shuffle'"),
+    (["--protocol", "lds", "--methods", "nope"], "unknown method 'nope'"),
+    (["--protocol", "lds", "--run", "run-007"], "--run and --tests apply to --protocol targeted"),
+    (["--protocol", "lds", "--bases", "9"], "--bases must be between 1 and 3"),
+    (["--draws", "5"], "--draws applies to --protocol lds"),
+])
+def test_cli_lds_errors_are_one_line(digits, tmp_path, capsys, args, message):
+    folder, _ = digits
+    code = main(["verify", str(folder / "runs"), "--holdout", "3", "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
