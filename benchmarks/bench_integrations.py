@@ -8,14 +8,16 @@ the median over repeats of (time from the end of step 5 to the end of the last s
 callback registered last; configurations alternate within each repeat so that load drifts hit all alike, and
 the paired median compares the two runs of each repeat. On a shared machine those differences are noisy, so
 the time spent inside the callback's step events (training thread; ``RunLogger`` writes run on a background
-thread) is also reported directly. Prints a markdown table; nothing is written.
+thread) is also reported directly. Prints a markdown table and records it in ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_integrations.py [--steps 60] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import datetime
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,11 @@ from transformers.trainer_callback import PrinterCallback
 from simfluence.curriculum import Curriculum, shuffled_epochs
 from simfluence.integrations import ProbeSet
 from simfluence.integrations.huggingface import CurriculumTrainer, SimfluenceCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+SECTION = "## Hugging Face integration: SimfluenceCallback overhead per optimizer step"
 
 WARMUP_STEPS = 5
 SIZES = {  # name: (n_layer, n_embd, seq_len, examples per step)
@@ -102,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-probe", type=int, default=64)
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="print only")
     options = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
 
@@ -140,15 +150,33 @@ def main(argv: list[str] | None = None) -> int:
                          callback_seconds * 1e3, 100 * callback_seconds / base,
                          float(np.median(probe_seconds)) * 1e3))
 
-    print(f"\nSimfluenceCallback overhead; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"1 thread, {platform.processor() or platform.machine()}; {options.steps} steps, gradient accumulation "
-          f"2, {options.repeats} repeats, probe of {options.n_probe} examples\n")
-    print("| model | GPT-2 | step without (ms) | step with callback (ms) | difference (%) | paired median (%) "
-          "| in callback (ms/step) | in callback (% of step) | probe evaluation (ms, separate) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for size, shape, base, with_callback, percent, paired, inside_ms, inside_percent, probe_ms in rows:
-        print(f"| {size} | {shape} | {base:.2f} | {with_callback:.2f} | {percent:+.1f} | {paired:+.1f} "
-              f"| {inside_ms:.3f} | {inside_percent:.1f} | {probe_ms:.1f} |")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        SECTION,
+        "",
+        f"Recorded {now} by `python benchmarks/bench_integrations.py --steps {options.steps} --repeats "
+        f"{options.repeats}` on {os.cpu_count()} cores, load average before {load_before:.2f}: `CurriculumTrainer` "
+        f"(GPT-2 from a config, SGD, gradient accumulation 2, 1 torch thread; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}), {options.steps} steps, median of {options.repeats} repeats, the "
+        f"probe stubbed in the timed runs (its own cost, {options.n_probe} examples, in the last column). Target: "
+        "the logging itself <= 5% of a step.",
+        "",
+        "| model | GPT-2 | step without (ms) | step with callback (ms) | difference (%) | paired median (%) "
+        "| in callback (ms/step) | in callback (% of step) | probe evaluation (ms, separate) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {size} | {shape} | {base:.2f} | {with_callback:.2f} | {percent:+.1f} | {paired:+.1f} "
+          f"| {inside_ms:.3f} | {inside_percent:.1f} | {probe_ms:.1f} |"
+          for size, shape, base, with_callback, percent, paired, inside_ms, inside_percent, probe_ms in rows],
+        "",
+        "*in callback* is the time spent inside the callback's hooks (the part the target is about); the wall-clock "
+        "difference also holds the background writer's disk commits competing for the 2 cores, and swings between "
+        "runs on a shared machine.",
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if not options.no_record:
+        write_section(options.results, SECTION, section)
     return 0
 
 

@@ -9,7 +9,7 @@ The unit of cost is one training run of the same task, measured two ways: the ba
 (``replay_losses`` in the task's float32, one thread: the generator's arithmetic without its logging), and one
 run logged by ``generate_runs`` (one worker, every step's batch and test losses written to disk). Timings are
 the best of ``--repeats`` wall-clock runs on whatever else the machine is doing, one torch thread (as the
-generator trains). The script prints a markdown table; it records nothing.
+generator trains). The script prints a markdown table and records it in ``benchmarks/RESULTS.md``.
 
 Usage::
 
@@ -19,6 +19,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,11 @@ import torch
 from simfluence.attribution.unrolled import replay_losses
 from simfluence.methods import make_simulator
 from simfluence.workloads import generate_digits, generate_runs, task_from_runset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
+
+SECTION = "## Unrolled: cost of exact first-order effects for one base run (digits)"
 
 
 def best_time(function, repeats: int) -> tuple[float, object]:
@@ -45,7 +53,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--insertion", nargs="+", default=["none", "ends", "all"],
                         help="insertion_steps settings to time")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.runset if args.runset is not None else Path(scratch) / "digits"
@@ -63,14 +73,24 @@ def main() -> None:
             size = simulator.save(Path(scratch) / f"unrolled-{insertion}.npz").stat().st_size / 2**20
             rows.append((insertion, len(simulator.insertion_steps_), seconds, size))
 
-    print(f"digits: {runset.n_pool} pool x {runset.n_test} test, {base.n_steps} steps, base run {base.name!r}; "
-          f"one training run {training:.3f} s bare, {logged:.3f} s logged by generate_runs")
-    print()
-    print("| insertion_steps | insertion steps | fit s | x bare training run | x logged run | file MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for insertion, n_insertion, seconds, size in rows:
-        print(f"| {insertion} | {n_insertion} | {seconds:.2f} | {seconds / training:.1f} | {seconds / logged:.1f} "
-              f"| {size:.1f} |")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        SECTION,
+        "",
+        f"Recorded {now} by `python benchmarks/bench_unrolled.py` on {os.cpu_count()} cores, one torch thread, load "
+        f"average before {load_before:.2f}, best of {args.repeats}. Digits: {runset.n_pool} pool x {runset.n_test} "
+        f"test, {base.n_steps} steps, base run {base.name!r}; one training run {training:.3f} s bare, {logged:.3f} s "
+        "logged by generate_runs. `fit` replays the run in float64 and differentiates all test losses at once.",
+        "",
+        "| insertion_steps | insertion steps | fit s | x bare training run | x logged run | file MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {insertion} | {n_insertion} | {seconds:.2f} | {seconds / training:.1f} | {seconds / logged:.1f} "
+          f"| {size:.1f} |" for insertion, n_insertion, seconds, size in rows],
+        "",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    write_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -742,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="simfluence", standalone_mode=False)
     except click.exceptions.Exit as exit_:
         return int(exit_.exit_code)
+    except click.UsageError as err:  # a bad option or argument: one line too, like every other error
+        if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())) and err.ctx is not None:
+            click.echo(err.ctx.get_help())  # a bare command group: its help, as click prints it
+            return err.exit_code
+        command = err.ctx.command_path if err.ctx is not None else "simfluence"
+        return _print_error(f"{err.format_message()} (see `{command} --help`)")
     except click.ClickException as err:
         err.show()
         return err.exit_code
