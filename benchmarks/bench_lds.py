@@ -27,6 +27,7 @@ SECTION = "## LDS: counterfactual predictions against real retraining (digits)"
 LEARNED = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")
 # gradient methods (scored when the registry has them): TracIn in both forms, the fair forms of the others
 OPTIONAL = ("tracin", "tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "unrolled")
+SECTION_FACTS = "## LDS: counterfactual predictions against real retraining (facts language model)"
 PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
 CHECKPOINT_STEPS = (0, 50, 100, 150, 200)
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from simfluence.apps.lds import describe_protocol, format_lds_table, run_lds, write_lds_report
     from simfluence.methods import METHODS
     from simfluence.runlog import RunSet
-    from simfluence.workloads import generate_digits
+    from simfluence.workloads import generate_digits, generate_facts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="/tmp/simfluence-bench-digits-ckpt", help="run set (made if absent)")
@@ -43,25 +44,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bases", nargs="+", default=["run-040", "run-043", "run-047"])
     parser.add_argument("--draws", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workload", choices=["digits", "facts"], default="digits",
+                        help="facts: the language-model workload (default tier, checkpoints 0/100/200; cache "
+                        "/tmp/facts-ckpt, the one bench_factbench.py uses), with --protocols and --methods")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every learned and gradient method")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args(argv)
-    generate_digits(args.cache, checkpoint_steps=CHECKPOINT_STEPS, progress=False)
-    runset = RunSet.load(args.cache)
-    methods = list(LEARNED) + [name for name in OPTIONAL if name in METHODS]
+    if args.workload == "facts":
+        cache = args.cache if args.cache != parser.get_default("cache") else "/tmp/facts-ckpt"
+        generate_facts(cache, checkpoint_steps=(0, 100, 200), progress=False)
+        if args.out == parser.get_default("out"):
+            args.out = "/tmp/simfluence-bench-lds-facts"
+    else:
+        cache = args.cache
+        generate_digits(cache, checkpoint_steps=CHECKPOINT_STEPS, progress=False)
+    runset = RunSet.load(cache)
+    if args.bases == parser.get_default("bases") and args.workload == "facts":
+        args.bases = runset.run_names[-3:]
+    methods = args.methods or list(LEARNED) + [name for name in OPTIONAL if name in METHODS]
+    protocols = tuple(args.protocols)
     start = time.perf_counter()
     result = run_lds(runset, methods, base_runs=args.bases, train_runs=range(len(runset) - 8),
-                     protocols=PROTOCOLS, n_draws=args.draws, out=Path(args.out) / "retrained", workers=args.workers)
+                     protocols=protocols, n_draws=args.draws, out=Path(args.out) / "retrained", workers=args.workers)
     wall = time.perf_counter() - start
     write_lds_report(result, args.out)
     per_base = result.settings["per_base_methods"]
-    n_retrained = len(result.bases) * (1 + len(PROTOCOLS) * args.draws)
+    n_retrained = len(result.bases) * (1 + len(protocols) * args.draws)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/bench_lds.py" + ("" if args.workload == "digits" else " " + " ".join(arguments))
+    described = (f"Default digits run set ({len(runset)} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, "
+                 f"{runset.n_test} tests, SGD momentum 0.9, warm-up + cosine; checkpoints at steps 0/50/100/150/200)"
+                 if args.workload == "digits" else
+                 f"Facts language-model run set (default tier: {len(runset)} runs x {runset[0].n_steps} steps of a "
+                 f"tiny transformer fine-tuned with AdamW, {runset.n_pool} documents, {runset.n_test} fact queries; "
+                 "checkpoints at steps 0/100/200)")
     lines = [
-        SECTION,
+        SECTION if args.workload == "digits" else SECTION_FACTS,
         "",
-        f"Recorded {now} by `python benchmarks/bench_lds.py` on {os.cpu_count()} cores. Default digits run set "
-        f"({len(runset)} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, {runset.n_test} tests, SGD momentum "
-        "0.9, warm-up + cosine; checkpoints at steps 0/50/100/150/200). Methods fitted on the first "
+        f"Recorded {now} by `{command}` on {os.cpu_count()} cores. {described}. Methods fitted on the first "
         f"{len(result.train_runs)} runs" + (f" ({', '.join(per_base)}: around each base run)" if per_base else "")
         + f"; base runs {', '.join(result.bases)} (held out); {args.draws} draws per protocol and base run, every "
         f"one retrained for real from the base run's initial weights and seed: {n_retrained} runs in "
@@ -69,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.workers} workers (a fresh `--out` retrains all of them). Retraining each base reproduces its log to "
         f"{result.base_reproduction:.1e}. Report and plots: `{args.out}/report.md`.",
         "",
-        "Protocols: " + "; ".join(f"`{protocol}` {describe_protocol(protocol)}" for protocol in PROTOCOLS) + ".",
+        "Protocols: " + "; ".join(f"`{protocol}` {describe_protocol(protocol)}" for protocol in protocols) + ".",
         "",
         "LDS = per test example, Spearman over draws of predicted vs real change of its final loss (against the "
         f"unedited base), averaged over the {runset.n_test} test examples and the base runs; [bootstrap 95% "
@@ -83,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     section = "\n".join(lines)
     print(section)
-    write_section(args.results, SECTION, section)
+    write_section(args.results, SECTION if args.workload == "digits" else SECTION_FACTS, section)
     return 0
 
 
