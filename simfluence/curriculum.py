@@ -121,7 +121,7 @@ class Curriculum:
             raise CurriculumError("offsets must have n_steps + 1 >= 1 entries, got an empty array")
         if offsets[0] != 0:
             raise CurriculumError(f"offsets[0] must be 0, got {int(offsets[0])}")
-        decreasing = np.flatnonzero(np.diff(offsets) < 0)
+        decreasing = np.flatnonzero(offsets[1:] < offsets[:-1])  # no subtraction: int64 differences can wrap
         if decreasing.size:
             step = int(decreasing[0]) + 1
             raise CurriculumError(

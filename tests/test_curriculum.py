@@ -429,3 +429,9 @@ def test_random_generators_reject_bad_options():
         random_subset(10, 11, 2, n_steps=3)
     with pytest.raises(CurriculumError):
         random_subset(10, 0, 2, n_steps=3)
+
+
+def test_offsets_whose_differences_would_wrap_around_are_refused():
+    # np.diff of these int64 offsets overflows and looks non-decreasing; a comparison does not
+    with pytest.raises(CurriculumError, match="non-decreasing"):
+        Curriculum([0, 2**62 + 1, -(2**62), 3], [0, 0, 0])
