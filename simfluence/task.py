@@ -32,9 +32,9 @@ from simfluence.errors import TaskError, UnknownIdError
 from simfluence.ids import IdIndex
 
 if TYPE_CHECKING:
-    from simfluence.runlog import RunSet
+    from simfluence.runlog import Run, RunSet
 
-__all__ = ["Task", "load_task", "task_for_runset"]
+__all__ = ["Task", "check_schedule", "load_task", "recorded_init_seed", "task_for_runset"]
 
 TASK_HINT = "pass --task path/to/file.py:function (Python: task=...)"
 
@@ -279,3 +279,28 @@ def task_for_runset(runset: RunSet, task: Task | str | None = None) -> Task:
         raise TaskError(f"{where} records workload {workload!r}, which is not built in "
                         f"(built in: {', '.join(TASK_FROM_RUNSET)}); {TASK_HINT}")
     return task_from_runset(runset)
+
+
+def recorded_init_seed(runset: RunSet, task: Task) -> int:
+    """Seed of the initial weights a run set's runs share: the one its generator recorded, else ``task.init_seed``."""
+    recorded = (runset.metadata.get("generator") or {}).get("init_seed")
+    return int(task.init_seed if recorded is None else recorded)
+
+
+def check_schedule(task: Task, run: Run) -> None:
+    """The task's learning rates must be the ones ``run`` logged (where it logged them), else a replay differs.
+
+    Raises
+    ------
+    TaskError : naming the first step whose rates differ.
+    """
+    logged = np.asarray(run.learning_rates, dtype=np.float64)
+    steps = np.flatnonzero(np.isfinite(logged)) + 1
+    if steps.size == 0:
+        return
+    rates = np.array([float(task.lr_at(int(step))) for step in steps])
+    wrong = np.flatnonzero(~np.isclose(rates, logged[steps - 1], rtol=1e-6, atol=0.0))
+    if wrong.size:
+        step = int(steps[wrong[0]])
+        raise TaskError(f"the task's learning rate at step {step} is {rates[wrong[0]]:g} but run {run.name!r} "
+                        f"logged {logged[step - 1]:g}: the task does not describe this run")

@@ -37,7 +37,6 @@ import pandas as pd
 from tqdm import tqdm
 
 from simfluence._io import atomic_write_bytes, atomic_write_json
-from simfluence.apps.verify import _check_schedule
 from simfluence.counterfactual import move_all
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
@@ -384,8 +383,9 @@ def _retraining_seeds(runset: RunSet, task: Task, run: Run) -> tuple[int, int]:
     The init seed is the one the generator recorded (else ``task.init_seed``); the run seed is the run's
     ``metadata["seed"]`` (else ``init_seed + 1``).
     """
-    recorded = (runset.metadata.get("generator") or {}).get("init_seed")
-    init_seed = task.init_seed if recorded is None else int(recorded)
+    from simfluence.task import recorded_init_seed
+
+    init_seed = recorded_init_seed(runset, task)
     return init_seed, int(run.metadata.get("seed", init_seed + 1))
 
 
@@ -438,7 +438,7 @@ def run_lds(
     SimfluenceError : no methods, an unknown method or protocol, too few draws or base runs, a base run
         that is a training run; ``TaskError`` when no task is known or it does not describe the base runs.
     """
-    from simfluence.task import task_for_runset
+    from simfluence.task import check_schedule, task_for_runset
     from simfluence.workloads.generator import generate_runs
 
     protocols = list(dict.fromkeys(protocols))
@@ -453,7 +453,7 @@ def run_lds(
     train, bases = _choose_runs(runset, base_runs, train_runs, holdout)
     base_list = [runset[position] for position in bases]
     for base in base_list:
-        _check_schedule(task, base)
+        check_schedule(task, base)
 
     draws = {base.name: [curriculum for protocol in protocols
                          for curriculum in lds_draws(base.curriculum, protocol, n_draws, seed, runset.n_pool, k)]

@@ -28,7 +28,7 @@ import pandas as pd
 
 from simfluence.counterfactual import loo_effects, move_all, search_curriculum
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError, TaskError
+from simfluence.errors import SimfluenceError
 from simfluence.metrics import spearman
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
@@ -130,15 +130,14 @@ def verify_counterfactuals(
     TaskError : no task given and the run set records none, the task lacks an id of the run set, or its
         learning-rate schedule differs from the one the base run logged.
     """
-    from simfluence.task import task_for_runset
+    from simfluence.task import check_schedule, recorded_init_seed, task_for_runset
     from simfluence.workloads.generator import generate_runs
 
     base_run = runset[run]
     task = task_for_runset(runset, task)
-    recorded_seed = (runset.metadata.get("generator") or {}).get("init_seed")
-    init_seed = task.init_seed if recorded_seed is None else int(recorded_seed)
+    init_seed = recorded_init_seed(runset, task)
     run_seed = int(base_run.metadata.get("seed", init_seed + 1))
-    _check_schedule(task, base_run)
+    check_schedule(task, base_run)
     lrs = base_run.learning_rates if np.isfinite(base_run.learning_rates).all() else None
     initial = base_run.initial_losses
     columns = [int(i) for i in simulator.test_index.positions(tests)]
@@ -156,20 +155,6 @@ def verify_counterfactuals(
     reproduction = float(np.nanmax(np.abs(actual[0] - logged)))
     return Verification(_fidelity(names, predicted, actual, columns), names, predicted, actual,
                         simulator.test_index.ids_of(columns), columns, reproduction)
-
-
-def _check_schedule(task: Task, run: Run) -> None:
-    """The task's learning rates must be the ones the run logged (where it logged them), else retraining differs."""
-    logged = np.asarray(run.learning_rates, dtype=np.float64)
-    steps = np.flatnonzero(np.isfinite(logged)) + 1
-    if steps.size == 0:
-        return
-    rates = np.array([float(task.lr_at(int(step))) for step in steps])
-    wrong = np.flatnonzero(~np.isclose(rates, logged[steps - 1], rtol=1e-6, atol=0.0))
-    if wrong.size:
-        step = int(steps[wrong[0]])
-        raise TaskError(f"the task's learning rate at step {step} is {rates[wrong[0]]:g} but run {run.name!r} "
-                        f"logged {logged[step - 1]:g}: the task does not describe this run")
 
 
 def _fidelity(names: list[str], predicted: np.ndarray, actual: np.ndarray, tests: list[int]) -> pd.DataFrame:

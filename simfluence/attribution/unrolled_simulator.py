@@ -27,7 +27,6 @@ examples. Far from the base (another random subset, a different order) a first-o
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -107,7 +106,7 @@ class UnrolledSimulator(Simulator):
         import torch
 
         from simfluence.attribution.unrolled import replay_losses, unrolled_effects
-        from simfluence.task import task_for_runset
+        from simfluence.task import check_schedule, recorded_init_seed, task_for_runset
 
         start = time.perf_counter()
         if runs is None and len(runset) != 1:
@@ -121,11 +120,10 @@ class UnrolledSimulator(Simulator):
             raise SimfluenceError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         run = runset[runs[0]]
         task = task_for_runset(runset, task)
-        recorded = (runset.metadata.get("generator") or {}).get("init_seed")
-        init_seed = int(task.init_seed if recorded is None else recorded)
+        init_seed = recorded_init_seed(runset, task)
         seed = run.metadata.get("seed")
         seed = None if seed is None else int(seed)
-        self._check_learning_rates(run, task)
+        check_schedule(task, run)
         dtype = {"float64": torch.float64, "float32": torch.float32, "task": None}[self.precision]
         initial = replay_losses(task, run.curriculum.truncate(0), init_seed=init_seed, seed=seed, dtype=dtype,
                                 deterministic=self.deterministic)[0]
@@ -150,16 +148,6 @@ class UnrolledSimulator(Simulator):
         self.fit_seconds_ = time.perf_counter() - start  # not saved: a model file does not depend on timing
         self.fitted_ = True
         return self
-
-    @staticmethod
-    def _check_learning_rates(run, task) -> None:
-        """The run's logged learning rates (where known) must be the task's schedule, which the replay uses."""
-        logged = np.asarray(run.learning_rates, dtype=np.float64)
-        for step in np.flatnonzero(np.isfinite(logged)) + 1:
-            expected = float(task.lr_at(int(step)))
-            if not math.isclose(logged[step - 1], expected, rel_tol=1e-6, abs_tol=1e-12):
-                raise SimfluenceError(f"run {run.name!r} logged learning rate {logged[step - 1]:g} at step {step}, "
-                                      f"the task's schedule gives {expected:g}: is this the task of the run?")
 
     @staticmethod
     def _check_initial_losses(runset: RunSet, run, replayed: np.ndarray) -> None:

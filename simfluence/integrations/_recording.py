@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from simfluence.errors import RunLogError
-from simfluence.runlog import RunLogger
+from simfluence.runlog import RunLogger, RunSet
 
 ProbeFn = Callable[[nn.Module], np.ndarray]
 
@@ -100,6 +100,25 @@ def probe_test_ids(probe: ProbeFn, test_ids: Any) -> Any:
         return range(len(probe))
     except TypeError:
         raise RunLogError(f"the probe {probe!r} has no len(): pass test_ids (one id per probe loss)") from None
+
+
+def open_run_logger(runset: Any, run_name: str, probe: ProbeFn, *, n_pool: int | None, pool_ids: Any,
+                    test_ids: Any, dataset: Any, runset_metadata: dict | None, metadata: dict,
+                    overwrite: bool, who: str) -> RunLogger:
+    """Create (or reuse) the run set and open the run's logger, for a callback named ``who``.
+
+    The pool size is ``n_pool``, else ``len(pool_ids)``, else the length of the training ``dataset``.
+    """
+    if n_pool is None:
+        if pool_ids is not None:
+            n_pool = len(pool_ids)
+        elif dataset is not None:
+            n_pool = len(dataset)
+        else:
+            raise TypeError(f"{who} cannot tell the pool size from the training dataloader; pass n_pool")
+    RunSet.create(runset, n_pool=n_pool, pool_ids=pool_ids, test_ids=probe_test_ids(probe, test_ids),
+                  metadata=runset_metadata, exist_ok=True)
+    return RunLogger(runset, run_name, metadata=metadata, overwrite=overwrite)
 
 
 def interleave(per_rank: list[list[np.ndarray]]) -> np.ndarray:

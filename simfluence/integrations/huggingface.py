@@ -37,9 +37,15 @@ from torch.utils.data import DataLoader
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, TaskError
-from simfluence.integrations._recording import IdTap, ProbeFn, StepRecorder, distributed_rank_and_size, probe_test_ids
+from simfluence.integrations._recording import (
+    IdTap,
+    ProbeFn,
+    StepRecorder,
+    distributed_rank_and_size,
+    open_run_logger,
+)
 from simfluence.integrations.sampler import ID_COLUMN, CurriculumBatchSampler, IndexedDataset
-from simfluence.runlog import RunLogger, RunSet
+from simfluence.runlog import RunLogger
 from simfluence.task import Task
 
 try:
@@ -156,14 +162,10 @@ class SimfluenceCallback(TrainerCallback):
         }
 
     def _logger(self, args: TrainingArguments, optimizer: Any, train_dataloader: Any) -> RunLogger:
-        n_pool = self.n_pool
-        if n_pool is None:
-            n_pool = len(self.pool_ids) if self.pool_ids is not None else len(train_dataloader.dataset)
-        test_ids = probe_test_ids(self.probe, self.test_ids)
-        RunSet.create(self.runset, n_pool=n_pool, pool_ids=self.pool_ids, test_ids=test_ids,
-                      metadata=self.runset_metadata, exist_ok=True)
-        return RunLogger(self.runset, self.run_name, metadata=self._run_metadata(args, optimizer),
-                         overwrite=self.overwrite)
+        return open_run_logger(self.runset, self.run_name, self.probe, n_pool=self.n_pool, pool_ids=self.pool_ids,
+                               test_ids=self.test_ids, dataset=getattr(train_dataloader, "dataset", None),
+                               runset_metadata=self.runset_metadata, metadata=self._run_metadata(args, optimizer),
+                               overwrite=self.overwrite, who=type(self).__name__)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         rank, _ = distributed_rank_and_size()

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from simfluence.integrations._recording import ProbeFn, StepRecorder, distributed_rank_and_size, probe_test_ids
+from simfluence.integrations._recording import ProbeFn, StepRecorder, distributed_rank_and_size, open_run_logger
 from simfluence.integrations.sampler import ID_COLUMN, batch_ids
-from simfluence.runlog import RunLogger, RunSet
+from simfluence.runlog import RunLogger
 
 try:
     import lightning.pytorch as pl
@@ -94,21 +94,7 @@ class SimfluenceLightningCallback(pl.Callback):
         self._learning_rate: float | None = None
         self._global_step = 0
 
-    def _n_pool(self, trainer: pl.Trainer) -> int:
-        if self.n_pool is not None:
-            return self.n_pool
-        if self.pool_ids is not None:
-            return len(self.pool_ids)
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if dataset is None:
-            raise TypeError("SimfluenceLightningCallback cannot tell the pool size from the training dataloader; "
-                            "pass n_pool")
-        return len(dataset)
-
     def _logger(self, trainer: pl.Trainer) -> RunLogger:
-        test_ids = probe_test_ids(self.probe, self.test_ids)
-        RunSet.create(self.runset, n_pool=self._n_pool(trainer), pool_ids=self.pool_ids, test_ids=test_ids,
-                      metadata=self.runset_metadata, exist_ok=True)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         metadata = {
             "framework": "lightning", "lightning_version": pl.__version__,
@@ -116,7 +102,10 @@ class SimfluenceLightningCallback(pl.Callback):
             "gradient_clip_val": trainer.gradient_clip_val, "log_every": self.log_every,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None, **(self.metadata or {}),
         }
-        return RunLogger(self.runset, self.run_name, metadata=metadata, overwrite=self.overwrite)
+        return open_run_logger(self.runset, self.run_name, self.probe, n_pool=self.n_pool, pool_ids=self.pool_ids,
+                               test_ids=self.test_ids, dataset=getattr(trainer.train_dataloader, "dataset", None),
+                               runset_metadata=self.runset_metadata, metadata=metadata, overwrite=self.overwrite,
+                               who=type(self).__name__)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         rank, _ = distributed_rank_and_size()

@@ -395,11 +395,3 @@ def generate_random_runs(
                                    "subset_size": subset_size, "curriculum_seed": seed})
     return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
                          checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite)
-
-
-def generator_init_seed(runset: RunSet) -> int:
-    """The seed of the initial weights shared by a run set's runs (recorded by :func:`generate_runs`)."""
-    generator = runset.metadata.get("generator") or {}
-    if "init_seed" not in generator:
-        raise SimfluenceError("run-set metadata records no generator init_seed (not made by generate_runs?)")
-    return int(generator["init_seed"])
