@@ -64,6 +64,20 @@ def _checkpoint_steps(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of steps") from None
 
 
+def _ray_option(what: str):
+    """``--ray [ADDRESS]``: do ``what`` as Ray tasks (``backend="ray"``) instead of on this machine alone."""
+    def to_backend(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
+        if value is None:
+            return {"backend": "local", "ray_address": None}
+        return {"backend": "ray", "ray_address": None if value == "local" else value}
+
+    return click.option(
+        "--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]", callback=to_backend,
+        help=f"{what} as Ray tasks: --ray alone starts Ray on this machine; --ray auto joins this "
+        "machine's cluster; --ray ray://HOST:10001 a remote one (pip install 'simfluence[ray]').",
+    )
+
+
 @generate_group.command("digits")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
 @click.option("--runs", "n_runs", default=48, show_default=True, help="Number of runs (curricula).")
@@ -80,11 +94,13 @@ def _checkpoint_steps(text: str) -> tuple[int, ...]:
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
-def generate_digits_command(out: str, checkpoint_steps: str, **options) -> None:
+@_ray_option("Train the runs")
+def generate_digits_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
     from simfluence.workloads import generate_digits
 
-    runset = generate_digits(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **options)
+    runset = generate_digits(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **ray,
+                             **options)
     click.echo(f"{runset!r}")
 
 
@@ -99,11 +115,13 @@ def generate_digits_command(out: str, checkpoint_steps: str, **options) -> None:
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
-def generate_facts_command(out: str, checkpoint_steps: str, **options) -> None:
+@_ray_option("Train the runs")
+def generate_facts_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
     from simfluence.workloads import generate_facts
 
-    runset = generate_facts(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **options)
+    runset = generate_facts(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **ray,
+                            **options)
     click.echo(f"{runset!r}")
 
 
@@ -121,13 +139,14 @@ def generate_facts_command(out: str, checkpoint_steps: str, **options) -> None:
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
-def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, **options) -> None:
+@_ray_option("Train the runs")
+def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Runs of your own task: random pool subsets in random order, all from the task's initial weights."""
     from simfluence.task import load_task
     from simfluence.workloads import generate_random_runs
 
     runset = generate_random_runs(load_task(task_spec), out, checkpoint_steps=_checkpoint_steps(checkpoint_steps),
-                                  progress=True, **options)
+                                  progress=True, **ray, **options)
     click.echo(f"{runset!r}")
 
 
@@ -243,11 +262,18 @@ def _parse_lam(value: str) -> float | str:
               help="The one base run of a method fitted around a single run (unrolled).")
 @click.option("--task", "task_spec", default=None, help=_TASK_HELP)
 @_runset_options
+@click.option("--blocks", "n_blocks", type=click.IntRange(min=1), default=None,
+              help="Fit in this many blocks of test examples (linear family; with --ray, default one per CPU).")
+@_ray_option("Fit the test blocks")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
 def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tuple[str, ...], holdout: int,
                 base_run: str | None, task_spec: str | None, include_incomplete: bool, skip_corrupt: bool,
-                out: str) -> None:
-    """Fit a simulator to a run set and save it."""
+                n_blocks: int | None, ray: dict, out: str) -> None:
+    """Fit a simulator to a run set and save it.
+
+    With --blocks or --ray the test examples are fitted in blocks (one after another, or as Ray tasks on a
+    cluster) and merged into one model, equal to the one-piece fit (simfluence.sharding).
+    """
     from simfluence.evaluation import split_runs
     from simfluence.methods import method as registry_entry
 
@@ -269,7 +295,11 @@ def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tupl
     else:
         used = _usable_runs(runset, include_incomplete)
         train = [used[i] for i in split_runs(len(used), holdout)[0]] if holdout else used
-    if "task" in entry.needs:
+    if n_blocks is not None or ray["backend"] == "ray":
+        from simfluence.sharding import fit_sharded
+
+        fit_sharded(simulator, runset, train, n_blocks=n_blocks, progress=True, **ray)
+    elif "task" in entry.needs:
         simulator.fit(runset, runs=train, task=task_spec)
     else:
         simulator.fit(runset, runs=train)
@@ -460,6 +490,29 @@ def _load_model_and_run(model: str, runset_dir: str, run_name: str):
     return simulator, runset, runset[run_name]
 
 
+def _interval_options(function):
+    """--intervals N and --level, for the counterfactual commands."""
+    function = click.option("--level", type=float, default=None,
+                            help="Coverage of the intervals (default 0.8: 80% intervals).")(function)
+    return click.option("--intervals", "n_intervals", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Prediction intervals from N members refitted on halves of the model's training runs "
+                             "(calibrated on held-back runs; 0: off); answers whose interval contains 0 are "
+                             "flagged.")(function)
+
+
+def _intervals(simulator, runset, n_intervals: int, level: float | None):
+    """A fitted Bootstrap around the loaded simulator (None with --intervals 0), described in one line."""
+    if n_intervals == 0:
+        if level is not None:
+            raise SimfluenceError("--level applies with --intervals N")
+        return None
+    from simfluence.uncertainty import Bootstrap
+
+    intervals = Bootstrap(simulator, n_resamples=n_intervals, level=0.8 if level is None else level).fit(runset)
+    click.echo(intervals.describe())
+    return intervals
+
+
 @cli.command("whatif")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
@@ -474,8 +527,9 @@ def _load_model_and_run(model: str, runset_dir: str, run_name: str):
               help="Extra scenario: edits separated by ';', e.g. 'remove:12,40;reverse' (repeatable).")
 @click.option("--tests", help="Test ids to show (default: the 5 most changed).")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write scenario,step,test,loss,change.")
+@_interval_options
 def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, swap, reverse, scenarios, tests,
-                   csv_out) -> None:
+                   csv_out, n_intervals, level) -> None:
     """Predict a logged run's curriculum with edits; compare every scenario with the base."""
     import pandas as pd
 
@@ -490,7 +544,7 @@ def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, s
     if not named:
         raise SimfluenceError("no edits given (use --remove, --keep, --duplicate, --move, --swap, --reverse "
                               "or --scenario)")
-    result = whatif(simulator, run, named)
+    result = whatif(simulator, run, named, intervals=_intervals(simulator, runset, n_intervals, level))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         click.echo(result.summary().to_string(float_format=lambda v: f"{v:.4f}"))
         final = result.final()
@@ -500,6 +554,13 @@ def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, s
             columns = list(np.argsort(-np.abs(result.change[1:, -1]).max(axis=0))[:5])
         click.echo("\npredicted final loss of selected test examples:")
         click.echo(final.iloc[:, columns].to_string(float_format=lambda v: f"{v:.4f}"))
+        if result.ensemble is not None:
+            frame = result.frame()
+            chosen = frame[(frame["step"] == result.trajectories.shape[1] - 1) & (frame["scenario"] != "base")
+                           & frame["test"].isin([final.columns[i] for i in columns])]
+            click.echo("\npredicted change of their final loss, with its interval (straddles_zero: sign not sure):")
+            click.echo(chosen[["scenario", "test", "change", "change_low", "change_high", "straddles_zero"]]
+                       .to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
     if csv_out:
         atomic_write_bytes(csv_out, result.frame().to_csv(index=False).encode())
         click.echo(f"wrote {csv_out}")
@@ -513,12 +574,13 @@ def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, s
 @click.option("--tests", help="Average the effect over these test ids (default: all).")
 @click.option("--step", type=int, default=None, help="Compare losses at this step (default: the final one).")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write test,pool,effect,rank for all.")
-def loo_command(model, runset_dir, run_name, top, tests, step, csv_out) -> None:
+@_interval_options
+def loo_command(model, runset_dir, run_name, top, tests, step, csv_out, n_intervals, level) -> None:
     """Leave-one-out effect of every pool example of a run's curriculum (exact and fast for linear models)."""
     from simfluence.counterfactual import loo_effects
 
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
-    effects = loo_effects(simulator, run, step=step)
+    effects = loo_effects(simulator, run, step=step, intervals=_intervals(simulator, runset, n_intervals, level))
     target = "all test examples" if tests is None else f"test {tests}"
     table = effects.top(top, tests)  # ids as given: the library splits and looks them up
     click.echo(f"effect on the loss of {target} of removing each example (positive: it helps)")
@@ -559,38 +621,41 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
 @click.option("--maximize", is_flag=True, help="Raise the targets' loss instead of lowering it.")
 @click.option("--per-round", default=1, show_default=True, help="Examples removed per greedy round.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@_interval_options
 def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorder, maximize, per_round,
-                   json_out) -> None:
+                   json_out, n_intervals, level) -> None:
     """Greedy curriculum search: which examples to drop (or when to show them) to lower or raise chosen test losses."""
     from simfluence.counterfactual import search_curriculum, search_order
 
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
     targets = tests
     target_ids = simulator.test_index.ids_of(simulator.test_index.positions(targets))
+    if reorder is not None and (drop is not None or subset_size is not None):
+        raise SimfluenceError("give one budget: --drop, --subset or --reorder")
+    intervals = _intervals(simulator, runset, n_intervals, level)
     if reorder is not None:
-        if drop is not None or subset_size is not None:
-            raise SimfluenceError("give one budget: --drop, --subset or --reorder")
-        order = search_order(simulator, run, targets, moves=reorder, maximize=maximize)
-        click.echo("moves: " + (", ".join(f"{pid} -> {where}" for pid, where in order.moves) or "none improves"))
-        click.echo(f"predicted mean final loss of the targets: {order.objective[0]:.4f} -> {order.objective[-1]:.4f}"
-                   f" ({order.predicted_change:+.4f})")
-        if json_out:
-            atomic_write_json(json_out, {
-                "run": run.name, "tests": target_ids, "moves": [[pid, where] for pid, where in order.moves],
-                "objective": [float(v) for v in order.objective], "predicted_change": order.predicted_change,
-            })
-            click.echo(f"wrote {json_out}")
-        return
-    result = search_curriculum(simulator, run, targets, drop=drop, subset_size=subset_size, maximize=maximize,
-                               per_round=per_round)
-    removed = result.removed
-    click.echo(f"removed {len(removed)} examples: {', '.join(map(str, removed[:50]))}"
-               + (" ..." if len(removed) > 50 else ""))
-    click.echo(f"predicted mean final loss of the targets: {result.objective[0]:.4f} -> {result.objective[-1]:.4f}"
-               f" ({result.predicted_change:+.4f})")
+        result = search_order(simulator, run, targets, moves=reorder, maximize=maximize, intervals=intervals)
+        click.echo("moves: " + (", ".join(f"{pid} -> {where}" for pid, where in result.moves) or "none improves"))
+        found = {"moves": [[pid, where] for pid, where in result.moves]}
+    else:
+        result = search_curriculum(simulator, run, targets, drop=drop, subset_size=subset_size, maximize=maximize,
+                                   per_round=per_round, intervals=intervals)
+        removed = result.removed
+        click.echo(f"removed {len(removed)} examples: {', '.join(map(str, removed[:50]))}"
+                   + (" ..." if len(removed) > 50 else ""))
+        found = {"removed": removed}
+    line = (f"predicted mean final loss of the targets: {result.objective[0]:.4f} -> {result.objective[-1]:.4f}"
+            f" ({result.predicted_change:+.4f})")
+    if result.ensemble is not None:
+        low, high = result.change_interval()
+        found.update(change_low=low, change_high=high, straddles_zero=bool(low <= 0 <= high))
+        line += f", {100 * result.ensemble.level:g}% interval [{low:+.4f}, {high:+.4f}]"
+        if low <= 0 <= high:
+            line += " straddles zero: the sign of the change is not sure"
+    click.echo(line)
     if json_out:
         atomic_write_json(json_out, {
-            "run": run.name, "tests": target_ids, "removed": removed,
+            "run": run.name, "tests": target_ids, **found,
             "objective": [float(v) for v in result.objective], "predicted_change": result.predicted_change,
         })
         click.echo(f"wrote {json_out}")

@@ -15,6 +15,11 @@ Three questions, all answered by a fitted simulator, batched over curricula and 
   does the same by reordering (moving an example's occurrences to the start or the end), evaluating all
   candidate moves of a round in one batched simulation.
 
+How sure is an answer? ``whatif``, ``loo_effects`` and both searches take ``intervals=``, a
+:class:`~simfluence.uncertainty.Bootstrap` fitted around the simulator: its members answer the same question,
+the results keep their answers (``ensemble``) and the tables gain the interval of each change or effect and
+``straddles_zero``, set where the interval contains zero (the sign of the answer is not sure).
+
 Pool and test examples are named by their **external ids** everywhere here (the ids of the run set the
 simulator was fitted on, ``simulator.pool_ids_`` / ``simulator.test_ids_``), as on the command line; results
 carry external ids too. A base is a logged :class:`~simfluence.runlog.Run` (its curriculum, initial losses and
@@ -35,6 +40,7 @@ from simfluence.errors import CurriculumError, SimfluenceError
 from simfluence.ids import IdIndex
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
+from simfluence.uncertainty import Bootstrap, Ensemble, straddles_zero
 
 _EDIT_KINDS = ("remove", "keep", "duplicate", "move", "swap", "reverse", "replace", "truncate")
 
@@ -208,17 +214,26 @@ class WhatIf:
     curricula : the curricula simulated, base first.
     trajectories : (n_scenarios + 1, T + 1, n_test) predicted losses (T = the longest curriculum).
     test_ids : external ids of the test examples (column labels).
+    ensemble : with intervals, the members' trajectories (n_members, n_scenarios + 1, T + 1, n_test) and their
+        interval rule; the tables then carry the interval of every change and whether it straddles zero.
     """
 
     names: list[str]
     curricula: list[Curriculum]
     trajectories: np.ndarray
     test_ids: list = field(default_factory=list)
+    ensemble: Ensemble | None = None
 
     @property
     def change(self) -> np.ndarray:
         """(n_scenarios + 1, T + 1, n_test) predicted loss minus the base curriculum's at the same step."""
         return self.trajectories - self.trajectories[:1]
+
+    def change_interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)``, each (n_scenarios + 1, T + 1, n_test): the interval of :attr:`change`."""
+        ensemble = _require(self.ensemble)
+        members = ensemble.members
+        return ensemble.bounds(self.change, members - members[:, :1])
 
     def final(self) -> pd.DataFrame:
         """Predicted final loss, one row per scenario, one column per test example (external ids)."""
@@ -226,35 +241,60 @@ class WhatIf:
         return pd.DataFrame(final, index=pd.Index(self.names, name="scenario"), columns=self._test_labels())
 
     def summary(self, tests: Sequence | None = None) -> pd.DataFrame:
-        """Per scenario: mean final loss and mean change vs base over the test ids ``tests`` (default all)."""
+        """Per scenario: mean final loss and mean change vs base over the test ids ``tests`` (default all).
+
+        With intervals also ``mean_change_low, mean_change_high, straddles_zero`` (the interval of the mean
+        change, from every member's mean change).
+        """
         cols = slice(None) if tests is None else IdIndex(self._test_labels(), "test").positions(tests)
         final = self.trajectories[:, -1][:, cols]
-        return pd.DataFrame(
-            {
-                "mean_final_loss": final.mean(axis=1),
-                "mean_change": (final - final[:1]).mean(axis=1),
-                "improved_tests": (final < final[:1] - 1e-12).sum(axis=1),
-                "worsened_tests": (final > final[:1] + 1e-12).sum(axis=1),
-            },
-            index=pd.Index(self.names, name="scenario"),
-        )
+        columns = {
+            "mean_final_loss": final.mean(axis=1),
+            "mean_change": (final - final[:1]).mean(axis=1),
+            "improved_tests": (final < final[:1] - 1e-12).sum(axis=1),
+            "worsened_tests": (final > final[:1] + 1e-12).sum(axis=1),
+        }
+        if self.ensemble is not None:
+            members = self.ensemble.members[:, :, -1][:, :, cols]
+            low, high = self.ensemble.bounds(columns["mean_change"], (members - members[:, :1]).mean(axis=2))
+            columns.update(mean_change_low=low, mean_change_high=high, straddles_zero=straddles_zero(low, high))
+        return pd.DataFrame(columns, index=pd.Index(self.names, name="scenario"))
 
     def frame(self) -> pd.DataFrame:
-        """Tidy table: ``scenario, step, test, loss, change`` (change against the base at that step)."""
+        """Tidy table: ``scenario, step, test, loss, change`` (change against the base at that step).
+
+        With intervals also ``change_low, change_high, straddles_zero``.
+        """
         n_scen, n_points, n_test = self.trajectories.shape
         scen, step, test = np.meshgrid(np.arange(n_scen), np.arange(n_points), np.arange(n_test), indexing="ij")
-        return pd.DataFrame(
-            {
-                "scenario": np.asarray(self.names, dtype=object)[scen.ravel()],
-                "step": step.ravel(),
-                "test": np.asarray(self._test_labels(), dtype=object)[test.ravel()],
-                "loss": self.trajectories.ravel(),
-                "change": self.change.ravel(),
-            }
-        )
+        columns = {
+            "scenario": np.asarray(self.names, dtype=object)[scen.ravel()],
+            "step": step.ravel(),
+            "test": np.asarray(self._test_labels(), dtype=object)[test.ravel()],
+            "loss": self.trajectories.ravel(),
+            "change": self.change.ravel(),
+        }
+        if self.ensemble is not None:
+            low, high = self.change_interval()
+            columns.update(change_low=low.ravel(), change_high=high.ravel(),
+                           straddles_zero=straddles_zero(low, high).ravel())
+        return pd.DataFrame(columns)
 
     def _test_labels(self) -> list:
         return list(self.test_ids) if self.test_ids else list(range(self.trajectories.shape[2]))
+
+
+def _require(ensemble: Ensemble | None) -> Ensemble:
+    if ensemble is None:
+        raise SimfluenceError("no intervals: ask again with intervals=Bootstrap(simulator).fit(runset)")
+    return ensemble
+
+
+def _check_intervals(intervals: Bootstrap | None, simulator: Simulator) -> None:
+    if intervals is not None:
+        if not isinstance(intervals, Bootstrap):
+            raise SimfluenceError(f"intervals must be a fitted Bootstrap or None, not {type(intervals).__name__}")
+        intervals.check_point(simulator)
 
 
 def _schedules(learning_rates: np.ndarray | None, curricula: Sequence[Curriculum]) -> list[np.ndarray] | None:
@@ -272,6 +312,7 @@ def whatif(
     scenarios: Mapping[str, Sequence[Edit | str] | str] | Sequence[Sequence[Edit | str]],
     initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
+    intervals: Bootstrap | None = None,
 ) -> WhatIf:
     """Predict the base curriculum and every edited scenario in one batched ``simulate`` call.
 
@@ -283,8 +324,11 @@ def whatif(
         edits); edits name pool examples by external id.
     initial_losses : (n_test,) losses at step 0 (default: the run's).
     learning_rates : (T,) learning rates of the base (default: the run's), reused by every scenario.
+    intervals : a :class:`~simfluence.uncertainty.Bootstrap` fitted around ``simulator``: every member simulates
+        the same curricula, and the tables carry the interval of each change.
     """
     resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    _check_intervals(intervals, simulator)
     if not isinstance(scenarios, Mapping):
         scenarios = {" + ".join(str(e) for e in edits) or "unchanged": edits for edits in scenarios}
     if not scenarios:
@@ -294,9 +338,12 @@ def whatif(
               for name, edits in scenarios.items()}
     names = ["base", *edited]
     curricula = [resolved.curriculum] + [apply_edits(resolved.curriculum, edits, pool) for edits in edited.values()]
-    trajectories = simulator.simulate(curricula, resolved.initial_losses,
-                                      _schedules(resolved.learning_rates, curricula))
-    return WhatIf(names, curricula, trajectories, list(simulator.test_ids_))
+    schedules = _schedules(resolved.learning_rates, curricula)
+    trajectories = simulator.simulate(curricula, resolved.initial_losses, schedules)
+    ensemble = None
+    if intervals is not None:
+        ensemble = intervals.ensemble(intervals.simulate(curricula, resolved.initial_losses, schedules))
+    return WhatIf(names, curricula, trajectories, list(simulator.test_ids_), ensemble)
 
 
 @dataclass
@@ -305,12 +352,15 @@ class LooEffects:
 
     Positive: removing i raises the loss, so i *helps* (a proponent); negative: i hurts (an opponent).
     Rows and columns are positions; ``pool_ids`` / ``test_ids`` name them, and every method takes ids.
+    With intervals, ``ensemble`` holds every member's effects (n_members, n_pool, n_test) and the tables carry
+    ``low, high, straddles_zero``: the interval of each effect and whether its sign is unsure.
     """
 
     effects: np.ndarray
     pool_ids: list
     test_ids: list
     present: np.ndarray
+    ensemble: Ensemble | None = None
 
     def _test_columns(self, tests: Sequence | None):
         return slice(None) if tests is None else IdIndex(self.test_ids, "test").positions(tests)
@@ -320,22 +370,32 @@ class LooEffects:
         return float(self.effects[IdIndex(self.pool_ids, "pool").position(pool_id),
                                   IdIndex(self.test_ids, "test").position(test_id)])
 
+    def interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)``, each (n_pool, n_test): the interval of every effect."""
+        return _require(self.ensemble).bounds(self.effects)
+
     def frame(self) -> pd.DataFrame:
-        """Long table ``test, pool, effect, rank`` (rank 1 = most helpful for that test), present examples only."""
+        """Long table ``test, pool, effect, rank`` (rank 1 = most helpful for that test), present examples only.
+
+        With intervals also ``low, high, straddles_zero``.
+        """
         rows = np.flatnonzero(self.present)
         sub = self.effects[rows]
         order = np.argsort(-sub, axis=0, kind="stable")
         ranks = np.empty_like(order)
         np.put_along_axis(ranks, order, np.arange(1, rows.size + 1)[:, None], axis=0)
         n_test = sub.shape[1]
-        return pd.DataFrame(
-            {
-                "test": np.repeat(np.asarray(self.test_ids, dtype=object), rows.size),
-                "pool": np.tile(np.asarray(self.pool_ids, dtype=object)[rows], n_test),
-                "effect": sub.T.ravel(),
-                "rank": ranks.T.ravel(),
-            }
-        )
+        columns = {
+            "test": np.repeat(np.asarray(self.test_ids, dtype=object), rows.size),
+            "pool": np.tile(np.asarray(self.pool_ids, dtype=object)[rows], n_test),
+            "effect": sub.T.ravel(),
+            "rank": ranks.T.ravel(),
+        }
+        if self.ensemble is not None:
+            low, high = self.interval()
+            columns.update(low=low[rows].T.ravel(), high=high[rows].T.ravel(),
+                           straddles_zero=straddles_zero(low[rows], high[rows]).T.ravel())
+        return pd.DataFrame(columns)
 
     def scores(self, tests: Sequence | None = None) -> np.ndarray:
         """(n_pool,) effect averaged over the test ids ``tests`` (default all)."""
@@ -344,7 +404,8 @@ class LooEffects:
     def top(self, k: int = 10, tests: Sequence | None = None) -> pd.DataFrame:
         """The k most helpful (effect > 0) and most harmful (effect < 0) present examples, mean over ``tests``.
 
-        ``tests`` are external test ids (default all); an unknown id is an error naming it.
+        ``tests`` are external test ids (default all); an unknown id is an error naming it. With intervals also
+        ``low, high, straddles_zero`` of the mean effect (from every member's mean).
         """
         score = self.scores(tests)
         rows = np.flatnonzero(self.present)
@@ -353,9 +414,12 @@ class LooEffects:
         hurts = order[::-1][score[order[::-1]] < 0][:k]
         pick = np.concatenate([helps, hurts])
         kind = ["helps"] * helps.size + ["hurts"] * hurts.size
-        return pd.DataFrame(
-            {"pool": np.asarray(self.pool_ids, dtype=object)[pick], "effect": score[pick], "role": kind}
-        )
+        columns = {"pool": np.asarray(self.pool_ids, dtype=object)[pick], "effect": score[pick], "role": kind}
+        if self.ensemble is not None:
+            members = self.ensemble.members[:, pick][:, :, self._test_columns(tests)].mean(axis=2)
+            low, high = self.ensemble.bounds(score[pick], members)
+            columns.update(low=low, high=high, straddles_zero=straddles_zero(low, high))
+        return pd.DataFrame(columns)
 
 
 def loo_effects(
@@ -364,16 +428,22 @@ def loo_effects(
     initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
     step: int | None = None,
+    intervals: Bootstrap | None = None,
 ) -> LooEffects:
     """Effect on every test loss (at ``step``, default the final one) of removing each pool example.
 
     Exact and fast for simulators tagged ``exact_loo`` (the linear family and the gradient simulators: no
     re-simulation, the loss floor is not applied); others re-simulate the leave-one-out curricula in batches.
+    With ``intervals`` (a :class:`~simfluence.uncertainty.Bootstrap` fitted around ``simulator``) every member
+    computes the same effects, kept as (n_members, n_pool, n_test), and the tables carry their intervals.
     """
     resolved = resolve_base(simulator, base, initial_losses, learning_rates)
-    effects = simulator.leave_one_out(resolved.curriculum, resolved.initial_losses, resolved.learning_rates, step)
+    _check_intervals(intervals, simulator)
+    args = (resolved.curriculum, resolved.initial_losses, resolved.learning_rates, step)
+    effects = simulator.leave_one_out(*args)
     present = resolved.curriculum.counts(simulator.n_pool_) > 0
-    return LooEffects(effects, list(simulator.pool_ids_), list(simulator.test_ids_), present)
+    ensemble = None if intervals is None else intervals.ensemble(intervals.leave_one_out(*args))
+    return LooEffects(effects, list(simulator.pool_ids_), list(simulator.test_ids_), present, ensemble)
 
 
 def influence_table(
@@ -418,15 +488,58 @@ class SearchResult:
     curriculum : the curriculum found (pool positions).
     removed : external pool ids removed, in the order chosen.
     objective : (n_rounds + 1,) predicted mean final loss of the target tests after each round.
+    n_removed : (n_rounds + 1,) number of examples removed after each round (0 first).
+    ensemble : with intervals, every member's objective for the curriculum of each round (n_members,
+        n_rounds + 1) and their interval rule.
     """
 
     curriculum: Curriculum
     removed: list
     objective: np.ndarray
+    n_removed: np.ndarray | None = None
+    ensemble: Ensemble | None = None
 
     @property
     def predicted_change(self) -> float:
         return float(self.objective[-1] - self.objective[0])
+
+    def change_interval(self) -> tuple[float, float]:
+        """``(low, high)``: the interval of :attr:`predicted_change`."""
+        return _final_change_interval(self.objective, _require(self.ensemble))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per round: ``round, n_removed, objective, change`` (against round 0).
+
+        With intervals also ``change_low, change_high, straddles_zero``.
+        """
+        extra = {} if self.n_removed is None else {"n_removed": np.asarray(self.n_removed)}
+        return _rounds_frame(self.objective, self.ensemble, **extra)
+
+
+def _member_objectives(
+    intervals: Bootstrap, curricula: list[Curriculum], resolved: Base, columns: np.ndarray
+) -> Ensemble:
+    """Every member's mean final loss of the targets for each curriculum: (n_members, n_curricula)."""
+    rates = None if resolved.learning_rates is None else [resolved.learning_rates] * len(curricula)
+    members = intervals.simulate(curricula, resolved.initial_losses, rates)
+    return intervals.ensemble(members[:, :, -1][:, :, columns].mean(axis=2))
+
+
+def _final_change_interval(objective: np.ndarray, ensemble: Ensemble) -> tuple[float, float]:
+    members = ensemble.members
+    low, high = ensemble.bounds(np.array(objective[-1] - objective[0]), members[:, -1] - members[:, 0])
+    return float(low), float(high)
+
+
+def _rounds_frame(objective: np.ndarray, ensemble: Ensemble | None, **columns) -> pd.DataFrame:
+    """``round, <columns>, objective, change`` (+ ``change_low, change_high, straddles_zero``) per round."""
+    table = {"round": np.arange(objective.size), **columns, "objective": objective,
+             "change": objective - objective[0]}
+    if ensemble is not None:
+        members = ensemble.members
+        low, high = ensemble.bounds(table["change"], members - members[:, :1])
+        table.update(change_low=low, change_high=high, straddles_zero=straddles_zero(low, high))
+    return pd.DataFrame(table)
 
 
 def _targets(simulator: Simulator, tests: Sequence) -> np.ndarray:
@@ -446,6 +559,7 @@ def search_curriculum(
     per_round: int = 1,
     initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
+    intervals: Bootstrap | None = None,
 ) -> SearchResult:
     """Greedily remove pool examples to lower (``maximize=False``) or raise the targets' mean final loss.
 
@@ -454,8 +568,13 @@ def search_curriculum(
     Each round ranks every present example by its leave-one-out effect on the objective (fast and exact for
     linear simulators) and removes the best ``per_round``; the objective is then re-simulated, so the reported
     gains are the simulator's predictions for the curricula actually found.
+
+    With ``intervals`` (a :class:`~simfluence.uncertainty.Bootstrap` fitted around ``simulator``) every member
+    predicts the curriculum of each round, giving an interval of the change; it does not include the optimism of
+    having chosen the removals that looked best to ``simulator``.
     """
     resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    _check_intervals(intervals, simulator)
     columns = _targets(simulator, tests)
     if (drop is None) == (subset_size is None):
         raise SimfluenceError("give exactly one budget: drop=k or subset_size=m")
@@ -472,6 +591,7 @@ def search_curriculum(
         raise SimfluenceError(f"subset_size must lie in 1..{present_count} (the examples the base curriculum uses)")
     removed: list[int] = []
     values = [objective(current)]
+    visited, n_removed = [current], [0]
     while len(removed) < budget:
         effects = simulator.leave_one_out(current, resolved.initial_losses, resolved.learning_rates)
         gain = sign * effects[:, columns].mean(axis=1)  # objective change if removed; want negative
@@ -487,7 +607,11 @@ def search_curriculum(
         current = current.remove(take.tolist())
         removed.extend(int(i) for i in take)
         values.append(objective(current))
-    return SearchResult(current, simulator.pool_index.ids_of(removed), np.array(values))
+        visited.append(current)
+        n_removed.append(len(removed))
+    ensemble = None if intervals is None else _member_objectives(intervals, visited, resolved, columns)
+    return SearchResult(current, simulator.pool_index.ids_of(removed), np.array(values), np.array(n_removed),
+                        ensemble)
 
 
 def move_all(curriculum: Curriculum, example: int, to_step: int) -> Curriculum:
@@ -509,15 +633,30 @@ class ReorderResult:
     curriculum : the reordered curriculum (same examples, same counts).
     moves : ``(pool id, "start" | "end")`` in the order chosen.
     objective : (n_moves + 1,) predicted mean final loss of the targets after each move.
+    ensemble : with intervals, every member's objective after each move (n_members, n_moves + 1) and their
+        interval rule.
     """
 
     curriculum: Curriculum
     moves: list[tuple]
     objective: np.ndarray
+    ensemble: Ensemble | None = None
 
     @property
     def predicted_change(self) -> float:
         return float(self.objective[-1] - self.objective[0])
+
+    def change_interval(self) -> tuple[float, float]:
+        """``(low, high)``: the interval of :attr:`predicted_change`."""
+        return _final_change_interval(self.objective, _require(self.ensemble))
+
+    def frame(self) -> pd.DataFrame:
+        """One row per move: ``round, move, objective, change`` (against the base; round 0 is the base).
+
+        With intervals also ``change_low, change_high, straddles_zero``.
+        """
+        moves = [""] + [f"{pool_id} -> {where}" for pool_id, where in self.moves]
+        return _rounds_frame(self.objective, self.ensemble, move=np.asarray(moves, dtype=object))
 
 
 def search_order(
@@ -529,6 +668,7 @@ def search_order(
     maximize: bool = False,
     initial_losses: np.ndarray | None = None,
     learning_rates: np.ndarray | None = None,
+    intervals: Bootstrap | None = None,
 ) -> ReorderResult:
     """Greedy reordering: move one example's occurrences to the first or last step per round.
 
@@ -536,8 +676,10 @@ def search_order(
     leave-one-out effect on the targets, builds two curricula per candidate (all its occurrences moved to
     step 1, or to the last step), simulates them all in one batched call and keeps the best, if it improves
     the objective. The set of examples (and how often each is seen) never changes — only when they are seen.
+    ``intervals`` as in :func:`search_curriculum`.
     """
     resolved = resolve_base(simulator, base, initial_losses, learning_rates)
+    _check_intervals(intervals, simulator)
     columns = _targets(simulator, tests)
     sign = -1.0 if maximize else 1.0
 
@@ -547,6 +689,7 @@ def search_order(
 
     current, chosen = resolved.curriculum, []
     values = [float(objectives([current])[0])]
+    visited = [current]
     moved: set[int] = set()
     for _ in range(moves):
         effects = simulator.leave_one_out(current, resolved.initial_losses, resolved.learning_rates)
@@ -565,5 +708,7 @@ def search_order(
         chosen.append(options[best])
         moved.add(options[best][0])
         values.append(float(scores[best]))
+        visited.append(current)
     named = [(simulator.pool_ids_[i], where) for i, where in chosen]
-    return ReorderResult(current, named, np.array(values))
+    ensemble = None if intervals is None else _member_objectives(intervals, visited, resolved, columns)
+    return ReorderResult(current, named, np.array(values), ensemble)

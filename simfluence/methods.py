@@ -27,6 +27,7 @@ from simfluence.simulators.base import MODEL_FORMAT, MODEL_VERSION, Simulator
 __all__ = ["DEFAULT_METHODS", "DEFAULT_METHOD", "METHODS", "Method", "load_simulator", "make_simulator"]
 
 _LINEAR = "simfluence.simulators.linear:SimfluenceLinear"
+_LOG_LINEAR = "simfluence.simulators.log_space:LogLinear"
 _GRADIENT_NEEDS = frozenset({"task", "checkpoints"})
 
 
@@ -84,6 +85,16 @@ METHODS: dict[str, Method] = _registry(
            "linear_step plus a velocity (momentum) term, second-order like the optimizer; mu chosen on "
            "validation runs",
            {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "momentum": "auto", "clip_negative": True}),
+    # the linear family on log losses: multiplicative dynamics, every simulated loss > 0 by construction
+    Method("linear_log", _LOG_LINEAR,
+           "Simfluence-Linear on log losses (the paper's form there): L_t = L_{t-1}^(sum A_i) exp(sum B_i), "
+           "always > 0"),
+    Method("additive_log", "simfluence.simulators.log_space:LogAdditive",
+           "Simfluence-Additive on log losses: L_t = L_{t-1} exp(sum B_i), each example multiplies the loss by a "
+           "factor; always > 0"),
+    Method("linear_mom_log", _LOG_LINEAR,
+           "linear_mom on log losses: multiplicative dynamics, simulated losses > 0 by construction",
+           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "momentum": "auto"}),
     Method("fixed_effects", "simfluence.simulators.fixed_effects:FixedEffectsSimulator",
            "any precomputed (n_pool, n_test) scores as an additive simulator, scale fitted on training runs "
            "(Python only: set_scores() before fit())", needs=frozenset({"scores"})),

@@ -380,6 +380,20 @@ class RunSet:
         subset.skipped = list(self.skipped)
         return subset
 
+    def select_tests(self, tests: Sequence[int] | slice) -> RunSet:
+        """A run set with only some test examples (loss columns, by position or slice), in memory.
+
+        The runs keep their curricula, learning rates and metadata; their losses are copied (only the chosen
+        columns), so the result holds no file and can be sent to another process or machine.
+        """
+        columns = np.arange(self.n_test)[tests]
+        runs = [Run(run.name, run.curriculum, run.logged_steps, np.ascontiguousarray(run.losses[:, columns]),
+                    run.learning_rates, run.metadata, run.complete) for run in self.runs]
+        subset = RunSet(runs, self.n_pool, self.pool_ids, [self.test_ids[i] for i in columns], self.metadata,
+                        validate=False)
+        subset.skipped = list(self.skipped)
+        return subset
+
     def complete_only(self) -> RunSet:
         """The runs whose logger closed normally (``run.complete``); shares the arrays.
 
@@ -1235,3 +1249,61 @@ class RunLogger:
     def _info(self, status: str) -> dict:
         return _run_info(self.name, False, self.n_steps, self.n_entries, self.n_logged, self.n_test,
                          self.metadata, status=status)
+
+
+# ----------------------------------------------------------------------------------------- moving runs
+def run_file_names() -> list[str]:
+    """The files of one run folder: ``run.json`` and the array files."""
+    return [RUN_JSON, *(filename for filename, _ in _FILES.values())]
+
+
+def export_run(runset_path: str | os.PathLike, name: str) -> dict[str, bytes]:
+    """The files of a run as ``{file name: bytes}`` (to send a run trained on one machine to another).
+
+    Read without following links, like every reader here; :func:`install_run` puts them into a run set.
+    """
+    run_dir = Path(runset_path) / RUNS_DIR / check_run_name(name)
+    read_run(run_dir, n_test=0)  # a run folder, no links, counts within the files
+    files = {}
+    for filename in run_file_names():
+        fd = _open_plain(run_dir / filename)
+        with os.fdopen(fd, "rb") as handle:
+            files[filename] = handle.read()
+    return files
+
+
+def install_run(runset_path: str | os.PathLike, name: str, files: dict[str, bytes]) -> None:
+    """Put a run exported by :func:`export_run` into the run set at ``runset_path``, atomically.
+
+    The files are written to a hidden folder, read back as a run of this run set (counts, sizes, batch ids
+    and its number of test losses are checked), then renamed into place, replacing a run of that name; a
+    reader sees the old run or the new one, never a mix. Holds the run's lock meanwhile, so a run that a
+    :class:`RunLogger` is writing is never replaced.
+    """
+    runset_path = Path(runset_path)
+    name = check_run_name(name)
+    manifest = _read_manifest(runset_path)
+    expected = set(run_file_names())
+    if set(files) != expected:
+        raise RunLogError(f"run {name!r}: expected the files {sorted(expected)}, got {sorted(files)}")
+    run_dir = runset_path / RUNS_DIR / name
+    lock = _lock_run(run_dir)
+    try:
+        holder = _hidden_dir(run_dir.parent, name, ".tmp")
+        try:
+            staging = holder / name
+            staging.mkdir()
+            for filename, data in files.items():
+                (staging / filename).write_bytes(data)
+            run = _read_run(staging, len(manifest["test_ids"]), check_n_test=True)
+            if run.curriculum.ids.size and int(run.curriculum.ids.max()) >= manifest["n_pool"]:
+                raise RunLogError(f"run {name!r} uses pool id {int(run.curriculum.ids.max())}, outside the "
+                                  f"run set's 0..{manifest['n_pool'] - 1}")
+            del run
+            if os.path.lexists(run_dir):
+                _remove_tree(run_dir)
+            os.replace(staging, run_dir)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
+    finally:
+        _unlock(lock)

@@ -311,3 +311,28 @@ def test_fit_unrolled_around_one_base_run_and_ask_it(tmp_path, capsys):
     assert main(["fit", str(out), "--method", "unrolled", "--run", "run-002", "--out", str(model)]) == 0
     assert main(["loo", str(model), str(out), "--run", "run-002", "--top", "2"]) == 0
     assert "helps" in capsys.readouterr().out
+
+
+def test_counterfactual_commands_print_intervals_and_flag_unsure_signs(runset_dir, tmp_path, capsys):
+    model = tmp_path / "model.npz"
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--remove", "1,2", "--intervals", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "80% intervals from 4 members" in out and "mean_change_low" in out and "straddles_zero" in out
+    csv = tmp_path / "loo.csv"
+    assert main(["loo", str(model), runset_dir, "--run", "run-009", "--top", "2", "--intervals", "4", "--level",
+                 "0.9", "--csv", str(csv)]) == 0
+    assert "90% intervals" in capsys.readouterr().out
+    assert csv.read_text().splitlines()[0] == "test,pool,effect,rank,low,high,straddles_zero"
+    result = tmp_path / "search.json"
+    assert main(["search", str(model), runset_dir, "--run", "run-009", "--tests", "0,1", "--drop", "2",
+                 "--intervals", "4", "--json", str(result)]) == 0
+    assert "80% interval [" in capsys.readouterr().out
+    found = json.loads(result.read_text())
+    assert found["change_low"] <= found["predicted_change"] <= found["change_high"]
+    assert isinstance(found["straddles_zero"], bool)
+    assert main(["loo", str(model), runset_dir, "--run", "run-009", "--level", "0.9"]) == 2
+    assert "--level applies with --intervals N" in capsys.readouterr().err
+    assert main(["loo", str(model), runset_dir, "--run", "run-009", "--intervals", "1"]) == 2
+    assert "n_resamples must be an integer >= 2" in capsys.readouterr().err

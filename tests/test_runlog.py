@@ -1087,3 +1087,67 @@ def test_malformed_checkpoint_lists_are_one_error(tmp_path, entries):
     for call in (checkpoint_steps, load_checkpoints):
         with pytest.raises(SimfluenceError, match="run 'run-1'"):
             call(runset, 0)
+
+
+# ------------------------------------------------------------------ moving runs between machines, test subsets
+def test_an_exported_run_installs_into_another_run_set_byte_for_byte(tmp_runset, tmp_path):
+    other = tmp_path / "other"
+    RunSet.create(other, n_pool=tmp_runset.n_pool, test_ids=tmp_runset.test_ids)
+    name = tmp_runset.run_names[1]
+    files = runlog.export_run(tmp_runset.path, name)
+    assert sorted(files) == sorted(runlog.run_file_names())
+    runlog.install_run(other, name, files)
+    for filename in files:
+        original = tmp_runset.path / "runs" / name / filename
+        assert (other / "runs" / name / filename).read_bytes() == original.read_bytes()
+    loaded = RunSet.load(other)[name]
+    np.testing.assert_array_equal(loaded.losses, tmp_runset[name].losses)
+    runlog.install_run(other, name, files)  # a second install replaces the run
+    assert RunSet.load(other).run_names == [name]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda files: files.pop("losses.bin"), "expected the files"),
+    (lambda files: files.update({"evil.sh": b""}), "expected the files"),
+    (lambda files: files.update({"losses.bin": files["losses.bin"][:-4]}), "truncated"),
+    (lambda files: files.update({"run.json": b"{"}), "run.json"),
+])
+def test_a_damaged_run_is_refused_and_the_run_set_is_unchanged(tmp_runset, tmp_path, damage, message):
+    other = tmp_path / "other"
+    RunSet.create(other, n_pool=tmp_runset.n_pool, test_ids=tmp_runset.test_ids)
+    name = tmp_runset.run_names[0]
+    good = runlog.export_run(tmp_runset.path, name)
+    runlog.install_run(other, name, good)
+    files = dict(good)
+    damage(files)
+    with pytest.raises(RunLogError, match=message):
+        runlog.install_run(other, name, files)
+    assert (other / "runs" / name / "losses.bin").read_bytes() == good["losses.bin"]
+    assert sorted(p.name for p in (other / "runs").iterdir()) == [".locks", name]  # no staging left behind
+
+
+def test_a_run_with_other_test_examples_or_pool_is_refused(tmp_runset, tmp_path):
+    name = tmp_runset.run_names[0]
+    files = runlog.export_run(tmp_runset.path, name)
+    RunSet.create(tmp_path / "wider", n_pool=tmp_runset.n_pool, test_ids=tmp_runset.n_test + 1)
+    with pytest.raises(RunLogError, match="test"):
+        runlog.install_run(tmp_path / "wider", name, files)
+    RunSet.create(tmp_path / "smaller", n_pool=2, test_ids=tmp_runset.test_ids)
+    with pytest.raises(RunLogError, match="outside the run set's 0..1"):
+        runlog.install_run(tmp_path / "smaller", name, files)
+
+
+def test_a_run_being_logged_is_never_replaced_by_an_install(tmp_runset, tmp_path):
+    files = runlog.export_run(tmp_runset.path, tmp_runset.run_names[0])
+    with RunLogger(tmp_runset.path, "busy"):
+        with pytest.raises(RunLogError, match="being written by another RunLogger"):
+            runlog.install_run(tmp_runset.path, "busy", files)
+
+
+def test_select_tests_keeps_runs_and_takes_only_the_chosen_loss_columns(tmp_runset):
+    subset = tmp_runset.select_tests([2, 0])
+    assert subset.test_ids == [tmp_runset.test_ids[2], tmp_runset.test_ids[0]]
+    assert subset.run_names == tmp_runset.run_names and subset.path is None
+    for mine, theirs in zip(subset, tmp_runset, strict=True):
+        np.testing.assert_array_equal(mine.losses, np.asarray(theirs.losses)[:, [2, 0]])
+        assert mine.curriculum == theirs.curriculum

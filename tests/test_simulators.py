@@ -304,21 +304,39 @@ def test_one_solve_per_lam_gives_every_momentum_candidate():
 
 
 @pytest.mark.parametrize("options", [
+    {},  # the paper's form: no step constants
     {"momentum": 0.6, "step_terms": True, "alpha_center": 1.0, "lr_scaled": True, "clip_negative": True},
+    {"momentum": 0.9, "alpha_center": 1.0, "batch_mean": True, "lr_scaled": True},
     {"batch_mean": True},
     {"multiplicative": False, "alpha_center": 1.0, "step_terms": True},
+    {"multiplicative": False, "alpha_center": 1.0, "momentum": 0.5, "lr_scaled": True, "clip_negative": True},
 ])
-def test_fast_rollout_equals_the_recurrence_on_the_coefficients(options):
+@pytest.mark.parametrize("given_rates", [True, False])
+@pytest.mark.parametrize("block_bytes", [None, 200], ids=["one-block", "blocks-of-few-steps-and-curricula"])
+def test_fast_rollout_equals_the_recurrence_on_the_coefficients(options, given_rates, block_bytes, monkeypatch):
+    from simfluence.simulators import dynamics
     from simfluence.simulators.dynamics import unroll
 
+    if block_bytes is not None:
+        monkeypatch.setattr(dynamics, "_SIM_BLOCK_BYTES", block_bytes)
     runset = _extended_runset(seed=7)
     sim = SimfluenceLinear(lam=0.1, **options).fit(runset)
     base = runset[0].curriculum
-    curricula = [base, base.truncate(17), base.reverse().duplicate(2, step=4), base.remove([1, 2])]
-    initial = np.stack([runset[i].initial_losses for i in range(4)])
-    rates = [runset[0].learning_rates[: cur.n_steps] for cur in curricula]
+    ragged = random_curricula(2, 20, 3, 25, subset_size=10, seed=1)  # epochs of 10 in batches of 3: last one of 1
+    curricula = [base, base.truncate(17), base.reverse().duplicate(2, step=4), base.remove([1, 2]),
+                 base.keep_only([5]), Curriculum([0], []), *ragged]  # batches of 0..4 entries, 0..25 steps
+    initial = np.stack([runset[i % 4].initial_losses for i in range(len(curricula))])
+    initial[5] = -0.5  # below the floor, in a curriculum without steps: held (and floored when clipping)
+    rates = [runset[0].learning_rates[: cur.n_steps] for cur in curricula] if given_rates else None
     fast = sim.simulate(curricula, initial, rates)
     alpha, beta, _, _, _ = sim._coefficients(curricula, rates, fast.shape[1] - 1)
     active = np.arange(1, fast.shape[1])[None, :] <= np.array([cur.n_steps for cur in curricula])[:, None]
     reference = unroll(alpha, beta, initial, sim._momentum(), active, sim.loss_floor_)
     np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_rollout_without_curricula_or_steps_keeps_the_initial_losses(linear_runs):
+    sim = SimfluenceLinear(lam=1.0, alpha_center=1.0).fit(linear_runs[0])  # an empty batch keeps the loss
+    assert sim.simulate([], np.ones((0, 5))).shape == (0, 1, 5)
+    empty = [Curriculum([0], []), Curriculum([0, 0, 0], [])]  # no steps; two empty batches
+    np.testing.assert_array_equal(sim.simulate(empty, np.ones(5)), np.ones((2, 3, 5)))

@@ -4,6 +4,7 @@
 - :mod:`.dynamics`: the linear (momentum) recurrence shared by the linear family, its rollout and exact
   leave-one-out (:mod:`.loo`), written once;
 - :mod:`.linear`: Simfluence-Linear (the paper's form and its time-aware extensions) and Simfluence-Additive;
+- :mod:`.log_space`: the same models fitted to log losses (multiplicative dynamics, losses > 0 by construction);
 - :mod:`.fixed_effects`: additive simulators with fixed per-example scores and a calibrated scale (the form
   of TracIn, influence functions and TrackStar, whose scores :mod:`simfluence.attribution` computes);
 - :mod:`.mean_curve`: the baseline that ignores the curriculum.
@@ -16,11 +17,14 @@ from simfluence.simulators.base import Simulator, clone, rollout_runs
 from simfluence.simulators.dynamics import LinearDynamics, StepCoefficients
 from simfluence.simulators.fixed_effects import FixedEffectsSimulator
 from simfluence.simulators.linear import SimfluenceAdditive, SimfluenceLinear
+from simfluence.simulators.log_space import LogAdditive, LogLinear
 from simfluence.simulators.mean_curve import MeanCurve
 
 __all__ = [
     "FixedEffectsSimulator",
     "LinearDynamics",
+    "LogAdditive",
+    "LogLinear",
     "MeanCurve",
     "SimfluenceAdditive",
     "SimfluenceLinear",

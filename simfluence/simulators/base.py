@@ -152,23 +152,34 @@ class Simulator:
         initial_losses: np.ndarray,
         learning_rates: Sequence[np.ndarray] | None = None,
         names: Sequence[str] | None = None,
+        intervals: Any = None,
     ):
-        """:meth:`simulate` as a tidy DataFrame ``curriculum, step, test, loss`` with external test ids."""
+        """:meth:`simulate` as a tidy DataFrame ``curriculum, step, test, loss`` with external test ids.
+
+        ``intervals``: a :class:`simfluence.uncertainty.Bootstrap` fitted around this simulator; the table then
+        also has ``low, high``, the interval of each predicted loss.
+        """
         import pandas as pd
 
         curricula = as_curricula(curricula)
+        if intervals is not None:
+            intervals.check_point(self)
         predicted = self.simulate(curricula, initial_losses, learning_rates)
         names = [str(i) for i in range(len(curricula))] if names is None else list(names)
         if len(names) != len(curricula):
             raise SimfluenceError(f"{len(names)} names for {len(curricula)} curricula")
         n_cur, n_points, n_test = predicted.shape
         cur, step, test = np.meshgrid(np.arange(n_cur), np.arange(n_points), np.arange(n_test), indexing="ij")
-        return pd.DataFrame({
+        columns = {
             "curriculum": np.asarray(names, dtype=object)[cur.ravel()],
             "step": step.ravel(),
             "test": np.asarray(self.test_ids_, dtype=object)[test.ravel()],
             "loss": predicted.ravel(),
-        })
+        }
+        if intervals is not None:
+            low, high = intervals.bounds(predicted, intervals.simulate(curricula, initial_losses, learning_rates))
+            columns.update(low=low.ravel(), high=high.ravel())
+        return pd.DataFrame(columns)
 
     def leave_one_out(
         self,

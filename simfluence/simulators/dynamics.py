@@ -36,7 +36,8 @@ from simfluence.design import FeatureSpec, schedule_for, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import Simulator, as_curricula, as_initial
 
-_SIM_CHUNK_BYTES = 128 * 2**20
+_SIM_CHUNK_BYTES = 128 * 2**20  # bounds the working memory of a rollout (coefficients or batch rows)
+_SIM_BLOCK_BYTES = 2 * 2**20  # pool sums made at a time by the one-table rollout (so that they stay in cache)
 
 
 @dataclass
@@ -173,11 +174,16 @@ class LinearDynamics(Simulator):
             return None
         if learning_rates is not None:
             return learning_rates
+        schedule = self._fitted_schedule()
+        return [schedule_for(schedule, cur.n_steps) for cur in curricula]
+
+    def _fitted_schedule(self) -> np.ndarray:
+        """The mean learning rate of each step in the training runs (raises if some step's was not logged)."""
         schedule = getattr(self, "lr_schedule_", None)
         if schedule is None or not np.isfinite(schedule).all():
             raise SimfluenceError(f"{type(self).__name__} weights effects by the learning rate, but none were "
                                   "given and the training runs did not log them at every step")
-        return [schedule_for(schedule, cur.n_steps) for cur in curricula]
+        return schedule
 
     def _coefficients(
         self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None, horizon: int,
@@ -286,12 +292,16 @@ class LinearDynamics(Simulator):
         return out
 
     def _simulation_rows(
-        self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None, horizon: int, n_pool: int
+        self, curricula: list[Curriculum], learning_rates: Sequence[np.ndarray] | None, horizon: int, n_pool: int,
+        constant_of_step: np.ndarray | None = None,
     ) -> sp.csr_matrix:
-        """(n_curricula * horizon, n_pool) csr of ``w_t / d_t * counts(c_t)``, row ``c * horizon + t - 1``.
+        """Step-major csr of ``w_t / d_t * counts(c_t)``: row ``(t - 1) * n_curricula + c`` is curriculum c's step t.
 
-        Built for all curricula at once (entries are already in row order, so no sorting); the same weights
-        as :meth:`_coefficients` applies (``w_t`` on the counts, then the batch divisor).
+        Weights as in :meth:`_coefficients` (``w_t`` on the counts, then the batch divisor); steps after a
+        curriculum's end are empty rows. With ``constant_of_step`` ((horizon,) ints), every row of step t also holds
+        weight 1 at column ``n_pool + constant_of_step[t - 1]`` (its last entry): a product with a table whose extra
+        rows are per-step constants adds them for free. Built for all curricula at once: each entry is scattered
+        from its curriculum's ids straight to its step-major place.
         """
         n_cur = len(curricula)
         sizes = np.zeros((n_cur, horizon), dtype=np.int64)
@@ -303,10 +313,11 @@ class LinearDynamics(Simulator):
             raise SimfluenceError(f"curriculum {index} uses pool position {int(curricula[index].ids.max())}, outside "
                                   f"the fitted pool 0..{n_pool - 1}")
         weight = np.ones((n_cur, horizon))
-        rates = self._learning_rates(curricula, learning_rates)
-        if rates is not None:
-            reference = self._lr_reference()
-            for index, (cur, lrs) in enumerate(zip(curricula, rates, strict=True)):
+        reference = self._lr_reference()
+        if reference is not None and learning_rates is None:  # the schedule seen in fitting, the same for all
+            weight[:] = schedule_for(self._fitted_schedule(), horizon) / reference
+        elif reference is not None:
+            for index, (cur, lrs) in enumerate(zip(curricula, learning_rates, strict=True)):
                 lrs = np.asarray(lrs, dtype=np.float64)
                 if lrs.shape != (cur.n_steps,) or not np.isfinite(lrs).all():
                     raise SimfluenceError(
@@ -316,10 +327,23 @@ class LinearDynamics(Simulator):
                 weight[index, : cur.n_steps] = lrs / reference
         if self._batch_mean():
             weight /= batch_divisor(sizes, True)
+        extra = 0 if constant_of_step is None else 1
         indptr = np.zeros(n_cur * horizon + 1, dtype=np.int64)
-        np.cumsum(sizes.ravel(), out=indptr[1:])
-        data = np.repeat(weight.ravel(), sizes.ravel())
-        return sp.csr_matrix((data, ids, indptr), shape=(n_cur * horizon, n_pool))  # repeated ids add up
+        np.cumsum((sizes.T + extra).ravel(), out=indptr[1:])
+        indices = np.empty(indptr[-1], dtype=np.int64)
+        data = np.empty(indptr[-1])
+        source_start = np.zeros(n_cur * horizon, dtype=np.int64)  # where each (curriculum, step) starts in ids
+        np.cumsum(sizes.ravel()[:-1], out=source_start[1:])
+        shift = indptr[:-1].reshape(horizon, n_cur).T.ravel() - source_start
+        target = np.repeat(shift, sizes.ravel()) + np.arange(ids.size)
+        indices[target] = ids
+        data[target] = np.repeat(weight.ravel(), sizes.ravel())
+        n_cols = n_pool
+        if extra:
+            indices[indptr[1:] - 1] = n_pool + np.repeat(constant_of_step, n_cur)
+            data[indptr[1:] - 1] = 1.0
+            n_cols += int(constant_of_step.max(initial=0)) + 1
+        return sp.csr_matrix((data, indices, indptr), shape=(n_cur * horizon, n_cols))  # repeated ids add up
 
     def _simulate_one_table(
         self, curricula: list[Curriculum], initial: np.ndarray, learning_rates: Sequence[np.ndarray] | None,
@@ -327,59 +351,71 @@ class LinearDynamics(Simulator):
     ) -> None:
         """:meth:`simulate` for simulators with one effect table, into ``out`` (n_curricula, horizon + 1, n_test).
 
-        One sparse product gives every step's pool sums of A and B together (``[A | B]`` side by side), in
-        chunks of curricula; the recurrence then runs in place on the product, so no (curricula, steps, tests)
-        temporaries are made besides it.
+        Whether or not the floor stopped a step, the velocity is the change made (``v_t = L_t - L_{t-1}``), so the
+        recurrence runs in its two-term form, one to five array operations a step::
+
+            L_{t+1} = (1 + mu + a_t) L_t - mu L_{t-1} + b_t     (L_{-1} = L_0),  then the floor
+            a_t = alpha_t - 1 = const_alpha_t - 1 + pool_alpha_t        b_t = beta_t = const_beta_t + pool_beta_t
+
+        Sparse products of the step-major rows of :meth:`_simulation_rows` with the table ``[A | B]`` (``B`` alone for
+        additive models, whose ``alpha_t`` is the constant) give ``1 + mu + a_t`` and ``b_t``: the table gets extra
+        rows holding the step constants, which every row of their step adds with weight 1. The products are made a
+        few steps at a time (``_SIM_BLOCK_BYTES``), so that they are still in cache when the recurrence reads them,
+        and the losses of those steps are kept step-major (contiguous) until copied to ``out``. Steps after a
+        curriculum's end are computed like the others and then overwritten by the held loss.
         """
         mult, add = self._effect_tables()
         n_pool, n_test = add.shape[1], add.shape[2]
-        table = add[0] if mult is None else np.concatenate([mult[0], add[0]], axis=1)
-        const_alpha, const_beta = self._step_constants(horizon)
-        gamma = np.broadcast_to(np.asarray(const_alpha, dtype=np.float64) - 1.0, (horizon, n_test))
-        const_beta = np.broadcast_to(np.asarray(const_beta, dtype=np.float64), (horizon, n_test))
-        with_gamma, with_beta = bool(np.any(gamma)), bool(np.any(const_beta))
         momentum = self._momentum()
+        const_alpha, const_beta = (np.broadcast_to(np.asarray(c, dtype=np.float64), (horizon, n_test))
+                                   for c in self._step_constants(horizon))
+        growth = const_alpha + momentum  # 1 + mu + (const_alpha - 1): the multiplier of L_t without the pool's part
+        if mult is None:
+            table, constants = add[0], const_beta
+        else:
+            table, constants = np.concatenate([mult[0], add[0]], axis=1), np.concatenate([growth, const_beta], axis=1)
+        unit_growth = mult is None and bool(np.all(growth == 1.0))  # additive, no momentum: L_{t+1} = L_t + b_t
+        constant_of_step = None
+        if np.any(constants):  # one extra table row per distinct step constant
+            distinct = bool(np.any(constants != constants[:1]))
+            table = np.concatenate([table, constants if distinct else constants[:1]])
+            constant_of_step = np.arange(horizon) if distinct else np.zeros(horizon, dtype=np.int64)
         floor = self.loss_floor_ if clip else None
-        ragged = bool(np.any(lengths != horizon))
         out[:, 0] = initial
-        chunk = max(1, _SIM_CHUNK_BYTES // (8 * max(horizon, 1) * table.shape[1]))
-        for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
+        step_bytes = 8 * max(1, table.shape[1])  # of one curriculum's pool sums at one step
+        rows_bytes = 16 * max(1, horizon + max((cur.ids.size for cur in curricula), default=0))  # one's rows
+        chunk = max(1, min(_SIM_BLOCK_BYTES // step_bytes, _SIM_CHUNK_BYTES // rows_bytes))  # curricula at a time
+        for lo in range(0, len(curricula), chunk):
             hi = min(len(curricula), lo + chunk)
+            n_cur = hi - lo
             rates = None if learning_rates is None else learning_rates[lo:hi]
-            rows = self._simulation_rows(curricula[lo:hi], rates, horizon, n_pool)
-            step_major = np.arange((hi - lo) * horizon).reshape(hi - lo, horizon).T.ravel()
-            pool = np.asarray(rows[step_major] @ table).reshape(horizon, hi - lo, table.shape[1])
-            loss = out[lo:hi]
-            velocity = np.zeros((hi - lo, n_test))
-            active = (np.arange(1, horizon + 1)[None, :] <= lengths[lo:hi, None]) if ragged else None
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows up as inf in metrics
-                for t in range(horizon):  # sequential in t; all curricula and tests of the chunk at once
-                    beta = pool[t, :, -n_test:]
-                    if with_beta:
-                        beta += const_beta[t]
-                    if mult is not None:
-                        change = pool[t, :, :n_test]  # (alpha_t - 1) * L_{t-1}, in place
-                        if with_gamma:
-                            change += gamma[t]
-                        change *= loss[:, t]
-                        change += beta
-                    elif with_gamma:
-                        change = gamma[t] * loss[:, t]
-                        change += beta
-                    else:
-                        change = beta
-                    if momentum:
-                        velocity *= momentum
-                        velocity += change
-                    else:
-                        velocity = change
-                    if active is not None:
-                        velocity *= active[:, t, None]
-                    np.add(loss[:, t], velocity, out=loss[:, t + 1])
-                    if floor is not None:
-                        np.maximum(loss[:, t + 1], floor, out=loss[:, t + 1])
+            rows = self._simulation_rows(curricula[lo:hi], rates, horizon, n_pool, constant_of_step)
+            block = max(1, _SIM_BLOCK_BYTES // (step_bytes * n_cur))  # steps at a time
+            loss = np.empty((block + 1, n_cur, n_test))  # step-major: loss[s] = L_{start + s}
+            loss[0] = initial[lo:hi]
+            scaled_previous = momentum * loss[0]  # mu L_{t-1}
+            for start in range(0, horizon, block):
+                stop = min(horizon, start + block)
+                pool = np.asarray(rows[start * n_cur: stop * n_cur] @ table).reshape(stop - start, n_cur, -1)
+                with np.errstate(over="ignore", invalid="ignore"):  # a diverging simulator shows as inf in metrics
+                    for step in range(stop - start):
+                        after = loss[step + 1]
+                        if unit_growth:
+                            np.add(loss[step], pool[step, :, -n_test:], out=after)
+                        else:
+                            np.multiply(growth[start + step] if mult is None else pool[step, :, :n_test], loss[step],
+                                        out=after)
+                            after += pool[step, :, -n_test:]
                         if momentum:
-                            np.subtract(loss[:, t + 1], loss[:, t], out=velocity)
+                            after -= scaled_previous
+                            np.multiply(loss[step], momentum, out=scaled_previous)
+                        if floor is not None:
+                            np.maximum(after, floor, out=after)
+                out[lo:hi, start + 1: stop + 1] = loss[1: stop - start + 1].transpose(1, 0, 2)
+                loss[0] = loss[stop - start]
+        for index in np.flatnonzero(lengths < horizon):  # hold the loss after the end
+            held = out[index, lengths[index]]
+            out[index, lengths[index] + 1:] = held if floor is None else np.maximum(held, floor)
 
     def leave_one_out(
         self,

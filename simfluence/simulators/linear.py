@@ -39,10 +39,11 @@ sum A`` (exact for additive models, an approximation for multiplicative ones).
 
 Ridge strength ``lam="auto"`` (and ``momentum="auto"``) are chosen on validation runs carved out of the
 training runs (the last ``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit
-uses all training runs. The search is cheap next to the final fit: candidates are solved strong to weak
-``lam``, each warm-starting the next, to a looser tolerance (``SELECTION_TOL``: validation errors need a
-few digits, not ten); the fit is linear in its target, so one solve per ``lam`` with two right-hand sides
-(first-order target and previous change) gives the effects of every momentum
+uses all training runs. The search costs about as much as one or two fixed-``lam`` fits: candidates are
+solved strong to weak ``lam``, each warm-starting the next and cutting only the residual that the change
+of ``lam`` leaves (by ``SELECTION_REDUCTION``, never tighter than ``SELECTION_TOL``: validation errors
+need three digits, not ten); the fit is linear in its target, so one solve per ``lam`` with two
+right-hand sides (first-order target and previous change) gives the effects of every momentum
 (``theta(mu) = theta_0 + mu * theta_1``); and the final fit starts from the chosen candidate.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ from simfluence.solvers import solve_ridge
 
 DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.8, 0.9)
-SELECTION_TOL = 1e-7  # CG tolerance of the lam/momentum candidates (validation MSE to ~4 digits)
+SELECTION_TOL = 1e-6  # the tightest CG tolerance of a lam/momentum candidate (validation MSE to ~3 digits)
+SELECTION_REDUCTION = 1e-3  # a candidate cuts its warm start's residual at the new lam by this factor
 PRECISIONS = ("float32", "float64")
 
 
@@ -107,7 +109,9 @@ class SimfluenceLinear(LinearDynamics):
     """
 
     kind = "linear"
+    _kernel = "auto"  # sparse-product kernel of the solves (the lam search keeps the one its first solve timed best)
     _fitted_arrays = ("A_", "B_", "step_alpha_", "step_beta_", "lr_schedule_")
+    _test_axis_arrays = ("A_", "B_", "step_alpha_", "step_beta_")  # last axis = test examples (sharded fits)
 
     def __init__(
         self,
@@ -165,7 +169,7 @@ class SimfluenceLinear(LinearDynamics):
         else:
             lam, momentum = lams[0], momenta[0]
         self.momentum_ = momentum
-        self._fit_fixed(build_transitions(runset, self._spec(), runs), lam, momentum, x0=start_theta)
+        self._fit_fixed(self._transitions(runset, runs), lam, momentum, x0=start_theta)
         self.lam_ = lam
         self.fit_seconds_ = time.perf_counter() - start
         self.fitted_ = True
@@ -205,6 +209,11 @@ class SimfluenceLinear(LinearDynamics):
         smallest = min(float(np.min(run.losses)) for run in chosen if run.losses.size)
         self.loss_floor_ = 0.0 if self.clip_negative and smallest >= 0 else None
 
+    def _transitions(self, runset: RunSet, runs: Sequence[int]) -> Transitions:
+        """The teacher-forced transitions the effects are fitted to (a subclass may transform their losses:
+        :mod:`.log_space` fits log losses)."""
+        return build_transitions(runset, self._spec(), runs)
+
     def _spec(self) -> FeatureSpec:
         return FeatureSpec(self.n_pool_, self.n_step_terms_, self.lr_reference_, self.batch_mean)
 
@@ -231,7 +240,7 @@ class SimfluenceLinear(LinearDynamics):
         return solve_ridge(
             transitions.features, transitions.prev, target, self._penalty(lam), multiplicative=self.multiplicative,
             solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
-            dtype=np.float32 if self.precision == "float32" else np.float64,
+            dtype=np.float32 if self.precision == "float32" else np.float64, kernel=self._kernel,
         )
 
     def _fit_fixed(
@@ -243,25 +252,66 @@ class SimfluenceLinear(LinearDynamics):
         if basis is not None:
             theta = basis[0] + momentum * basis[1]
         else:
-            target = self._first_order_target(transitions)
-            if momentum:
-                target = target - momentum * self._previous_change(transitions)
-            theta, self.solve_info_ = self._solve(transitions, target, lam, x0)
+            theta, self.solve_info_ = self._solve(transitions, self._target(transitions, momentum), lam, x0)
         self._set_theta(theta)
         return theta
 
     def _momentum_basis(
-        self, transitions: Transitions, lam: float, x0: tuple[np.ndarray, np.ndarray] | None = None
+        self, transitions: Transitions, lam: float, x0: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Effects for the first-order target and for the previous change (target ``-(L_{t-1} - L_{t-2})``), one
-        batched solve of 2 n_test columns: the fit at momentum mu is ``basis[0] + mu * basis[1]``."""
-        first = self._first_order_target(transitions)
-        targets = np.concatenate([first, -self._previous_change(transitions).astype(first.dtype, copy=False)], axis=1)
-        del first
-        start = None if x0 is None else np.concatenate(x0, axis=1)
-        theta, self.solve_info_ = self._solve(transitions, targets, lam, start)
+        batched solve of 2 n_test columns: the fit at momentum mu is ``basis[0] + mu * basis[1]``.
+        ``x0``: a warm start, (n_params, 2 n_test), the two halves side by side."""
+        theta, self.solve_info_ = self._solve(transitions, self._target(transitions, None), lam, x0)
         n_test = theta.shape[1] // 2
         return theta[:, :n_test], theta[:, n_test:]
+
+    def _target(self, transitions: Transitions, momentum: float | None) -> np.ndarray:
+        """(n_transitions, n_test) regression target at ``momentum``; ``None``: the momentum basis' two targets side
+        by side, (n_transitions, 2 n_test) (the first-order target and ``-(L_{t-1} - L_{t-2})``)."""
+        target = self._first_order_target(transitions)
+        if momentum is None:
+            return np.concatenate([target, -self._previous_change(transitions).astype(target.dtype, copy=False)],
+                                  axis=1)
+        return target - momentum * self._previous_change(transitions) if momentum else target
+
+    def _rhs_norms(self, transitions: Transitions, target: np.ndarray) -> np.ndarray:
+        """(n_columns,) norm of every column's normal-equations right-hand side ``X_m^T y_m`` (what CG's relative
+        residual is measured against)."""
+        adjoint = transitions.features.T.tocsr()
+        squared = np.square(np.linalg.norm(adjoint @ target, axis=0))
+        if self.multiplicative:
+            prev = np.tile(transitions.prev, (1, target.shape[1] // transitions.prev.shape[1]))
+            squared += np.square(np.linalg.norm(adjoint @ (prev * target), axis=0))
+        return np.sqrt(squared)
+
+    def _candidate(self, runset: RunSet, runs: list[int], lam: float, tol: float, kernel: str,
+                   momentum: float | None = None) -> SimfluenceLinear:
+        """A clone of this estimator that fits one candidate of the search (see :meth:`_choose`)."""
+        candidate = clone(self).set_params(lam=lam, tol=tol)
+        if momentum is not None:
+            candidate.momentum = momentum  # additive models have no momentum option; the value is 0 then
+        candidate._kernel = kernel
+        candidate._prepare(runset, runs)
+        return candidate
+
+    def _candidate_tol(self, lam: float, previous: tuple[float, np.ndarray] | None, scale: np.ndarray) -> float:
+        """CG tolerance of a candidate: cut the residual of its warm start at ``lam`` by ``SELECTION_REDUCTION``.
+
+        Warm-started from the effects ``previous = (lam_0, theta_0)`` solved at ``lam_0``, the residual at ``lam`` is
+        ``(penalty(lam) - penalty(lam_0)) * theta_0`` (plus that solve's own, smaller, residual): the tolerance,
+        relative to the right-hand side norms ``scale`` like CG's, is that times ``SELECTION_REDUCTION`` in the worst
+        column. A fixed tolerance relative to the right-hand side would be too tight for strong lam and, for weak
+        lam (small changes of the penalty), met before the warm start had moved. Never tighter than
+        ``SELECTION_TOL`` or ``tol``; the first candidate (no warm start) is solved to ``SELECTION_REDUCTION``.
+        """
+        floor = max(float(self.tol), SELECTION_TOL)
+        if previous is None:
+            return max(floor, SELECTION_REDUCTION)
+        previous_lam, start = previous
+        change = np.linalg.norm((self._penalty(lam) - self._penalty(previous_lam))[:, None] * start, axis=0)
+        ratio = np.divide(change, scale, out=np.full_like(change, np.inf), where=scale > 0)
+        return max(floor, SELECTION_REDUCTION * min(1.0, float(ratio.min(initial=np.inf))))
 
     def _set_theta(self, theta: np.ndarray) -> None:
         n_features = self._spec().n_features
@@ -284,24 +334,24 @@ class SimfluenceLinear(LinearDynamics):
             raise SimfluenceError("choosing lam or momentum needs at least 2 training runs (one is for validation)")
         n_val = min(len(runs) - 1, max(1, round(self.val_fraction * len(runs))))
         fit_runs, val_runs = runs[:-n_val], runs[-n_val:]
-        transitions = build_transitions(runset, self._spec(), fit_runs)
-        selection_tol = max(float(self.tol), SELECTION_TOL)
+        transitions = self._transitions(runset, fit_runs)
+        basis_wanted = len(momenta) > 1  # one solve for every momentum (the fit is linear in its target)
+        scale = self._rhs_norms(transitions, self._target(transitions, None if basis_wanted else momenta[0]))
         entries, best, best_theta = [], None, None
-        start = None
+        previous, kernel = None, "auto"  # the last solve (lam, effects) warm-starts the next; its kernel is kept
         for lam in sorted(lams, reverse=True):  # strong to weak: each solution warm-starts the next
+            tol = self._candidate_tol(lam, previous, scale)
+            start = None if previous is None else previous[1]
             basis = None
-            if len(momenta) > 1:  # one solve for every momentum (the fit is linear in its target)
-                solver = clone(self).set_params(lam=lam, tol=selection_tol)
-                solver._prepare(runset, runs)
+            if basis_wanted:
+                solver = self._candidate(runset, runs, lam, tol, kernel)
                 basis = solver._momentum_basis(transitions, lam, start)
-                start = basis
+                previous, kernel = (lam, np.concatenate(basis, axis=1)), solver.solve_info_.kernel or "auto"
             for momentum in momenta:
-                candidate = clone(self).set_params(lam=lam, tol=selection_tol)
-                candidate.momentum = momentum  # additive models have no momentum option; the value is 0 then
-                candidate._prepare(runset, runs)
+                candidate = self._candidate(runset, runs, lam, tol, kernel, momentum)
                 theta = candidate._fit_fixed(transitions, lam, momentum, x0=start, basis=basis)
                 if basis is None:
-                    start = theta
+                    previous, kernel = (lam, theta), candidate.solve_info_.kernel or "auto"
                 candidate.momentum_, candidate.lam_, candidate.fitted_ = momentum, lam, True
                 mse = validation_mse(candidate, runset, val_runs)
                 entries.append({"lam": lam, "momentum": momentum, "mse": mse if np.isfinite(mse) else None})

@@ -204,13 +204,16 @@ def generate_digits(
     lr: float | None = None,
     data_seed: int = 0,
     overwrite: bool = False,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> RunSet:
     """Train ``n_runs`` digits MLPs, each on a random subset of the pool in random order, and log them to ``out``.
 
     Run r trains on ``round(subset_fraction * pool_size)`` pool examples drawn afresh, in shuffled epochs
     of ``batch_size`` (``simfluence.curriculum.random_curricula`` with ``seed``); every run starts from the
     same initial weights (``init_seed = seed``). Re-running over an existing folder resumes it (see
-    :func:`~simfluence.workloads.generator.generate_runs`).
+    :func:`~simfluence.workloads.generator.generate_runs`, which also describes ``backend="ray"`` and
+    ``ray_address``).
 
     Returns
     -------
@@ -221,4 +224,4 @@ def generate_digits(
     return generate_random_runs(task, out, n_runs=n_runs, n_steps=n_steps, batch_size=batch_size,
                                 subset_fraction=subset_fraction, seed=seed, init_seed=seed, log_every=log_every,
                                 checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,
-                                overwrite=overwrite)
+                                overwrite=overwrite, backend=backend, ray_address=ray_address)

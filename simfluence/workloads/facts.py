@@ -481,13 +481,16 @@ def generate_facts(
     log_every: int = 1,
     data_seed: int = 0,
     overwrite: bool = False,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> RunSet:
     """Pretrain the base once, then fine-tune ``n_runs`` runs on random document subsets and log them to ``out``.
 
     Run r fine-tunes the base on ``round(subset_fraction * n_documents)`` documents drawn afresh, in shuffled
     epochs of the tier's batch size (``random_curricula`` with ``seed``); the base (pretrain seed ``seed``)
     is cached in ``out/base.pt`` and the corpus written to ``out/facts_corpus.json``. Re-running over an
-    existing folder resumes it (see :func:`~simfluence.workloads.generator.generate_runs`).
+    existing folder resumes it (see :func:`~simfluence.workloads.generator.generate_runs`, which also describes
+    ``backend="ray"`` and ``ray_address``; Ray workers without a shared file system pretrain the base once each).
     """
     out = Path(out)
     tier_name, settings = _settings(tier)
@@ -504,4 +507,4 @@ def generate_facts(
     return generate_random_runs(task, out, n_runs=n_runs, n_steps=settings.n_steps, batch_size=settings.batch_size,
                                 subset_fraction=settings.subset_fraction, seed=seed, init_seed=seed,
                                 log_every=log_every, checkpoint_steps=checkpoint_steps, workers=workers,
-                                progress=progress)
+                                progress=progress, backend=backend, ray_address=ray_address)

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,12 +42,13 @@ from tqdm import tqdm
 from simfluence._io import atomic_write_bytes
 from simfluence.curriculum import Curriculum, random_curricula
 from simfluence.errors import RunLogError, SimfluenceError, TaskError
-from simfluence.runlog import MANIFEST, RunLogger, RunSet, read_run, run_status
+from simfluence.runlog import MANIFEST, RunLogger, RunSet, export_run, install_run, read_run, run_status
 from simfluence.task import Task, import_task_files, loaded_task_files
 
 __all__ = ["Task", "WarmupCosine", "generate_runs", "generate_random_runs", "default_run_names"]
 
 CHECKPOINTS_DIR = "checkpoints"
+BACKENDS = ("local", "ray")
 PARENT_POLL_SECONDS = 0.5  # how often a worker checks that the process that started it is still there
 
 
@@ -210,6 +212,67 @@ def _run_in_worker(job: _Job) -> str:
     return _WORKER_TRAINER(job)
 
 
+def _task_bytes(task: Task) -> bytes:
+    """The pickled task for worker processes or Ray tasks; one clear error when it cannot be pickled."""
+    try:
+        return pickle.dumps(task)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise TaskError(f"the task cannot be sent to worker processes ({err}); use module-level "
+                        "functions (no lambdas) in it, or workers=1") from None
+
+
+def _train_elsewhere(task_files: dict[str, str], task_bytes: bytes, manifest: dict, trainer_args: tuple,
+                     job: _Job) -> dict[str, dict[str, bytes]]:
+    """Train one run in a scratch run set on whatever machine runs this (a Ray task); return its files.
+
+    Returns ``{"run": {file name: bytes}, "checkpoints": {file name: bytes}}``. The worker is set up as a
+    local worker process is (one thread, deterministic algorithms, the task's files imported), so the bytes
+    are those the local backend writes.
+    """
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    import_task_files(task_files)
+    task = pickle.loads(task_bytes)
+    with tempfile.TemporaryDirectory(prefix="simfluence-ray-") as scratch:
+        scratch = Path(scratch)
+        RunSet.create(scratch, n_pool=manifest["n_pool"], pool_ids=manifest["pool_ids"],
+                      test_ids=manifest["test_ids"], metadata=manifest["metadata"])
+        _Trainer(task, scratch, *trainer_args)(job)
+        checkpoint_dir = scratch / CHECKPOINTS_DIR / job.name
+        checkpoints = ({path.name: path.read_bytes() for path in sorted(checkpoint_dir.iterdir())}
+                       if checkpoint_dir.is_dir() else {})
+        return {"run": export_run(scratch, job.name), "checkpoints": checkpoints}
+
+
+def _install_trained(out: Path, name: str, files: dict[str, dict[str, bytes]]) -> None:
+    """Write a run trained elsewhere into ``out``: its checkpoints first, then the run (atomically)."""
+    checkpoint_dir = out / CHECKPOINTS_DIR / name
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    if files["checkpoints"]:
+        checkpoint_dir.mkdir(parents=True)
+        for filename, data in files["checkpoints"].items():
+            if Path(filename).name != filename or not filename.endswith(".pt"):
+                raise RunLogError(f"run {name!r}: unexpected checkpoint file name {filename!r}")
+            atomic_write_bytes(checkpoint_dir / filename, data)
+    install_run(out, name, files["run"])
+
+
+def _train_on_ray(task: Task, jobs: list[_Job], runset: RunSet, trainer_args: tuple, address: str | None,
+                  bar: tqdm) -> None:
+    """Train ``jobs`` as Ray tasks and install each run into the run set as it comes back."""
+    from simfluence.cluster import ray_session, run_tasks
+
+    out = trainer_args[0]
+    manifest = {"n_pool": runset.n_pool, "pool_ids": runset.pool_ids, "test_ids": runset.test_ids,
+                "metadata": runset.metadata}
+    shared = (loaded_task_files(), _task_bytes(task), manifest, trainer_args[1:])
+    with ray_session(address):
+        for index, files in run_tasks(_train_elsewhere, [(*shared, job) for job in jobs]):
+            _install_trained(out, jobs[index].name, files)
+            bar.update()
+
+
 # --------------------------------------------------------------------------------------------- driver
 def _normalised_json(obj: dict) -> dict:
     return json.loads(json.dumps(obj, allow_nan=False))
@@ -243,6 +306,8 @@ def generate_runs(
     progress: bool = True,
     overwrite: bool = False,
     seeds: Sequence[int] | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> RunSet:
     """Train one run of ``task`` per curriculum, all from the same initial weights, and log them to ``out``.
 
@@ -268,12 +333,20 @@ def generate_runs(
     overwrite : delete an existing run set at ``out`` first and regenerate every run.
     seeds : (n_runs,) torch seed of each run (recorded as the run's ``metadata["seed"]``); default
         ``init_seed + 1 + r``.
+    backend : ``"local"`` (worker processes on this machine) or ``"ray"``: every run is a Ray task that trains
+        on some machine of the cluster and sends its files back here, so the workers need no shared file
+        system; the run set is byte for byte the one the local backend writes (``workers`` is ignored, Ray
+        gives each task one CPU). Needs ``pip install 'simfluence[ray]'``, and simfluence on every node.
+    ray_address : the Ray cluster (:func:`simfluence.cluster.ray_session`): None or ``"local"`` starts one on
+        this machine, ``"auto"`` joins the cluster this machine is part of, ``"ray://host:10001"`` a remote one.
 
     Returns
     -------
     RunSet loaded from ``out`` (losses memory-mapped).
     """
     out = Path(out)
+    if backend not in BACKENDS:
+        raise SimfluenceError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(task, Task):
         raise TaskError(f"task must be a simfluence.task.Task, got a {type(task).__name__}")
     init_seed = int(task.init_seed if init_seed is None else init_seed)
@@ -321,18 +394,16 @@ def generate_runs(
                unit="run", disable=not progress)
     n_workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(int(workers), max(len(jobs), 1))
     try:
-        if jobs and n_workers <= 1:
+        if jobs and backend == "ray":
+            _train_on_ray(task, jobs, runset, trainer_args, ray_address, bar)
+        elif jobs and n_workers <= 1:
             with _single_thread_deterministic():
                 trainer = _Trainer(task, *trainer_args)
                 for job in jobs:
                     trainer(job)
                     bar.update()
         elif jobs:
-            try:
-                task_bytes = pickle.dumps(task)
-            except (pickle.PicklingError, AttributeError, TypeError) as err:
-                raise TaskError(f"the task cannot be sent to worker processes ({err}); use module-level "
-                                "functions (no lambdas) in it, or workers=1") from None
+            task_bytes = _task_bytes(task)
             context = multiprocessing.get_context("spawn")
             initargs = (os.getpid(), loaded_task_files(), task_bytes, *trainer_args)
             with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
@@ -364,6 +435,8 @@ def generate_random_runs(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> RunSet:
     """Train ``n_runs`` runs of ``task``, each on a random subset of its pool in random order, and log them.
 
@@ -380,7 +453,8 @@ def generate_random_runs(
     subset_fraction : share of the pool each run trains on, in (0, 1].
     seed : seed of the curricula.
     init_seed : seed of the initial weights (default ``task.init_seed``).
-    log_every, checkpoint_steps, workers, progress, overwrite : as for :func:`generate_runs`.
+    log_every, checkpoint_steps, workers, progress, overwrite, backend, ray_address : as for
+        :func:`generate_runs`.
 
     Returns
     -------
@@ -394,4 +468,5 @@ def generate_random_runs(
     task = replace(task, metadata={**task.metadata, "batch_size": batch_size, "n_steps": n_steps,
                                    "subset_size": subset_size, "curriculum_seed": seed})
     return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
-                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite)
+                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite,
+                         backend=backend, ray_address=ray_address)
