@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
 SECTION = "## LDS: counterfactual predictions against real retraining (digits)"
-LEARNED = ("mean_curve", "additive", "linear", "linear_step", "linear_mom")
+LEARNED = ("mean_curve", "additive", "linear", "linear_step", "linear_mom", "linear_mom_log")
 # gradient methods (scored when the registry has them): TracIn in both forms, the fair forms of the others
-OPTIONAL = ("tracin", "tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "unrolled")
+OPTIONAL = ("tracin", "tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "unrolled",
+            "blend")
 SECTION_FACTS = "## LDS: counterfactual predictions against real retraining (facts language model)"
 PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
 CHECKPOINT_STEPS = (0, 50, 100, 150, 200)

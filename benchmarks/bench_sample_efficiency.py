@@ -198,6 +198,7 @@ def run(workload: str, args) -> dict:
         "draws": config["draws"], "lds_out": config["lds_out"], "mean_curve_mse": mean_mse,
         "reference": {"method": REFERENCE, "n_runs": len(reference_runs), "scores": reference},
         "results": results, "seconds": time.perf_counter() - start,
+        "recorded": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
@@ -262,7 +263,7 @@ def target_lines(data: dict) -> list[str]:
 
 def section(data: dict, command: str) -> str:
     config = WORKLOADS[data["workload"]]
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = data.get("recorded") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sizes = ", ".join(str(k) for k in data["sizes"])
     unconverged = sum(s.get("unconverged", 0) for entry in data["results"] for s in entry["scores"].values())
     fits = sum(len(entry["scores"]) for entry in data["results"])
@@ -304,6 +305,8 @@ def draw(datasets: list[dict], path: Path) -> None:
     # a log-space method is drawn dashed in the colour of its loss-space counterpart
     families = list(dict.fromkeys(method.removesuffix("_log") for method in METHODS))
     colors = dict(zip(families, plt.get_cmap("tab10").colors, strict=False))
+    reference_label = f"reference: {REFERENCE} on " + ", ".join(
+        f"{data['reference']['n_runs']} runs ({data['workload']})" for data in datasets)
     fig, axes = plt.subplots(len(datasets), len(TABLE_METRICS), figsize=(3.2 * len(TABLE_METRICS),
                                                                           2.7 * len(datasets)), squeeze=False)
     for row, data in zip(axes, datasets, strict=True):
@@ -322,8 +325,7 @@ def draw(datasets: list[dict], path: Path) -> None:
             ref = data["reference"]
             value = ref["scores"].get(key, float("nan"))
             if np.isfinite(value):
-                ax.axhline(value, color="black", linestyle=":", linewidth=1,
-                           label=f"{ref['method']}, {ref['n_runs']} runs")
+                ax.axhline(value, color="black", linestyle=":", linewidth=1, label=reference_label)
             ax.set_xscale("log", base=2)
             ax.set_xticks(data["sizes"], [str(k) for k in data["sizes"]])
             ax.minorticks_off()
@@ -339,7 +341,7 @@ def draw(datasets: list[dict], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.07 if len(datasets) > 1 else 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

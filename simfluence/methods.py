@@ -144,6 +144,9 @@ METHODS: dict[str, Method] = _registry(
     Method("unrolled", "simfluence.attribution.unrolled_simulator:UnrolledSimulator",
            "exact first-order effects by differentiating through a replay of one base run (fit on that run only)",
            needs=frozenset({"task"})),
+    Method("blend", "simfluence.blend:BlendSimulator",
+           "convex blend of linear_mom_log's and tracin_offset's trajectories, one weight chosen on validation runs "
+           "carved from the training runs", needs=_GRADIENT_NEEDS),
 )
 
 # the methods `simfluence evaluate` runs by default (learned simulators and the baseline: no model needed)
@@ -185,6 +188,16 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
         raise ModelFileError(f"{label} is not a simfluence simulator file")
     if meta.get("version") != MODEL_VERSION:
         raise ModelFileError(f"{label}: simulator format version {meta.get('version')!r} is not supported")
+    return _restore(label, meta, arrays)
+
+
+def _restore(label: str, meta: Any, arrays: dict) -> Simulator:
+    """A simulator from its saved ``kind``, ``params`` and ``state`` and its arrays, every field checked.
+
+    Composite simulators rebuild their parts through :meth:`Simulator._restore_parts`, which calls back here.
+    """
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{label}: a saved simulator must be a JSON object")
     kind = meta.get("kind")
     if not isinstance(kind, str) or kind not in METHODS:
         raise ModelFileError(f"{label}: unknown simulator kind {kind!r}")
@@ -202,6 +215,13 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
         sim = cls(**params)
     except (TypeError, ValueError, SimfluenceError) as err:
         raise ModelFileError(f"{label}: bad parameters: {err}") from None
+    try:
+        arrays, state = sim._restore_parts(arrays, state, lambda part, saved, part_arrays: _restore(
+            f"{label} {part}", saved, part_arrays))
+    except ModelFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as for the self-check below: one clear line, whatever breaks
+        raise ModelFileError(f"{label}: bad parts ({type(err).__name__}: {err})") from None
     expected, optional = set(cls._fitted_arrays), set(getattr(cls, "_optional_arrays", ()))
     missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected - optional)
     if missing or extra:

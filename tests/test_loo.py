@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from simfluence.curriculum import Curriculum
 from simfluence.simulators import SimfluenceLinear
 from simfluence.synthetic import known_linear_runset
 
@@ -56,3 +57,21 @@ def test_loo_of_absent_examples_is_zero(runset):
     curriculum = runset[0].curriculum.keep_only(range(10))
     effects = sim.leave_one_out(curriculum, runset[0].initial_losses)
     assert np.all(effects[10:] == 0) and np.any(effects[:10] != 0)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])  # first order (scalar maps) and second order (2 x 2 maps)
+def test_loo_is_exact_for_adjacent_repeated_and_last_step_occurrences(runset, momentum):
+    sim = SimfluenceLinear(lam=1.0, momentum=momentum).fit(runset)
+    rng = np.random.default_rng(1)
+    batches = [list(rng.choice(np.arange(5, 25), 4, replace=False)) for _ in range(30)]
+    for step in (0, 1, 2, 3):
+        batches[step].append(0)  # steps 1-4 in a row: gaps of zero steps
+    batches[5] += [1, 1]  # twice in one batch
+    batches[29] += [1, 3]  # in the last step: nothing after it
+    batches[0].append(2)  # only in step 1: a gap of 29 steps to the end
+    curriculum = Curriculum.from_batches(batches, n_pool=25)
+    initial = runset[0].initial_losses
+    fast = sim.leave_one_out(curriculum, initial)
+    brute = _brute_force(sim, curriculum, initial, 30)
+    np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-8 * max(1.0, np.abs(brute).max()))
+    assert np.all(np.abs(brute[:4]).max(axis=1) > 1e-6)  # each constructed case has an effect

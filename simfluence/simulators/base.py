@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -259,6 +259,23 @@ class Simulator:
         """Names of the JSON state attributes :meth:`save` writes (what a loader may set)."""
         return set(self._state())
 
+    def _saved_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays :meth:`save` writes: ``_fitted_arrays`` and the ``_optional_arrays`` that are set."""
+        optional = getattr(self, "_optional_arrays", ())
+        arrays = {name: getattr(self, name) for name in self._fitted_arrays}
+        arrays.update({name: getattr(self, name) for name in optional if getattr(self, name, None) is not None})
+        return arrays
+
+    def _restore_parts(self, arrays: dict[str, np.ndarray], state: dict[str, Any],
+                       restore: Callable[[str, Any, dict[str, np.ndarray]], Simulator]):
+        """Rebuild the parts of a composite simulator from a model file; plain simulators have none.
+
+        The loader calls this before it checks the arrays and state; ``restore(part, meta, arrays)`` rebuilds
+        one saved simulator (``meta``: its kind, params and state) with every check of the loader. Returns the
+        arrays and state that belong to this simulator itself.
+        """
+        return arrays, state
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted simulator to one ``.npz`` file (atomic; no pickle)."""
         self.check_fitted()
@@ -270,10 +287,7 @@ class Simulator:
             "params": _jsonable(self.get_params()),
             "state": _jsonable(self._state()),
         }
-        optional = getattr(self, "_optional_arrays", ())
-        arrays = {name: getattr(self, name) for name in self._fitted_arrays}
-        arrays.update({name: getattr(self, name) for name in optional if getattr(self, name, None) is not None})
-        atomic_savez(path, arrays, meta)
+        atomic_savez(path, self._saved_arrays(), meta)
         return path
 
 
