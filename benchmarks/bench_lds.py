@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     n_retrained = len(result.bases) * (1 + len(protocols) * args.draws)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     arguments = argv if argv is not None else sys.argv[1:]
-    command = "python benchmarks/bench_lds.py" + ("" if args.workload == "digits" else " " + " ".join(arguments))
+    command = " ".join(["python benchmarks/bench_lds.py", *arguments])
     described = (f"Default digits run set ({len(runset)} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, "
                  f"{runset.n_test} tests, SGD momentum 0.9, warm-up + cosine; checkpoints at steps 0/50/100/150/200)"
                  if args.workload == "digits" else

@@ -29,7 +29,13 @@ from simfluence.simulators import MeanCurve, SimfluenceAdditive, SimfluenceLinea
 
 __version__ = "0.1.0"
 
-_LAZY = {"Task": "simfluence.task", "load_task": "simfluence.task"}  # torch is imported only when these are used
+_LAZY = {  # imported on first use (torch only when a Task is used)
+    "Task": "simfluence.task",
+    "load_task": "simfluence.task",
+    "Bootstrap": "simfluence.uncertainty",
+    "BlendSimulator": "simfluence.blend",
+    "fit_sharded": "simfluence.sharding",
+}
 
 
 def __getattr__(name: str):
@@ -41,6 +47,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "METHODS",
+    "BlendSimulator",
+    "Bootstrap",
     "Curriculum",
     "CurriculumError",
     "Evaluation",
@@ -58,6 +66,7 @@ __all__ = [
     "Task",
     "clone",
     "evaluate",
+    "fit_sharded",
     "load_simulator",
     "load_task",
     "make_simulator",

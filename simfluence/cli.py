@@ -321,36 +321,70 @@ def methods_command() -> None:
 
 
 # ------------------------------------------------------------------------------------------ simulate
+def _interval_options(function):
+    """--intervals N and --level, for the counterfactual commands."""
+    function = click.option("--level", type=float, default=None,
+                            help="Coverage of the intervals (default 0.8: 80% intervals).")(function)
+    return click.option("--intervals", "n_intervals", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Prediction intervals from N members refitted on halves of the model's training runs "
+                             "(calibrated on held-back runs; 0: off); answers whose interval contains 0 are "
+                             "flagged.")(function)
+
+
+def _intervals(simulator, runset, n_intervals: int, level: float | None):
+    """A fitted Bootstrap around the loaded simulator (None with --intervals 0), described in one line."""
+    if n_intervals == 0:
+        if level is not None:
+            raise SimfluenceError("--level applies with --intervals N")
+        return None
+    from simfluence.uncertainty import Bootstrap
+
+    intervals = Bootstrap(simulator, n_resamples=n_intervals, level=0.8 if level is None else level).fit(runset)
+    click.echo(intervals.describe())
+    return intervals
+
+
 @cli.command("simulate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--run", "run_name", required=True, help="Run whose curriculum and initial losses to use.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write step, test, predicted, actual as CSV.")
-def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None) -> None:
+@_interval_options
+def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None, n_intervals: int,
+                     level: float | None) -> None:
     """Simulate a logged run's curriculum with a saved model and compare with the real losses."""
     import pandas as pd
 
     from simfluence.simulators import rollout_runs
 
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
+    intervals = _intervals(simulator, runset, n_intervals, level)
     index = runset.run_names.index(run.name)
     predicted, actual, mask = rollout_runs(simulator, runset, [index])
     predicted, actual, mask = predicted[0], actual[0], mask[0]
+    low = high = None
+    if intervals is not None:
+        rates = [run.learning_rates] if np.isfinite(run.learning_rates).all() else None  # as rollout_runs
+        low, high = intervals.bounds(predicted, intervals.simulate([run.curriculum], run.initial_losses, rates)[:, 0])
     steps = np.flatnonzero(mask)
     show = np.unique(np.linspace(0, steps.size - 1, min(steps.size, 6)).round().astype(int))
     click.echo(f"run {run_name}: mean test loss, simulated vs logged")
-    click.echo(f"{'step':>6} {'simulated':>10} {'logged':>10}")
+    click.echo(f"{'step':>6} {'simulated':>10} {'logged':>10}" + ("" if low is None else f" {'low':>10} {'high':>10}"))
     for step in steps[show]:
-        click.echo(f"{step:>6} {predicted[step].mean():>10.4f} {actual[step].mean():>10.4f}")
+        bounds = "" if low is None else f" {low[step].mean():>10.4f} {high[step].mean():>10.4f}"
+        click.echo(f"{step:>6} {predicted[step].mean():>10.4f} {actual[step].mean():>10.4f}{bounds}")
     if out:
         grid_steps, grid_tests = np.meshgrid(np.arange(predicted.shape[0]), np.arange(predicted.shape[1]),
                                              indexing="ij")
-        frame = pd.DataFrame({
+        columns = {
             "step": grid_steps.ravel(),
             "test": np.asarray(runset.test_ids, dtype=object)[grid_tests.ravel()],
             "predicted": predicted.ravel(),
             "actual": actual.ravel(),
-        })
+        }
+        if low is not None:
+            columns.update(low=low.ravel(), high=high.ravel())
+        frame = pd.DataFrame(columns)
         atomic_write_bytes(out, frame.to_csv(index=False).encode())
         click.echo(f"wrote {out}")
 
@@ -488,29 +522,6 @@ def _load_model_and_run(model: str, runset_dir: str, run_name: str):
             list(map(str, simulator.pool_ids_)) != list(map(str, runset.pool_ids)):
         raise SimfluenceError(f"model {model!r} was fitted on another pool/test set than {runset_dir!r}")
     return simulator, runset, runset[run_name]
-
-
-def _interval_options(function):
-    """--intervals N and --level, for the counterfactual commands."""
-    function = click.option("--level", type=float, default=None,
-                            help="Coverage of the intervals (default 0.8: 80% intervals).")(function)
-    return click.option("--intervals", "n_intervals", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="Prediction intervals from N members refitted on halves of the model's training runs "
-                             "(calibrated on held-back runs; 0: off); answers whose interval contains 0 are "
-                             "flagged.")(function)
-
-
-def _intervals(simulator, runset, n_intervals: int, level: float | None):
-    """A fitted Bootstrap around the loaded simulator (None with --intervals 0), described in one line."""
-    if n_intervals == 0:
-        if level is not None:
-            raise SimfluenceError("--level applies with --intervals N")
-        return None
-    from simfluence.uncertainty import Bootstrap
-
-    intervals = Bootstrap(simulator, n_resamples=n_intervals, level=0.8 if level is None else level).fit(runset)
-    click.echo(intervals.describe())
-    return intervals
 
 
 @cli.command("whatif")

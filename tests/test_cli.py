@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from simfluence.cli import main
@@ -332,6 +333,14 @@ def test_counterfactual_commands_print_intervals_and_flag_unsure_signs(runset_di
     found = json.loads(result.read_text())
     assert found["change_low"] <= found["predicted_change"] <= found["change_high"]
     assert isinstance(found["straddles_zero"], bool)
+    simulated = tmp_path / "simulated.csv"
+    assert main(["simulate", str(model), runset_dir, "--run", "run-009", "--intervals", "4", "--out",
+                 str(simulated)]) == 0
+    assert "low" in capsys.readouterr().out
+    frame = pd.read_csv(simulated)
+    assert list(frame.columns) == ["step", "test", "predicted", "actual", "low", "high"]
+    assert (frame["low"] <= frame["predicted"]).all() and (frame["predicted"] <= frame["high"]).all()
+    assert (frame["high"] > frame["low"]).any()
     assert main(["loo", str(model), runset_dir, "--run", "run-009", "--level", "0.9"]) == 2
     assert "--level applies with --intervals N" in capsys.readouterr().err
     assert main(["loo", str(model), runset_dir, "--run", "run-009", "--intervals", "1"]) == 2
