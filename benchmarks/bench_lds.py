@@ -27,7 +27,7 @@ SECTION = "## LDS: counterfactual predictions against real retraining (digits)"
 LEARNED = ("mean_curve", "additive", "linear", "linear_step", "linear_mom", "linear_mom_log")
 # gradient methods (scored when the registry has them): TracIn in both forms, the fair forms of the others
 OPTIONAL = ("tracin", "tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "unrolled",
-            "blend")
+            "blend", "blend_influence")
 SECTION_FACTS = "## LDS: counterfactual predictions against real retraining (facts language model)"
 PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
 CHECKPOINT_STEPS = (0, 50, 100, 150, 200)

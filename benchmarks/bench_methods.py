@@ -25,7 +25,7 @@ from results import write_section  # noqa: E402
 
 SECTION = "## Methods: learned simulators vs gradient-based attribution (digits, held-out runs)"
 LEARNED = ("additive", "linear", "linear_step", "linear_mom", "linear_mom_log")
-HYBRID = ("blend",)  # learned + gradient: in the table, not in the learned-vs-gradient headline
+HYBRID = ("blend", "blend_influence")  # learned + gradient: in the table, not in the learned-vs-gradient headline
 SPECIAL_CASE = ("tracin", "tracin_cos", "influence", "trackstar")
 FAIR = ("tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "tracin_cos_final_offset")
 GRADIENT = SPECIAL_CASE + FAIR

@@ -147,6 +147,10 @@ METHODS: dict[str, Method] = _registry(
     Method("blend", "simfluence.blend:BlendSimulator",
            "convex blend of linear_mom_log's and tracin_offset's trajectories, one weight chosen on validation runs "
            "carved from the training runs", needs=_GRADIENT_NEEDS),
+    Method("blend_influence", "simfluence.blend:BlendSimulator",
+           "convex blend of linear_mom_log's and influence_offset's trajectories (influence functions cost more "
+           "than TracIn), one weight chosen on validation runs", {"members": ("linear_mom_log", "influence_offset")},
+           needs=_GRADIENT_NEEDS),
 )
 
 # the methods `simfluence evaluate` runs by default (learned simulators and the baseline: no model needed)
