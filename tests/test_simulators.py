@@ -335,6 +335,25 @@ def test_fast_rollout_equals_the_recurrence_on_the_coefficients(options, given_r
     np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_simulating_in_threads_gives_the_same_bits(threads, monkeypatch):
+    from simfluence.simulators import dynamics
+
+    runset = _extended_runset(seed=3)
+    sim = SimfluenceLinear(lam=0.1, momentum=0.6, step_terms=True, alpha_center=1.0, lr_scaled=True,
+                           clip_negative=True).fit(runset)
+    curricula = random_curricula(7, 20, 3, 25, subset_size=10, seed=2) + [runset[0].curriculum.truncate(9)] * 2
+    initial = np.stack([runset[i % 4].initial_losses for i in range(len(curricula))])
+    rates = [runset[0].learning_rates[: cur.n_steps] for cur in curricula]
+    monkeypatch.setattr(dynamics, "_SIM_MIN_PER_THREAD", 2)
+    monkeypatch.setattr(dynamics, "_SIM_MAX_THREADS", 1)
+    serial = sim.simulate(curricula, initial, rates)
+    monkeypatch.setattr(dynamics, "_SIM_MAX_THREADS", threads)
+    monkeypatch.setattr(dynamics.os, "cpu_count", lambda: threads)
+    assert len(dynamics._thread_parts(len(curricula))) == threads
+    np.testing.assert_array_equal(sim.simulate(curricula, initial, rates), serial)
+
+
 def test_rollout_without_curricula_or_steps_keeps_the_initial_losses(linear_runs):
     sim = SimfluenceLinear(lam=1.0, alpha_center=1.0).fit(linear_runs[0])  # an empty batch keeps the loss
     assert sim.simulate([], np.ones((0, 5))).shape == (0, 1, 5)

@@ -24,7 +24,9 @@ curricula to bound memory) and answers exact leave-one-out (:meth:`leave_one_out
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +39,8 @@ from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import Simulator, as_curricula, as_initial
 
 _SIM_CHUNK_BYTES = 128 * 2**20  # bounds the working memory of a rollout (coefficients or batch rows)
+_SIM_MAX_THREADS = 4  # simulation threads at most (parts of the curricula, one per core)
+_SIM_MIN_PER_THREAD = 128  # curricula per thread at least: fewer are not worth a thread
 _SIM_BLOCK_BYTES = 2 * 2**20  # pool sums made at a time by the one-table rollout (so that they stay in cache)
 
 
@@ -87,6 +91,14 @@ class StepCoefficients:
             pool_alpha = self.pool_alpha[index, cols] - weight * self.mult[table, examples, cols]
             alpha = self.const_alpha[index, cols] + pool_alpha / divisor
         return alpha, beta
+
+
+def _thread_parts(n_curricula: int) -> list[slice]:
+    """Contiguous parts of the curricula to simulate in parallel threads: one per core (at most
+    ``_SIM_MAX_THREADS``), each of at least ``_SIM_MIN_PER_THREAD`` curricula; one part when that is all it is worth."""
+    n_parts = max(1, min(os.cpu_count() or 1, _SIM_MAX_THREADS, n_curricula // _SIM_MIN_PER_THREAD))
+    bounds = np.linspace(0, n_curricula, n_parts + 1).round().astype(int)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def batch_divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
@@ -279,7 +291,16 @@ class LinearDynamics(Simulator):
         horizon = int(lengths.max(initial=0))
         out = np.empty((len(curricula), horizon + 1, n_test))
         if self._effect_tables()[1].shape[0] == 1:
-            self._simulate_one_table(curricula, initial, learning_rates, lengths, horizon, clip, out)
+            parts = _thread_parts(len(curricula))
+            if len(parts) == 1:
+                self._simulate_one_table(curricula, initial, learning_rates, lengths, horizon, clip, out)
+                return out
+            # curricula are independent and every part writes its own rows of ``out``: threads give the same bits
+            # (the sparse products and numpy's loops release the GIL)
+            with ThreadPoolExecutor(len(parts)) as pool:
+                list(pool.map(lambda part: self._simulate_one_table(
+                    curricula[part], initial[part], None if learning_rates is None else learning_rates[part],
+                    lengths[part], horizon, clip, out[part]), parts))
             return out
         chunk = max(1, _SIM_CHUNK_BYTES // (32 * max(horizon, 1) * n_test))
         for lo in range(0, len(curricula), chunk):  # chunks of curricula bound memory
