@@ -54,7 +54,17 @@ def throughput(cache: Path, n_cur: int, repeat: int) -> dict:
     sim = make_simulator("linear_mom", lam=1.0, momentum=0.8).fit(runset, runs=range(n - 1))
     curricula = random_curricula(n_cur, runset.n_pool, 8, runset[0].n_steps, subset_size=runset.n_pool // 2, seed=0)
     seconds, _ = _time(lambda: sim.simulate(curricula, runset[0].initial_losses), repeat=repeat)
-    return {"seconds": seconds, "n_cur": n_cur, "load": os.getloadavg()[0]}
+    result = {"seconds": seconds, "n_cur": n_cur, "load": os.getloadavg()[0]}
+    from simfluence.simulators import dynamics
+
+    if hasattr(dynamics, "_SIM_MAX_THREADS"):  # the same on one thread (packages before threads had one)
+        threads, dynamics._SIM_MAX_THREADS = dynamics._SIM_MAX_THREADS, 1
+        try:
+            result["one_thread_seconds"], _ = _time(lambda: sim.simulate(curricula, runset[0].initial_losses),
+                                                    repeat=repeat)
+        finally:
+            dynamics._SIM_MAX_THREADS = threads
+    return result
 
 
 def _baseline_throughput(rev: str, cache: Path, n_cur: int, repeat: int) -> dict:
@@ -132,7 +142,10 @@ def run(args: argparse.Namespace) -> str:
         f"Simulation throughput (`linear_mom`, {n_cur} random curricula of {runset[0].n_steps} steps x batch 8, "
         f"{runset.n_test} test examples, one batched call, best of {args.repeat}, load {after['load']:.1f}): "
         f"{sim_s:.3f} s = **{rate:,.0f} curricula/s** (target >= {TARGET_RATE:,}: "
-        f"{'meets' if rate >= TARGET_RATE else 'MISSES'})"
+        f"{'meets' if rate >= TARGET_RATE else 'MISSES'}; curricula simulated in parallel threads, one per core"
+        + ("" if "one_thread_seconds" not in after else
+           f"; on one thread {n_cur / after['one_thread_seconds']:,.0f} curricula/s")
+        + ")"
         + ("" if before is None else
            f"; the package at git `{args.baseline}`, same run set and curricula, measured just before in this run "
            f"(load {before['load']:.1f}): {before['seconds']:.3f} s = {n_cur / before['seconds']:,.0f} curricula/s, "
