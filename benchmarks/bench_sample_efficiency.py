@@ -41,7 +41,7 @@ from results import write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE = ROOT / "docs" / "sample-efficiency.png"
 METHODS = ("mean_curve", "additive", "linear", "linear_mom", "additive_log", "linear_log", "linear_mom_log",
-           "tracin_offset")
+           "tracin_offset", "blend", "blend_influence")
 REFERENCE = "linear_mom"
 TABLE_METRICS = (  # (key, title, format)
     ("mse_ratio", "held-out all-steps MSE / mean curve's (lower is better)", "{:.2f}"),

@@ -20,7 +20,7 @@ from typing import Any
 
 from simfluence.errors import SimfluenceError
 
-LOCAL = "local"  # start a Ray instance on this machine (the address ``ray.init()`` takes as None)
+LOCAL = "local"  # start a new Ray instance on this machine (Ray's own name for it)
 
 
 def require_ray() -> Any:
@@ -45,10 +45,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
-    target = None if address in (None, LOCAL) else address
+    target = LOCAL if address in (None, LOCAL) else address  # "local": a new instance even if RAY_ADDRESS is set
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "logging_level": logging.WARNING}
-    if target is None:
+    if target == LOCAL:
         options["num_cpus"] = num_cpus or os.cpu_count() or 1
     try:
         ray.init(address=target, **options)

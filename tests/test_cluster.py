@@ -27,6 +27,17 @@ def local_ray():
     ray.shutdown()
 
 
+def test_a_session_starts_its_own_local_ray_and_closes_it():  # first in the file: no Ray is running yet
+    from simfluence.cluster import ray_session, run_tasks
+    from simfluence.workloads.generator import default_run_names  # any function the workers can import
+
+    assert not ray.is_initialized()
+    with ray_session(None, num_cpus=2):
+        results = dict(run_tasks(default_run_names, [(n,) for n in range(4)]))
+        assert results == {n: default_run_names(n) for n in range(4)}
+    assert not ray.is_initialized()
+
+
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file of a run set (lock files left out)."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
