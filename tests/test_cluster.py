@@ -22,7 +22,10 @@ WINE_TASK = (Path(__file__).resolve().parent.parent / "examples" / "wine_task.py
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    except Exception as err:  # noqa: BLE001 - a machine where Ray cannot start at all (not a simfluence failure)
+        pytest.skip(f"a local Ray instance cannot start on this machine: {err}")
     yield ray
     ray.shutdown()
 
