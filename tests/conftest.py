@@ -39,3 +39,22 @@ def spawn_with_timeout():
                 pytest.fail(f"{fn.__name__} workers did not finish within {timeout:.0f} s")
 
     return spawn
+
+
+@pytest.fixture
+def rewrite_model():
+    """``rewrite(path, edit_meta=None, edit_arrays=None)``: edit a saved model file's JSON metadata and arrays in
+    place (as a hostile or corrupted file would be) and return its path."""
+    from simfluence._io import atomic_savez, load_npz
+
+    def rewrite(path, edit_meta=None, edit_arrays=None):
+        arrays, meta = load_npz(path)
+        if edit_meta:
+            edit_meta(meta)
+        if edit_arrays:
+            edit_arrays(arrays)
+        atomic_savez(path, arrays, meta)
+        return path
+
+    return rewrite
+

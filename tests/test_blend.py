@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simfluence._io import atomic_savez, load_npz
 from simfluence.blend import BlendSimulator, blend_errors, simplex_grid
 from simfluence.errors import ModelFileError, SimfluenceError
 from simfluence.methods import METHODS, load_simulator
@@ -91,16 +90,6 @@ def test_a_saved_blend_loads_back_equal(tmp_path, linear_runs):
                                   sim.simulate(run.curriculum, run.initial_losses))
 
 
-def _tampered(path, edit_meta=None, edit_arrays=None):
-    arrays, meta = load_npz(path)
-    if edit_meta:
-        edit_meta(meta)
-    if edit_arrays:
-        edit_arrays(arrays)
-    atomic_savez(path, arrays, meta)
-    return path
-
-
 @pytest.mark.parametrize(
     "edit_meta, edit_arrays, message",
     [
@@ -113,8 +102,9 @@ def _tampered(path, edit_meta=None, edit_arrays=None):
         (lambda m: m["params"].update(members=["linear", "mean_curve"]), None, "inconsistent"),
     ],
 )
-def test_a_tampered_blend_file_is_one_clear_error(tmp_path, fixed_blend, edit_meta, edit_arrays, message):
-    path = _tampered(fixed_blend.save(tmp_path / "blend.npz"), edit_meta, edit_arrays)
+def test_a_tampered_blend_file_is_one_clear_error(tmp_path, fixed_blend, edit_meta, edit_arrays, message,
+                                                  rewrite_model):
+    path = rewrite_model(fixed_blend.save(tmp_path / "blend.npz"), edit_meta, edit_arrays)
     with pytest.raises(ModelFileError, match=message):
         load_simulator(path)
 

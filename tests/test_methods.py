@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from simfluence._io import atomic_savez, load_npz
+from simfluence._io import load_npz
 from simfluence.errors import ModelFileError, SimfluenceError
 from simfluence.methods import DEFAULT_METHOD, DEFAULT_METHODS, METHODS, load_simulator, make_simulator
 from simfluence.simulators import SimfluenceLinear
@@ -36,16 +36,6 @@ def saved(tmp_path, small_runset):
     return SimfluenceLinear(lam=1.0).fit(small_runset).save(tmp_path / "model.npz")
 
 
-def _rewrite(path, edit_meta=None, edit_arrays=None):
-    arrays, meta = load_npz(path)
-    if edit_meta:
-        edit_meta(meta)
-    if edit_arrays:
-        edit_arrays(arrays)
-    atomic_savez(path, arrays, meta)
-    return path
-
-
 @pytest.mark.parametrize(
     "edit_meta, edit_arrays, message",
     [
@@ -61,8 +51,8 @@ def _rewrite(path, edit_meta=None, edit_arrays=None):
         (lambda m: m.update(version=99), None, "version 99 is not supported"),
     ],
 )
-def test_a_tampered_model_file_is_one_clear_error(saved, edit_meta, edit_arrays, message):
-    path = _rewrite(saved, edit_meta, edit_arrays)
+def test_a_tampered_model_file_is_one_clear_error(saved, edit_meta, edit_arrays, message, rewrite_model):
+    path = rewrite_model(saved, edit_meta, edit_arrays)
     if message is None:
         sim = load_simulator(path)
         assert sim.lam == "x"
@@ -98,8 +88,8 @@ _KEYS = ("n_pool_", "n_test_", "pool_ids_", "test_ids_", "train_runs_", "n_step_
 @given(field=st.sampled_from(_FIELDS + ("params.*", "state.*", "bytes")), value=_json,
        key=st.sampled_from(_KEYS) | st.text(max_size=12),
        offset=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=16))
-def test_a_mutated_model_file_loads_or_is_a_model_file_error(tmp_path, small_runset, field, value, key, offset,
-                                                             junk):
+def test_a_mutated_model_file_loads_or_is_a_model_file_error(tmp_path, small_runset, rewrite_model, field, value,
+                                                             key, offset, junk):
     path = SimfluenceLinear(lam=1.0, step_terms=True).fit(small_runset).save(tmp_path / "fuzz.npz")
     if field == "bytes":
         data = bytearray(path.read_bytes())
@@ -111,7 +101,7 @@ def test_a_mutated_model_file_loads_or_is_a_model_file_error(tmp_path, small_run
                 meta[field[:-2]][key] = value
             else:
                 meta[field] = value
-        _rewrite(path, edit)
+        rewrite_model(path, edit)
     try:
         sim = load_simulator(path)
     except ModelFileError:
