@@ -100,37 +100,36 @@ def _fit_blocks(simulator: Simulator, runset: RunSet, runs: list[int], n_blocks:
                 cpus: int, progress: bool) -> list[Simulator]:
     """Fit every block; make the automatic choices once for all blocks and refit blocks that chose otherwise."""
     blocks = split_tests(runset.n_test, n_blocks)
-    fitted = _map_blocks([clone(simulator)] * len(blocks), runset, runs, blocks, backend, cpus, progress)
+    fitted = _map_blocks(simulator, runset, runs, blocks, backend, cpus, progress)
     choice = _joint_choice(fitted, [block.size for block in blocks])
     if choice is not None:
         lam, momentum = choice
         redo = [i for i, sim in enumerate(fitted) if (sim.lam_, sim.momentum_) != (lam, momentum)]
         if redo:
             fixed = clone(simulator).set_params(lam=lam, momentum=momentum)
-            again = _map_blocks([fixed] * len(redo), runset, runs, [blocks[i] for i in redo], backend, cpus,
-                                progress)
+            again = _map_blocks(fixed, runset, runs, [blocks[i] for i in redo], backend, cpus, progress)
             for index, sim in zip(redo, again, strict=True):
                 sim.validation_ = fitted[index].validation_
                 fitted[index] = sim
     return fitted
 
 
-def _map_blocks(simulators: list[Simulator], runset: RunSet, runs: list[int], blocks: list[np.ndarray],
+def _map_blocks(template: Simulator, runset: RunSet, runs: list[int], blocks: list[np.ndarray],
                 backend: str, cpus: int, progress: bool) -> list[Simulator]:
-    """Fit ``simulators[i]`` on the columns ``blocks[i]`` of ``runset``; results in block order."""
+    """Fit a clone of ``template`` on the columns ``blocks[i]`` of ``runset`` for every i; results in block order."""
     results: list[Any] = [None] * len(blocks)
     bar = tqdm(total=len(blocks), desc="fitting test blocks", unit="block", disable=not progress)
     try:
         if backend == "ray":
             from simfluence.cluster import run_tasks
 
-            arguments = [(sim, runset.select_tests(block), runs) for sim, block in zip(simulators, blocks, strict=True)]
+            arguments = [(clone(template), runset.select_tests(block), runs) for block in blocks]
             for index, sim in run_tasks(_fit_block, arguments, num_cpus=cpus):
                 results[index] = sim
                 bar.update()
         else:
-            for index, (sim, block) in enumerate(zip(simulators, blocks, strict=True)):
-                results[index] = _fit_block(clone(sim), runset.select_tests(block), runs)
+            for index, block in enumerate(blocks):
+                results[index] = _fit_block(clone(template), runset.select_tests(block), runs)
                 bar.update()
     finally:
         bar.close()

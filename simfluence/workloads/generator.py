@@ -198,13 +198,19 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="simfluence-parent-watch", daemon=True).start()
 
 
+def _worker_task(task_files: dict[str, str], task_bytes: bytes) -> Task:
+    """Set a worker process up (one thread, deterministic algorithms, the task's files imported so that their
+    functions unpickle) and unpickle the task: the same for local workers and Ray tasks, so runs are identical."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    import_task_files(task_files)
+    return pickle.loads(task_bytes)
+
+
 def _init_worker(parent_pid: int, task_files: dict[str, str], task_bytes: bytes, *args) -> None:
     global _WORKER_TRAINER
     _exit_with_parent(parent_pid)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    import_task_files(task_files)  # the modules of task files, so that their functions unpickle
-    _WORKER_TRAINER = _Trainer(pickle.loads(task_bytes), *args)
+    _WORKER_TRAINER = _Trainer(_worker_task(task_files, task_bytes), *args)
 
 
 def _run_in_worker(job: _Job) -> str:
@@ -226,13 +232,9 @@ def _train_elsewhere(task_files: dict[str, str], task_bytes: bytes, manifest: di
     """Train one run in a scratch run set on whatever machine runs this (a Ray task); return its files.
 
     Returns ``{"run": {file name: bytes}, "checkpoints": {file name: bytes}}``. The worker is set up as a
-    local worker process is (one thread, deterministic algorithms, the task's files imported), so the bytes
-    are those the local backend writes.
+    local worker process is (:func:`_worker_task`), so the bytes are those the local backend writes.
     """
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    import_task_files(task_files)
-    task = pickle.loads(task_bytes)
+    task = _worker_task(task_files, task_bytes)
     with tempfile.TemporaryDirectory(prefix="simfluence-ray-") as scratch:
         scratch = Path(scratch)
         RunSet.create(scratch, n_pool=manifest["n_pool"], pool_ids=manifest["pool_ids"],
