@@ -6,14 +6,16 @@ line on stderr and exit status 2, with no traceback and nothing half-written.
 """
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 
 from simfluence._io import atomic_write_bytes, atomic_write_json
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, SimfluenceWarning
 
 
 def _fail(message: str) -> None:
@@ -36,12 +38,13 @@ def cli() -> None:
 @click.argument("curriculum", type=click.Path(exists=True, dir_okay=False))
 @click.argument("losses", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder to create.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing folder at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a run set (or an empty folder) at --out.")
 def import_command(curriculum: str, losses: str, out: str, overwrite: bool) -> None:
     """Import long-form tables (CSV, JSONL or Parquet) into a run set.
 
-    CURRICULUM has columns run, step, example (one row per batch entry, steps from 1); LOSSES has
-    columns run, step, test, loss (step 0 = initial loss).
+    CURRICULUM has columns run, step, example (one row per batch entry, steps from 1) and optionally lr
+    (the step's learning rate, the same on every row of a step); LOSSES has columns run, step, test, loss
+    (step 0 = initial loss). Format details: runs/README.md.
     """
     from simfluence.importers import import_tables
 
@@ -49,6 +52,21 @@ def import_command(curriculum: str, losses: str, out: str, overwrite: bool) -> N
     click.echo(
         f"imported {len(runset)} runs, pool {runset.n_pool}, {runset.n_test} test examples -> {out}"
     )
+    click.echo(_learning_rate_note(runset.runs) or "learning rates: logged")
+
+
+def _learning_rate_note(runs) -> str | None:
+    """One line naming the first step without a learning rate and what that costs; None when every step has one."""
+    from simfluence.methods import METHODS
+
+    lacking = [run for run in runs if not np.isfinite(run.learning_rates).all()]
+    if not lacking:
+        return None
+    step = int(np.flatnonzero(~np.isfinite(lacking[0].learning_rates))[0]) + 1
+    users = ", ".join(name for name, entry in METHODS.items() if entry.preset.get("lr_scaled") == "auto")
+    return (f"learning rates not logged at every step ({len(lacking)} of {len(runs)} runs; first run "
+            f"{lacking[0].name!r}, step {step}): {users} then assume a constant rate (no learning-rate scaling "
+            "of example effects)")
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -93,7 +111,8 @@ def _ray_option(what: str):
 @click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
 def generate_digits_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
@@ -114,7 +133,8 @@ def generate_digits_command(out: str, checkpoint_steps: str, ray: dict, **option
 @click.option("--log-every", default=1, show_default=True, help="Log query losses every k steps.")
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
 def generate_facts_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
@@ -138,7 +158,8 @@ def generate_facts_command(out: str, checkpoint_steps: str, ray: dict, **options
 @click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
 @click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run set at --out first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
 def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, ray: dict, **options) -> None:
     """Runs of your own task: random pool subsets in random order, all from the task's initial weights."""
@@ -152,7 +173,7 @@ def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, ray: 
 
 # ------------------------------------------------------------------------------------------ info
 @cli.command("info")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 def info_command(runset_dir: str) -> None:
     """Summarise a run set: sizes, steps, logging, learning rates."""
     from simfluence.runlog import RunSet
@@ -165,8 +186,7 @@ def info_command(runset_dir: str) -> None:
         incomplete = [run.name for run in runset if not run.complete]
         click.echo(f"steps per run: {steps.min()}..{steps.max()}; logged steps per run: {logged.min()}..{logged.max()}")
         click.echo(f"runs: {runset.run_names[0]} .. {runset.run_names[-1]}")
-        has_lr = all(np.isfinite(run.learning_rates).all() for run in runset)
-        click.echo(f"learning rates logged: {'yes' if has_lr else 'no (or partly)'}")
+        click.echo(_learning_rate_note(runset.runs) or "learning rates logged: yes")
         if incomplete:
             click.echo(f"incomplete runs: {', '.join(incomplete)}")
 
@@ -201,6 +221,28 @@ def _usable_runs(runset, include_incomplete: bool) -> list[int]:
         click.echo(f"left out {len(excluded)} incomplete run(s): {', '.join(excluded[:5])}"
                    + (" ..." if len(excluded) > 5 else "") + " (--include-incomplete uses them)", err=True)
     return used
+
+
+def _check_output_file(path: str | None, option: str) -> None:
+    """Before any work: ``path`` (of ``option``) can be written, its missing parent folders created later."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise SimfluenceError(f"{option} {path!r} is a folder, not a file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SimfluenceError(f"{option} {path!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SimfluenceError(f"{option} {path!r}: folder {str(parent)!r} is not writable")
+
+
+def _write_json_file(path: str, obj) -> None:
+    """Write JSON atomically to ``path``, creating its parent folders (as ``--report`` does)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj)
 
 
 def _parse_value(text: str):
@@ -252,7 +294,7 @@ def _parse_lam(value: str) -> float | str:
 
 
 @cli.command("fit")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--method", default="linear_mom", show_default=True, help="Simulator (list: `simfluence methods`).")
 @click.option("--lam", default=None, help="Ridge strength, or 'auto' (chosen on validation runs).")
 @click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
@@ -303,6 +345,8 @@ def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tupl
         simulator.fit(runset, runs=train, task=task_spec)
     else:
         simulator.fit(runset, runs=train)
+    if simulator.get_params().get("lr_scaled") == "auto" and (note := _learning_rate_note([runset[i] for i in train])):
+        click.echo(f"simfluence: warning: {note}", err=True)
     simulator.save(out)
     chosen = getattr(simulator, "lam_", None)
     extra = f", lam={chosen:g}" if chosen is not None else ""
@@ -346,7 +390,7 @@ def _intervals(simulator, runset, n_intervals: int, level: float | None):
 
 @cli.command("simulate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--run", "run_name", required=True, help="Run whose curriculum and initial losses to use.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write step, test, predicted, actual as CSV.")
 @_interval_options
@@ -391,7 +435,7 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
 
 # ------------------------------------------------------------------------------------------ evaluate
 @cli.command("evaluate")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--holdout", default=8, show_default=True, help="Score on the last K runs, fit on the rest.")
 @click.option("--methods", default=None,
               help="Comma-separated methods (default mean_curve,additive,linear,linear_step,linear_mom; "
@@ -409,6 +453,7 @@ def evaluate_command(runset_dir: str, holdout: int, methods: str | None, param_i
     """Fit every method on all but the last K runs and score it on those K."""
     from simfluence.metrics import format_table
 
+    _check_output_file(json_out, "--json")
     runset, result = _evaluate(runset_dir, holdout, methods, param_items, task_spec, include_incomplete,
                                skip_corrupt)
     click.echo(f"fit on {len(result.train_runs)} runs, scored on {len(result.heldout_runs)} held-out runs")
@@ -416,7 +461,7 @@ def evaluate_command(runset_dir: str, holdout: int, methods: str | None, param_i
     if json_out:
         from simfluence.evaluation import metrics_json
 
-        atomic_write_json(json_out, metrics_json(result.metrics))
+        _write_json_file(json_out, metrics_json(result.metrics))
         click.echo(f"wrote {json_out}")
     if report_dir:
         from simfluence.apps.report import write_report
@@ -442,7 +487,7 @@ def _evaluate(runset_dir: str, holdout: int, methods: str | None, param_items: t
 
 # ------------------------------------------------------------------------------------------ plot
 @cli.command("plot")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs, plot those K.")
 @click.option("--methods", default=None, help="Comma-separated methods to fit (default: as in evaluate).")
 @click.option("--model", "models", multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -526,12 +571,13 @@ def _load_model_and_run(model: str, runset_dir: str, run_name: str):
 
 @cli.command("whatif")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--run", "run_name", required=True, help="Run whose curriculum is the base.")
 @click.option("--remove", help="Pool ids to remove from every batch (comma-separated).")
 @click.option("--keep", help="Keep only these pool ids.")
 @click.option("--duplicate", help="ID or ID@STEP: add another occurrence.")
-@click.option("--move", help="ID@STEP: move the first occurrence of ID to STEP.")
+@click.option("--move", help="ID@STEP: move every occurrence of ID to STEP; ID#K@STEP: only its K-th occurrence "
+                             "(batch sizes are kept: the entries in between shift over).")
 @click.option("--swap", help="A,B: swap the batches of steps A and B.")
 @click.option("--reverse", is_flag=True, help="Reverse the order of the batches.")
 @click.option("--scenario", "scenarios", multiple=True,
@@ -579,7 +625,7 @@ def whatif_command(model, runset_dir, run_name, remove, keep, duplicate, move, s
 
 @cli.command("loo")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--run", "run_name", required=True, help="Run whose curriculum is the base.")
 @click.option("--top", default=10, show_default=True, help="How many helpful and harmful examples to list.")
 @click.option("--tests", help="Average the effect over these test ids (default: all).")
@@ -603,7 +649,7 @@ def loo_command(model, runset_dir, run_name, top, tests, step, csv_out, n_interv
 
 @cli.command("influence")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--run", "run_name", required=True, help="Run whose curriculum the scores refer to.")
 @click.option("--tests", help="Test ids to show (default: the first 3).")
 @click.option("--top", default=5, show_default=True, help="Proponents and opponents per test example.")
@@ -623,7 +669,7 @@ def influence_command(model, runset_dir, run_name, tests, top, csv_out) -> None:
 
 @cli.command("search")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--run", "run_name", required=True, help="Run whose curriculum is the starting point.")
 @click.option("--tests", required=True, help="Target test ids (comma-separated).")
 @click.option("--drop", type=int, default=None, help="Remove at most K examples.")
@@ -673,7 +719,7 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
 
 
 @cli.command("verify")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--protocol", type=click.Choice(["targeted", "lds"]), default="targeted", show_default=True,
               help="targeted: hand-picked edits of one base run for one method; lds: many random edits of every "
                    "held-out run, every method scored by LDS.")
@@ -688,7 +734,8 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
               help="Examples per edit (targeted, default 10) or moved per draw (lds move protocols, default 8).")
 @click.option("--draws", type=int, default=None, help="Draws per protocol and base run (lds; default 40).")
 @click.option("--protocols", default=None,
-              help="Comma-separated LDS protocols: remove-P (P% of the examples used), move-end, move-start, half "
+              help="Comma-separated LDS protocols: remove-P (P% of the examples used), move-end, move-start, half, "
+                   "subset-P (a random P% of the whole pool; subset-50 is TRAK's) "
                    "(lds; default: remove-1,remove-5,remove-10,move-end,half).")
 @click.option("--bases", type=int, default=None, help="Score on the last K held-out runs (lds; default: all of them).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random edits.")
@@ -698,8 +745,18 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
 @click.option("--workers", type=int, default=None, help="Parallel training processes.")
 @click.option("--task", "task_spec", default=None,
               help="The runs' task as path/to/file.py:function (needed when the run set records no built-in workload).")
+@click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
+              help="A hyper-parameter of the method, as for fit: NAME=VALUE (targeted, e.g. --param momentum=0.8) or "
+                   "METHOD.NAME=VALUE (lds, e.g. --param linear_mom.lam=1; repeatable).")
+@click.option("--replay-tolerance", type=click.FloatRange(min=0.0), default=None,
+              help="Largest accepted difference between a retrained base run and its log, as a fraction of its mean "
+                   "loss (default 1e-2); beyond it verify stops: the task is not the one that trained the runs. "
+                   "Raising it goes on with a warning.")
+@click.option("--retrain-seeds", type=click.IntRange(min=1), default=None,
+              help="Retrain the base and every draw with this many seeds and average the real changes (lds; "
+                   "default 1: as the base was logged).")
 def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tests, k, draws, protocols, bases, seed,
-                   out, json_out, workers, task_spec) -> None:
+                   out, json_out, workers, task_spec, param_items, replay_tolerance, retrain_seeds) -> None:
     """Retrain real models on counterfactual curricula and compare with the simulators' predictions.
 
     With --protocol lds every draw is retrained into OUT/retrained/<base run> (a second call trains only what
@@ -714,7 +771,9 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     from simfluence.runlog import RunSet
     from simfluence.task import task_for_runset
 
-    lds_only = {"--methods": methods, "--draws": draws, "--protocols": protocols, "--bases": bases}
+    lds_only = {"--methods": methods, "--draws": draws, "--protocols": protocols, "--bases": bases,
+                "--retrain-seeds": retrain_seeds}
+    _check_output_file(json_out, "--json")
     if protocol == "lds":
         from simfluence.apps.lds import DEFAULT_PROTOCOLS, format_lds_table, lds_json, run_lds, write_lds_report
         from simfluence.evaluation import parse_methods
@@ -724,6 +783,12 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
             raise SimfluenceError("--run and --tests apply to --protocol targeted (lds edits every held-out run)")
         runset = RunSet.load(runset_dir)
         names = parse_methods(methods if methods is not None else ",".join(DEFAULT_METHODS))
+        params = _parse_params(param_items, prefixed=True)
+        stray = [name for name in params if name not in names]
+        if stray:
+            raise SimfluenceError(f"--param for {stray[0]!r}, which is not among the methods scored")
+        if params:  # the methods with their hyper-parameters, fitted by run_lds as the registry's would be
+            names = {name: make_simulator(name, **params.get(name, {})) for name in names}
         chosen = [part.strip() for part in (protocols or ",".join(DEFAULT_PROTOCOLS)).split(",") if part.strip()]
         used = _usable_runs(runset, include_incomplete=False)
         train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
@@ -731,19 +796,21 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
             raise SimfluenceError(f"--bases must be between 1 and {len(heldout)} (the held-out runs)")
         result = run_lds(runset, names, base_runs=None if bases is None else heldout[-bases:], train_runs=train,
                          protocols=chosen, n_draws=40 if draws is None else draws, task=task_spec,
-                         out=Path(out) / "retrained", workers=workers, seed=seed, k=8 if k is None else k)
+                         out=Path(out) / "retrained", workers=workers, seed=seed, k=8 if k is None else k,
+                         replay_tolerance=replay_tolerance, n_seeds=retrain_seeds or 1)
         paths = write_lds_report(result, out)
         click.echo(format_lds_table(result.table))
         click.echo(f"retrained {result.n_trained} run(s); retraining each base curriculum reproduces its logged run "
                    f"to {result.base_reproduction:.1e}")
         if json_out:
-            atomic_write_json(json_out, lds_json(result))
+            _write_json_file(json_out, lds_json(result))
         click.echo(f"wrote {paths['report']}, {paths['json']} and {len(chosen)} plot(s)"
                    + (f"; {json_out}" if json_out else ""))
         return
     given = [option for option, value in lds_only.items() if value is not None]
     if given:
         raise SimfluenceError(f"{given[0]} applies to --protocol lds")
+    simulator = make_simulator(method, **_parse_params(param_items))  # bad options fail here, before any work
     k = 10 if k is None else k
     runset = RunSet.load(runset_dir)
     task = task_for_runset(runset, task_spec)  # before any work: a missing task is one line, nothing written
@@ -755,10 +822,10 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     targets = (tests if tests
                else [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
     click.echo(f"fitting {method} on {len(train)} runs")
-    simulator = make_simulator(method).fit(runset, runs=train)
+    simulator.fit(runset, runs=train)
     out_dir = Path(out)  # created when retraining starts, so a failure before it leaves nothing behind
     result = verify_counterfactuals(simulator, runset, base.name, targets, k=k, out=out_dir / "retrained",
-                                    seed=seed, workers=workers, task=task)
+                                    seed=seed, workers=workers, task=task, replay_tolerance=replay_tolerance)
     out_dir.mkdir(parents=True, exist_ok=True)
     with pd.option_context("display.width", 160):
         click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -771,7 +838,7 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     }
     atomic_write_json(out_dir / "verify.json", summary)
     if json_out:
-        atomic_write_json(json_out, summary)
+        _write_json_file(json_out, summary)
     plot_verification(result.names, result.predicted, result.actual, result.test_columns,
                       path=out_dir / "verify.png")
     click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")
@@ -779,7 +846,7 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
 
 # ------------------------------------------------------------------------------------------ trace
 @cli.command("trace")
-@click.argument("runset_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
 @click.option("--methods", default="bm25,tracin,tracin_cos,trackstar,linear_mom", show_default=True,
               help="Comma-separated: bm25 and any method of `simfluence methods` (gradient methods score from "
                    "checkpoints, learned simulators by leave-one-out), e.g. trackstar_no_opt, linear.")
@@ -813,7 +880,23 @@ def demo_command(out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning library errors into one stderr line and exit status 2."""
+    """Entry point: run the CLI, turning library errors into one stderr line and exit status 2 (and the library's
+    warnings into one ``simfluence: warning: ...`` line each)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SimfluenceWarning)
+        show_others = warnings.showwarning
+
+        def show(message, category, *args, **kwargs) -> None:
+            if issubclass(category, SimfluenceWarning):
+                click.echo(f"simfluence: warning: {message}", err=True)
+            else:
+                show_others(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="simfluence", standalone_mode=False)
     except click.exceptions.Exit as exit_:

@@ -15,6 +15,11 @@ Three questions, all answered by a fitted simulator, batched over curricula and 
   does the same by reordering (moving an example's occurrences to the start or the end), evaluating all
   candidate moves of a round in one batched simulation.
 
+Every edit that moves examples keeps every batch's size (:func:`move_all`): training used batches of a fixed
+size, and a simulator fitted on them knows nothing of a batch of 100. A question about curricula whose batches
+are far outside the sizes seen in training (more than ``BATCH_SIZE_FACTOR`` times the largest, or not empty and
+less than the smallest divided by it) is answered with an :class:`~simfluence.errors.ExtrapolationWarning`.
+
 How sure is an answer? ``whatif``, ``loo_effects`` and both searches take ``intervals=``, a
 :class:`~simfluence.uncertainty.Bootstrap` fitted around the simulator: its members answer the same question,
 the results keep their answers (``ensemble``) and the tables gain the interval of each change or effect and
@@ -29,6 +34,7 @@ silent zero change.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from simfluence.curriculum import Curriculum
-from simfluence.errors import CurriculumError, SimfluenceError
+from simfluence.errors import CurriculumError, ExtrapolationWarning, SimfluenceError
 from simfluence.ids import IdIndex
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
@@ -46,6 +52,7 @@ _EDIT_KINDS = ("remove", "keep", "duplicate", "move", "swap", "reverse", "replac
 
 
 _ID_EDITS = ("remove", "keep", "duplicate", "move", "replace")  # edits whose arguments name pool examples
+BATCH_SIZE_FACTOR = 2.0  # batches more than this factor outside the training runs' sizes make a query warn
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,19 @@ class Edit:
     numbers after ``@`` and the arguments of swap / truncate are steps) or directly, e.g.
     ``Edit("remove", (12, 40))``. :meth:`apply` resolves the ids with the pool ids of a run set or fitted
     simulator.
+
+    What each edit does:
+
+    - ``remove:ID,...`` drops every occurrence (those batches shrink); ``keep:ID,...`` drops every other example;
+    - ``duplicate:ID`` doubles every occurrence in place; ``duplicate:ID@T`` adds one occurrence to step T's batch
+      (it grows by one);
+    - ``move:ID@T`` moves **every** occurrence of ID to step T, ``move:ID#K@T`` only its K-th occurrence (K = 1,
+      2, ... in curriculum order); ``Edit("move", (ID, T))`` / ``Edit("move", (ID, T, K))``. Moves keep every
+      batch's size (:func:`move_all`): the moved occurrences fill step T's batch from its first slot (and the
+      following steps when there are more of them than it holds; the last entries of the curriculum when even
+      those run out), and the entries in between shift over by one slot per moved occurrence;
+    - ``swap:A,B`` exchanges two steps' batches, ``reverse`` reverses their order, ``truncate:T`` keeps the first T
+      steps, ``replace:OLD>NEW`` puts NEW wherever OLD was.
     """
 
     kind: str
@@ -94,12 +114,22 @@ class Edit:
                 return curriculum.duplicate(pool.position(args[0]), step=args[1])
             return curriculum.duplicate(occurring(args[0]))
         if self.kind == "move":
-            return curriculum.move(occurring(args[0]), to_step=args[1])
+            example = occurring(args[0])
+            entries = np.flatnonzero(curriculum.ids == example)
+            if len(args) > 2:
+                occurrence = int(args[2])
+                if not 1 <= occurrence <= entries.size:
+                    raise CurriculumError(f"{self}: pool id {args[0]!r} occurs {entries.size} times in the base "
+                                          f"curriculum, there is no occurrence {occurrence}")
+                entries = entries[occurrence - 1: occurrence]
+            return _move_entries(curriculum, entries, args[1])
         return curriculum.replace(occurring(args[0]), pool.position(args[1]))
 
     def __str__(self) -> str:
         if self.kind in ("remove", "keep", "swap"):
             return f"{self.kind}:{','.join(map(str, self.args))}"
+        if self.kind == "move" and len(self.args) > 2:
+            return f"move:{self.args[0]}#{self.args[2]}@{self.args[1]}"
         if self.kind in ("duplicate", "move"):
             return f"{self.kind}:{self.args[0]}" + (f"@{self.args[1]}" if len(self.args) > 1 else "")
         if self.kind == "replace":
@@ -124,11 +154,16 @@ def parse_edit(text: str) -> Edit:
                 raise ValueError
         elif kind in ("duplicate", "move"):
             example, _, step = rest.partition("@")
+            occurrence = ()
+            if kind == "move" and "#" in example:
+                example, _, number = example.partition("#")
+                occurrence = (int(number),)
             if not example.strip():
                 raise ValueError
             args = (example.strip(),) + ((int(step),) if step.strip() else ())
             if kind == "move" and len(args) != 2:
                 raise ValueError
+            args += occurrence
         elif kind == "replace":
             old, _, new = rest.partition(">")
             if not old.strip() or not new.strip():
@@ -142,7 +177,7 @@ def parse_edit(text: str) -> Edit:
             raise CurriculumError(f"unknown edit {text!r}; choose from {', '.join(_EDIT_KINDS)}")
     except ValueError:
         raise CurriculumError(f"cannot parse edit {text!r} (examples: remove:12,40 duplicate:5@10 move:5@100 "
-                              "swap:3,7 reverse keep:1,2 replace:3>9 truncate:50)") from None
+                              "move:5#2@100 swap:3,7 reverse keep:1,2 replace:3>9 truncate:50)") from None
     return Edit(kind, args)
 
 
@@ -338,6 +373,7 @@ def whatif(
               for name, edits in scenarios.items()}
     names = ["base", *edited]
     curricula = [resolved.curriculum] + [apply_edits(resolved.curriculum, edits, pool) for edits in edited.values()]
+    warn_unseen_batch_sizes(simulator, curricula[1:], list(edited))
     schedules = _schedules(resolved.learning_rates, curricula)
     trajectories = simulator.simulate(curricula, resolved.initial_losses, schedules)
     ensemble = None
@@ -609,19 +645,65 @@ def search_curriculum(
         values.append(objective(current))
         visited.append(current)
         n_removed.append(len(removed))
+    warn_unseen_batch_sizes(simulator, [current], ["the curriculum found"])
     ensemble = None if intervals is None else _member_objectives(intervals, visited, resolved, columns)
     return SearchResult(current, simulator.pool_index.ids_of(removed), np.array(values), np.array(n_removed),
                         ensemble)
 
 
-def move_all(curriculum: Curriculum, example: int, to_step: int) -> Curriculum:
-    """Move every occurrence of pool position ``example`` into the batch of ``to_step`` (1-based)."""
-    while True:
-        steps = curriculum.step_of_entries()[curriculum.ids == example]
-        steps = steps[steps != to_step]
-        if steps.size == 0:
-            return curriculum
-        curriculum = curriculum.move(int(example), to_step=int(to_step), from_step=int(steps[0]))
+def move_all(curriculum: Curriculum, examples: int | Sequence[int], to_step: int) -> Curriculum:
+    """Move every occurrence of the pool positions ``examples`` to ``to_step`` (1-based), keeping every batch's size.
+
+    The moved occurrences are taken out of the sequence of all entries (step by step, each batch in its order) and
+    put back, in their order, as one block that starts at the first slot of ``to_step``'s batch, or that ends at the
+    last slot of the curriculum when it would not fit after that slot; the sequence is then cut into batches of the
+    original sizes. So the examples and their counts are unchanged, every batch keeps its size, the other entries
+    keep their order, and each moved occurrence shifts the entries between its old and new place by one slot (one
+    entry crosses each batch boundary in between). ``to_step = n_steps`` moves them to the end: with batches of 8,
+    123 occurrences fill the last 16 steps (not one batch of 123); ``to_step = 1`` moves them to the start.
+    """
+    examples = np.atleast_1d(np.asarray(examples, dtype=np.int64))
+    return _move_entries(curriculum, np.flatnonzero(np.isin(curriculum.ids, examples)), to_step)
+
+
+def _move_entries(curriculum: Curriculum, entries: np.ndarray, to_step: int) -> Curriculum:
+    """The entries at indices ``entries`` of ``curriculum.ids`` moved to ``to_step`` as :func:`move_all` says."""
+    to_step = int(to_step)
+    if not 1 <= to_step <= curriculum.n_steps:
+        raise CurriculumError(f"cannot move to step {to_step}: step {to_step} outside 1..{curriculum.n_steps}")
+    moved = np.zeros(curriculum.ids.size, dtype=bool)
+    moved[entries] = True
+    rest = curriculum.ids[~moved]
+    start = min(int(curriculum.offsets[to_step - 1]), rest.size)
+    ids = np.concatenate([rest[:start], curriculum.ids[moved], rest[start:]])
+    return Curriculum(curriculum.offsets, ids, curriculum.n_pool)
+
+
+def warn_unseen_batch_sizes(simulator: Simulator, curricula: Sequence[Curriculum], names: Sequence[str]) -> None:
+    """An :class:`~simfluence.errors.ExtrapolationWarning` for the first curriculum with a batch far outside the
+    sizes of the simulator's training runs (``batch_size_range_``; simulators that do not record it are not checked).
+
+    Far: larger than ``BATCH_SIZE_FACTOR`` times the largest training batch, or not empty and smaller than the
+    smallest divided by it (a step emptied by removals is what a removal means, and is not warned about). The linear
+    family sums example effects over a batch (the paper's form), so its predictions for such batches extrapolate
+    beyond anything it was fitted on.
+    """
+    seen = getattr(simulator, "batch_size_range_", None)
+    if not (isinstance(seen, list | tuple) and len(seen) == 2 and all(isinstance(size, int) for size in seen)):
+        return  # not recorded (other simulators, older model files)
+    smallest, largest = seen
+    for name, curriculum in zip(names, curricula, strict=True):
+        sizes = curriculum.batch_sizes
+        outside = np.flatnonzero((sizes > BATCH_SIZE_FACTOR * largest)
+                                 | ((sizes > 0) & (sizes < smallest / BATCH_SIZE_FACTOR)))
+        if outside.size:
+            step = int(outside[0])
+            warnings.warn(
+                f"{name!r}: step {step + 1} has a batch of {int(sizes[step])} examples; the training runs' batches "
+                f"had {smallest}..{largest} ({outside.size} step(s) beyond a factor {BATCH_SIZE_FACTOR:g}), so the "
+                "prediction extrapolates (edits that move examples keep batch sizes; duplicate, remove and keep "
+                "do not)", ExtrapolationWarning, stacklevel=3)
+            return
 
 
 @dataclass
@@ -673,9 +755,10 @@ def search_order(
     """Greedy reordering: move one example's occurrences to the first or last step per round.
 
     ``tests`` are external test ids. Each round takes the ``candidates`` present examples with the largest
-    leave-one-out effect on the targets, builds two curricula per candidate (all its occurrences moved to
-    step 1, or to the last step), simulates them all in one batched call and keeps the best, if it improves
-    the objective. The set of examples (and how often each is seen) never changes — only when they are seen.
+    leave-one-out effect on the targets, builds two curricula per candidate (all its occurrences moved to the
+    first or the last entries, batch sizes kept: :func:`move_all`), simulates them all in one batched call and keeps
+    the best, if it improves the objective. The set of examples (and how often each is seen) never changes — only
+    when they are seen.
     ``intervals`` as in :func:`search_curriculum`.
     """
     resolved = resolve_base(simulator, base, initial_losses, learning_rates)

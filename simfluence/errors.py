@@ -37,3 +37,30 @@ class UnknownIdError(SimfluenceError):
 
 class TaskError(SimfluenceError):
     """A task (model, data, loss, optimizer) cannot be loaded, does not fit a run set, or is missing."""
+
+
+class SimfluenceWarning(UserWarning):
+    """Base class of the warnings simfluence issues: an answer that may be unreliable, and why.
+
+    The CLI prints each as one ``simfluence: warning: ...`` line on stderr; library users can filter or turn
+    them into errors with :mod:`warnings` (``warnings.simplefilter("error", SimfluenceWarning)``).
+    """
+
+
+class FitWarning(SimfluenceWarning):
+    """A fit fell back from what was asked (momentum dropped, ridge strength at the edge of its grid, ...).
+
+    The same messages are kept in the fitted simulator's ``fit_warnings_`` (saved with the model).
+    """
+
+
+class ExtrapolationWarning(SimfluenceWarning):
+    """A query asks about curricula unlike the training runs (e.g. batches far larger than any seen in training)."""
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception raised by user code (a task, a callback), on one line; an exit of that
+    code reads ``SystemExit(code)``."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit({err.code!r})"
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from simfluence.errors import SimfluenceError
 from simfluence.methods import DEFAULT_METHODS, METHODS, method
-from simfluence.metrics import trajectory_metrics
+from simfluence.metrics import bootstrap_intervals, trajectory_metrics
 from simfluence.runlog import RunSet
 from simfluence.simulators import Simulator, rollout_runs
 
@@ -35,6 +35,8 @@ class Evaluation:
     predicted : {method: (n_heldout, T + 1, n_test) rolled-out trajectories}.
     actual : (n_heldout, T + 1, n_test) logged losses (NaN where not logged).
     mask : (n_heldout, T + 1) True where logged.
+    intervals : {method: {metric: (low, high)}} 95% bootstrap interval of each metric over the held-out runs
+        (:func:`~simfluence.metrics.bootstrap_intervals`; the same resamples for every method).
     """
 
     metrics: dict[str, dict[str, float]]
@@ -45,6 +47,7 @@ class Evaluation:
     actual: np.ndarray | None = None
     mask: np.ndarray | None = None
     excluded_runs: list[str] = field(default_factory=list)
+    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def best(self, metric: str = "all_mse") -> str:
         """Method with the lowest value of an error metric (highest for a ``rho_*`` metric)."""
@@ -95,6 +98,8 @@ def evaluate(
     methods = list(methods)
     if not methods:
         raise SimfluenceError("no methods to evaluate")
+    if runset.n_test == 0:  # before any fit: nothing to predict, and every metric would be empty
+        raise SimfluenceError("the run set has no test examples (n_test = 0): there are no losses to evaluate")
     simulators = {name: method(name).build(**(params or {}).get(name, {})) for name in methods}
     used, excluded = complete_positions(runset, include_incomplete)
     train, heldout = (([used[i] for i in part]) for part in split_runs(len(used), holdout))
@@ -141,6 +146,7 @@ def _score_into(result: Evaluation, name: str, simulator: Simulator, runset: Run
                               f"the run set has {runset.n_pool} / {runset.n_test}")
     predicted, actual, mask = rollout_runs(simulator, runset, runs)
     result.metrics[name] = trajectory_metrics(predicted, actual, mask=mask)
+    result.intervals[name] = bootstrap_intervals(predicted, actual, mask=mask)
     result.simulators[name] = simulator
     result.predicted[name] = predicted
     result.actual, result.mask = actual, mask

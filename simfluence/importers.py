@@ -4,6 +4,9 @@ A training framework need not know simfluence: it only has to write two long tab
 
 * a *curriculum table*, columns ``run, step, example`` (+ optional ``lr`` or ``learning_rate``): one row per
   example in the batch of step ``step`` (steps counted from 1; an example seen twice in a batch is two rows),
+  and the step's learning rate on each of its rows (a rate belongs to a step, which these rows already
+  describe, so it needs no table of its own; without it the learning-rate-scaled simulators assume a
+  constant rate),
 * a *loss table*, columns ``run, step, test, loss``: the loss of test example ``test`` after step ``step``
   (step 0 = before training), at any subset of steps, but covering every test example at each logged step,
 
@@ -61,7 +64,9 @@ _ID_COLUMNS = ("run", "example", "test")
 _NA_TEXTS = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")  # pandas' missing-value texts, for numbers
 _INT64_MAX = int(np.iinfo(np.int64).max)
-_MIN_STEP_LIMIT = 1_000_000  # a run may have up to max(this, 100 x its rows) steps (guards against step typos)
+# a run may have up to max(this, 100 x its rows) steps (guards against step typos), and all runs together up to
+# max(this, 100 x all curriculum rows): each step costs 16 bytes on disk, so a tiny table cannot write gigabytes
+_MIN_STEP_LIMIT = 1_000_000
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -106,7 +111,15 @@ def import_tables(
     exactly when it is written as one canonically (``7``, not ``007`` or ``7.0``), everything else is a
     string; a given ``pool_ids`` / ``test_ids`` of strings still matches integers read from CSV by their text.
     Losses are stored as float32 (the on-disk format), so finite values beyond float32 range are an error.
-    A step without rows has no learning rate (NaN), and a run ends at its last step that has rows.
+    A step without rows has no learning rate (NaN), and a run ends at its last step that has rows. Without
+    learning rates, simulators with ``lr_scaled="auto"`` (``linear_step``, ``linear_mom``, ``linear_mom_log``)
+    assume a constant rate, which can cost much accuracy under a decaying schedule: log them when you can.
+
+    Typed formats (JSON, Parquet) keep their types: a boolean is never a loss, step or learning rate, and an
+    integer and a string with the same text (``7`` and ``"7"``) in one id column are an error, never merged.
+    Every step costs 16 bytes on disk whether or not it has rows or losses, so the runs together may have at
+    most ``max(1,000,000, 100 x curriculum rows)`` steps (and one run ``max(1,000,000, 100 x its rows)``):
+    a small table cannot write a large run set.
 
     Raises
     ------
@@ -418,8 +431,18 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _booleans(values: pd.Series) -> np.ndarray:
+    """Mask of the boolean cells (JSON ``true``/``false``), which pandas would silently read as 1 and 0."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return np.ones(len(values), dtype=bool)
+    if values.dtype != object:
+        return np.zeros(len(values), dtype=bool)
+    return values.map(lambda value: isinstance(value, (bool, np.bool_))).to_numpy(dtype=bool)
+
+
 def _id_values(table: _Table, column: str) -> np.ndarray:
-    """One id column as int64 (all integers) or an object array of str (strings, or a mix of both)."""
+    """One id column as int64 (all integers) or an object array of str (strings, or a mix of both in which no
+    integer and string have the same text: ``7`` and ``"7"`` are an error, never one id)."""
     values = table.frame[column]
     what = "run" if column == "run" else f"{column} id"
     where = (lambda row: "") if column == "run" else (lambda row: f"{table.at(row)}: ")
@@ -459,7 +482,17 @@ def _id_values(table: _Table, column: str) -> np.ndarray:
         value = values.iat[row]
         kind = type(value).__name__
         table.fail(f"{where(row)}{what} {_show(value)} has type {kind}; ids must be integers or strings", row)
-    return values.astype(str).to_numpy(dtype=object)
+    texts = values.astype(str)
+    is_text = values.map(lambda value: isinstance(value, str)).to_numpy(dtype=bool)
+    clashing = texts.isin(set(texts[~is_text])).to_numpy() & is_text  # "7" where 7 occurs too: not merged
+    if clashing.any():
+        row = _first(clashing)
+        number_row = _first(~is_text & (texts == texts.iat[row]).to_numpy())
+        table.fail(
+            f"{where(row)}{what} {texts.iat[row]!r} (string) and {values.iat[number_row]} (integer) are different ids "
+            f"written alike (the integer in row {number_row + 1}); write each id with one type", row,
+        )
+    return texts.to_numpy(dtype=object)
 
 
 def _exact_ints(values: pd.Series) -> np.ndarray:
@@ -477,11 +510,13 @@ def _numbers(
     """
     where = where or table.at
     values = table.frame[column]
-    if pd.api.types.is_bool_dtype(values.dtype):
-        table.fail(f"{where(0)}: {what} {_show(values.iat[0])} is not a number", 0)
-    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    booleans = _booleans(values)
+    if booleans.all():
+        numbers = np.full(len(values), np.nan)
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     was_missing = values.isna().to_numpy()
-    bad = np.isnan(numbers) & ~was_missing
+    bad = (np.isnan(numbers) & ~was_missing) | booleans
     if not allow_missing:
         bad |= was_missing
     if bad.any():
@@ -511,10 +546,11 @@ def _check_runs_and_steps(table: _Table, first_step: int) -> None:
             table.fail(f"run {str(runs[row])!r}: step {values.iat[row]} is too large", row)
         steps = values.to_numpy(dtype=np.int64)
     else:
+        booleans = _booleans(values)
         numbers = np.full(len(values), np.nan)
-        if not pd.api.types.is_bool_dtype(values.dtype):
+        if not booleans.all():
             numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > 2.0**53)
+        bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers)) | (np.abs(numbers) > 2.0**53) | booleans
         if bad.any():
             row = _first(bad)
             problem = "missing" if pd.isna(values.iat[row]) else f"{_show(values.iat[row])} is not an integer"
@@ -600,9 +636,9 @@ def _import(
         _numbers(curriculum, lr_columns[0], lr_columns[0], allow_missing=True)
         if lr_columns else np.full(len(curriculum.frame), np.nan)
     )
-    if np.isinf(lrs).any():
-        row = _first(np.isinf(lrs))
-        curriculum.fail(f"{curriculum.at(row)}: learning rate is {lrs[row]}", row)
+    if np.isinf(lrs).any() or (lrs < 0).any():
+        row = _first(np.isinf(lrs) | (lrs < 0))
+        curriculum.fail(f"{curriculum.at(row)}: learning rate {lrs[row]} is not a finite number >= 0", row)
 
     def loss_at(row: int) -> str:
         return f"{losses.at(row)}, test {tests[test_codes[row]]!r}"
@@ -658,6 +694,15 @@ def _curricula(
         step_rates = np.zeros(0)
     bounds = np.searchsorted(runs, np.arange(len(names) + 1))
     group_bounds = np.searchsorted(group_start, bounds)
+    run_lengths = steps[bounds[1:] - 1]  # every run has rows: its largest step is its number of steps
+    total_steps, total_limit = sum(map(int, run_lengths)), max(_MIN_STEP_LIMIT, 100 * len(steps))  # ints: no wrap
+    if total_steps > total_limit:
+        longest = int(np.argmax(run_lengths))
+        table.fail(
+            f"run {names[longest]!r}: step {int(run_lengths[longest])} makes {total_steps:,} steps in all "
+            f"runs for only {len(steps):,} curriculum rows (at most {total_limit:,}); is the step column right?",
+            int(order[bounds[longest + 1] - 1]),
+        )
     out = []
     for index, name in enumerate(names):
         lo, hi = bounds[index], bounds[index + 1]

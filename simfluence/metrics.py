@@ -195,6 +195,81 @@ def trajectory_metrics(
         }
 
 
+def bootstrap_intervals(
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    initial: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every :func:`trajectory_metrics` metric over the held-out runs.
+
+    The runs are resampled with replacement (``n_boot`` times, seeded), the metrics recomputed on each
+    resample; the interval says how much the scores depend on which runs happened to be held out. Resampled
+    runs repeat, so ``rho_runs`` (a correlation across runs) is computed with ties; it is NaN-free only with
+    at least two distinct runs in a resample.
+
+    Parameters
+    ----------
+    predicted, actual, initial, mask : as for :func:`trajectory_metrics`, (n_runs, n_steps + 1, n_test) etc.
+    n_boot : resamples (>= 1).
+    seed : seed of the resamples (the same resamples for every method with the same number of runs, so
+        methods are compared on paired resamples).
+    confidence : coverage of the interval.
+
+    Returns
+    -------
+    intervals : {metric: (low, high)} for every name in ``METRIC_NAMES``; (NaN, NaN) where no resample gives
+        a finite value.
+    """
+    predicted = np.asarray(predicted, dtype=float)
+    actual = np.asarray(actual, dtype=float)
+    n_runs = predicted.shape[0] if predicted.ndim == 3 else 0
+    if n_boot < 1 or n_runs < 1:
+        raise ValueError(f"a bootstrap needs n_boot >= 1 and at least one run, got {n_boot} and {n_runs}")
+    initial = actual[:, 0] if initial is None else np.asarray(initial, dtype=float)
+    mask = np.ones(predicted.shape[:2], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    # every metric but rho_runs is a (weighted) mean over runs of per-run values: resample those
+    per_run = [trajectory_metrics(predicted[r:r + 1], actual[r:r + 1], initial[r:r + 1], mask[r:r + 1])
+               for r in range(n_runs)]
+    counts = mask[:, 1:].sum(axis=1) * predicted.shape[2]  # (run, logged step >= 1, test) entries per run
+    column = {name: np.array([scores[name] for scores in per_run]) for name in METRIC_NAMES}
+    rng = np.random.default_rng([int(seed), n_runs])
+    resamples = rng.integers(0, n_runs, size=(n_boot, n_runs))
+    values: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for name in ("all_mse", "all_mae"):
+            weighted = np.where(counts > 0, column[name] * counts, 0.0)
+            values[name] = weighted[resamples].sum(axis=1) / counts[resamples].sum(axis=1)
+        values["final_mse"] = column["final_mse"][resamples].mean(axis=1)
+        for name in ("rho_final", "rho_delta"):
+            values[name] = _nanmean_rows(column[name][resamples])
+        final_step = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+        predicted_final = predicted[np.arange(n_runs), final_step]  # (n_runs, n_test)
+        actual_final = actual[np.arange(n_runs), final_step]
+        chunk = max(1, 2_000_000 // max(1, predicted_final.size))
+        values["rho_runs"] = np.concatenate([
+            _nanmean_rows(spearman(predicted_final[rows], actual_final[rows], axis=1))
+            for rows in np.array_split(resamples, range(chunk, n_boot, chunk))])
+    tail = 50.0 * (1.0 - confidence)
+    intervals = {}
+    for name in METRIC_NAMES:
+        finite = values[name][np.isfinite(values[name])]
+        low, high = np.percentile(finite, [tail, 100.0 - tail]) if finite.size else (np.nan, np.nan)
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean of the non-NaN entries of each row of a 2-d array; NaN (without a warning) for an all-NaN row."""
+    finite = ~np.isnan(values)
+    count = finite.sum(axis=1)
+    total = np.where(finite, values, 0.0).sum(axis=1)
+    return np.divide(total, count, out=np.full(len(values), np.nan), where=count > 0)
+
+
 def _format_cell(value: object) -> str:
     """One table cell: 4 significant digits for numbers, "-" for a missing value."""
     if value is None:

@@ -19,13 +19,16 @@ counts that are *committed*. A reader trusts only those counts, so a logger kill
 run whose every completed step is readable. Runs are ordered by the natural sort of their names
 (``run-2`` before ``run-10``).
 
-A logger holds an exclusive lock on its run (``RUNSET/runs/.locks/<name>.lock``). A reader never follows
+A logger holds an exclusive lock on its run (``RUNSET/runs/.locks/<name>.lock``) and a shared lock on the whole
+set (``RUNSET/runs/.locks/.runset.lock``), which a replacement of the set (:meth:`RunSet.save`,
+:func:`runset_destination`) holds exclusively while it builds the new set aside and swaps it in. A reader never follows
 a symbolic link, checks every count against the real file size before reading, reads a run's arrays on
 first use and keeps no file open (losses are mapped without a descriptor), so hostile or corrupt files
 end in one ``RunLogError`` and sets of many thousands of runs open under a small ``ulimit -n``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +36,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ MANIFEST = "manifest.json"
 RUNS_DIR = "runs"
 RUN_JSON = "run.json"
 LOCKS_DIR = ".locks"  # in runs/: one lock file per run name, held by its RunLogger
+SET_LOCK = ".runset.lock"  # in runs/.locks/: shared by every writer of runs, exclusive while the set is replaced
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_JSON_BYTES = 1 << 30  # a manifest or run.json beyond this is not read (a sparse or runaway file)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -65,6 +69,10 @@ _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 _LAZY_ARRAYS = ("curriculum", "logged_steps", "losses", "learning_rates")
 _CHECK_CHUNK = 1 << 20  # elements checked at a time: validation memory does not grow with a run's size
+# An array file over this many bytes must occupy at least 1/_SPARSE_RATIO of them on disk: a sparse file that
+# promises gigabytes in a few kilobytes is refused before anything proportional to its counts is allocated.
+_SPARSE_MIN_BYTES = 1 << 24
+_SPARSE_RATIO = 16
 _FILES = {
     "batch_sizes": ("batch_sizes.bin", np.dtype("<i8")),
     "batch_ids": ("batch_ids.bin", np.dtype("<i8")),
@@ -429,20 +437,19 @@ class RunSet:
         return pd.concat(frames, ignore_index=True)
 
     def curriculum_frame(self) -> pd.DataFrame:
-        """Long table of every batch entry: columns ``run, step, example`` (external pool ids)."""
+        """Long table of every batch entry: columns ``run, step, example, lr``.
+
+        ``example`` holds external pool ids and ``lr`` the learning rate of the entry's step (NaN where it was
+        not logged), so the table imports back with :func:`simfluence.importers.import_tables` rates and all.
+        """
         pool_ids = np.asarray(self.pool_ids, dtype=object)
-        frames = [
-            pd.DataFrame(
-                {
-                    "run": run.name,
-                    "step": run.curriculum.step_of_entries(),
-                    "example": pool_ids[run.curriculum.ids],
-                }
-            )
-            for run in self.runs
-        ]
+        frames = []
+        for run in self.runs:
+            steps = run.curriculum.step_of_entries()
+            frames.append(pd.DataFrame({"run": run.name, "step": steps, "example": pool_ids[run.curriculum.ids],
+                                        "lr": np.asarray(run.learning_rates, dtype=np.float64)[steps - 1]}))
         if not frames:
-            return pd.DataFrame({"run": [], "step": [], "example": []})
+            return pd.DataFrame({"run": [], "step": [], "example": [], "lr": []})
         return pd.concat(frames, ignore_index=True)
 
     # ----------------------------------------------------------------------------------------- disk
@@ -500,41 +507,31 @@ class RunSet:
         interrupted save leaves no half-written run set: ``path`` holds the old set or the new one, or (after a
         stop between the two final renames) the next open of ``path`` finishes the save. ``overwrite`` only
         ever replaces a run set or an empty folder; anything else at ``path`` is an error and is left alone.
+        A run set is replaced under its exclusive lock: while a :class:`RunLogger` writes into it, it is not.
         """
         path = Path(path)
         _recover_interrupted_save(path)
-        if os.path.lexists(path):
-            if not overwrite:
-                raise RunLogError(f"{str(path)!r} already exists (pass overwrite=True to replace it)")
-            check_replaceable(path)
+        if os.path.lexists(path) and not overwrite:
+            raise RunLogError(f"{str(path)!r} already exists (pass overwrite=True to replace it)")
+        check_replaceable(path)
         _check_json(self.metadata, "run set metadata")
         for run in self.runs:
             _check_json(run.metadata, f"metadata of run {run.name!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _hidden_dir(path.parent, path.name, ".tmp")
-        old = None
+        lock = _lock_set(path, exclusive=True) if is_runset(path) else None
         try:
-            (tmp / RUNS_DIR).mkdir()
-            atomic_write_json(tmp / MANIFEST, self.manifest())
-            for run in self.runs:
-                _write_run(tmp / RUNS_DIR / run.name, run, self.n_test)
-            # Swap by renames only: ``path`` holds the old run set or the new one, never half of one (the old
-            # one is deleted only once the new one is in place). The old one is set aside under the token of
-            # the new one, which tells a later open that the save got that far (see _recover_interrupted_save).
-            if os.path.lexists(path):
-                old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
-                old.mkdir()
-                os.replace(path, old / path.name)
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None and not path.exists():
-                os.replace(old / path.name, path)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _hidden_dir(path.parent, path.name, ".tmp")
+            try:
+                (tmp / RUNS_DIR).mkdir()
+                atomic_write_json(tmp / MANIFEST, self.manifest())
+                for run in self.runs:
+                    _write_run(tmp / RUNS_DIR / run.name, run, self.n_test)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _swap_in(tmp, path)
+        finally:
+            _unlock(lock)
         self.path = path
         return path
 
@@ -662,6 +659,131 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _swap_in(new: Path, path: Path) -> None:
+    """Put the complete run set ``new`` (a hidden sibling ``.<name>.<token>.tmp`` of ``path``) at ``path``.
+
+    By renames only: ``path`` holds the old run set or the new one, never half of one (the old one is deleted
+    only once the new one is in place). The old one is set aside under the token of the new one
+    (``.<name>.<token>.old/<name>``), which tells a later open that the swap got that far
+    (see :func:`_recover_interrupted_save`). If a rename fails, the old set is put back and ``new`` removed.
+    """
+    old = None
+    try:
+        if os.path.lexists(path):
+            old = new.with_name(new.name[: -len(".tmp")] + ".old")
+            old.mkdir()
+            os.replace(path, old / path.name)
+        os.replace(new, path)
+    except BaseException:
+        if old is not None and not os.path.lexists(path) and os.path.lexists(old / path.name):
+            os.replace(old / path.name, path)
+        if old is None or os.path.lexists(path):  # the old set is back (or there was none): ``new`` is not needed
+            shutil.rmtree(new, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_set(path: Path, exclusive: bool) -> int | None:
+    """Take the lock of a whole run set (``runs/.locks/.runset.lock``): shared by writers of its runs
+    (:class:`RunLogger`, :func:`install_run`, the run generator), exclusive while the set is replaced.
+
+    Non-blocking: a conflicting holder is one ``RunLogError``. The lock file lives inside the set, so a set that
+    was swapped for another between opening the file and locking it is detected (the path then names another
+    file) and refused too. Without ``fcntl`` (Windows) there is no lock and None is returned.
+    """
+    if fcntl is None:
+        return None
+    if not (path / MANIFEST).is_file():
+        raise RunLogError(f"{str(path)!r} is not a run set: {MANIFEST} not found")
+    locks = path / RUNS_DIR / LOCKS_DIR
+    lock_path = locks / SET_LOCK
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o666)
+    except OSError as err:
+        raise RunLogError(f"cannot open the lock file {str(lock_path)!r}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        held, current = os.fstat(fd), os.stat(lock_path, follow_symlinks=False)
+    except BlockingIOError:
+        os.close(fd)
+        if exclusive:
+            raise RunLogError(f"run set {str(path)!r} is being written (a RunLogger, generate or install holds "
+                              f"{str(lock_path)!r}); replace it once no writer runs") from None
+        raise RunLogError(f"run set {str(path)!r} is being replaced by another writer (an overwrite holds "
+                          f"{str(lock_path)!r}); try again once it is done") from None
+    except OSError as err:
+        os.close(fd)
+        raise RunLogError(f"cannot lock {str(lock_path)!r}: {err.strerror or err}") from None
+    if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
+        os.close(fd)
+        raise RunLogError(f"run set {str(path)!r} was replaced by another writer meanwhile; try again")
+    return fd
+
+
+@contextlib.contextmanager
+def runset_writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the shared lock of the run set at ``path`` for a writer of several runs (the run generator): an
+    overwrite of the set (exclusive) is refused meanwhile, and the writer is refused while one runs."""
+    lock = _lock_set(Path(path), exclusive=False)
+    try:
+        yield
+    finally:
+        _unlock(lock)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    """True for a plain folder (not a link) with nothing in it."""
+    if not _is_plain_dir(path):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return not any(True for _ in entries)
+    except OSError as err:
+        raise RunLogError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def runset_destination(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """The folder a writer of a run set at ``path`` writes into; one rule for every writer (generate, facts).
+
+    - ``path`` absent or an empty folder: ``path`` itself (a new run set, resumable in place);
+    - ``path`` a run set (a folder with a valid ``manifest.json`` of this format): ``path`` itself, to resume
+      or add to it; with ``overwrite``, a fresh hidden sibling ``.<name>.<token>.tmp``, swapped in when the
+      ``with`` block ends normally (:func:`_swap_in`), under the set's exclusive lock, held from the start:
+      until the swap the old set stays whole; a writer of the old set meanwhile makes this fail at once, and one
+      that comes later fails in its turn. An exception in the block removes the new folder and keeps the old set;
+    - anything else (a folder holding other things, a file, a link): ``RunLogError`` before anything is created.
+    """
+    path = Path(path)
+    _recover_interrupted_save(path)
+    if not os.path.lexists(path) or _is_empty_dir(path):
+        yield path
+        return
+    if not is_runset(path):
+        check_replaceable(path)  # raises, naming what is there
+    if not overwrite:
+        yield path
+        return
+    absolute = Path(os.path.abspath(path))  # "." and ".." are renamed by their real names
+    lock = _lock_set(absolute, exclusive=True)
+    try:
+        staging = _hidden_dir(absolute.parent, absolute.name, ".tmp")
+        try:
+            yield staging
+            if not is_runset(staging):
+                raise RunLogError(f"the replacement of {str(path)!r} holds no run set; the old set is kept")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _swap_in(staging, absolute)
+    finally:
+        _unlock(lock)
+
+
 def _recover_interrupted_save(path: Path) -> None:
     """Finish a :meth:`RunSet.save` that stopped between its two renames, if that is what left ``path`` missing.
 
@@ -695,14 +817,17 @@ def _is_plain_dir(path: Path) -> bool:
 
 
 def is_runset(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a folder (not a link) holding a ``manifest.json`` of the run-set format."""
+    """True if ``path`` is a folder (not a link) holding a valid ``manifest.json`` of the run-set format (format
+    name, supported version, the keys readers use with their types); a folder that merely has a file of that
+    name is not one."""
     path = Path(path)
     if not _is_plain_dir(path):
         return False
     try:
-        return _read_json(path / MANIFEST).get("format") == FORMAT_NAME
+        _check_manifest(path)
     except RunLogError:
         return False
+    return True
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
@@ -714,24 +839,27 @@ def check_replaceable(path: str | os.PathLike) -> None:
     if not os.path.lexists(path) or is_runset(path):
         return
     if _is_plain_dir(path):
-        try:
-            empty = not any(os.scandir(path))
-        except OSError as err:
-            raise RunLogError(f"cannot read {str(path)!r}: {err.strerror}") from None
-        if empty:
+        if _is_empty_dir(path):
             return
         raise RunLogError(
-            f"{str(path)!r} is not a run set (no {MANIFEST} of format {FORMAT_NAME!r}); refusing to replace it: "
-            "choose another folder or delete it yourself"
+            f"{str(path)!r} is not a run set (no valid {MANIFEST} of format {FORMAT_NAME!r}) and not empty; "
+            "refusing to replace it or write a run set into it: choose another folder or delete it yourself"
         )
     kind = "a symbolic link" if os.path.islink(path) else "not a folder"
     raise RunLogError(f"{str(path)!r} is {kind}; refusing to replace it with a run set")
 
 
 def _read_manifest(path: Path) -> dict:
-    """Read and check ``path/manifest.json``: format name, version and the types of the keys readers use."""
+    """Read and check ``path/manifest.json`` (see :func:`_check_manifest`), first finishing an interrupted save."""
     _recover_interrupted_save(path)
+    return _check_manifest(path)
+
+
+def _check_manifest(path: Path) -> dict:
+    """Read and check ``path/manifest.json``: format name, version and the types of the keys readers use."""
     manifest_path = path / MANIFEST
+    if not os.path.lexists(path):
+        raise RunLogError(f"{str(path)!r} does not exist")
     if not os.path.lexists(manifest_path):
         raise RunLogError(f"{str(path)!r} is not a run set: {MANIFEST} not found")
     manifest = _read_json(manifest_path)
@@ -833,10 +961,16 @@ def _open_array(files: _RunFiles, key: str) -> tuple[int | None, tuple[int, ...]
     if needed == 0 and not os.path.lexists(path):
         return None, shape
     fd = _open_plain(path)
-    size = os.fstat(fd).st_size
+    info = os.fstat(fd)
+    size = info.st_size
     if size < needed:
         os.close(fd)
         raise RunLogError(f"{str(path)!r} holds {size} bytes, run.json promises {needed} (file truncated?)")
+    on_disk = getattr(info, "st_blocks", None)
+    if needed >= _SPARSE_MIN_BYTES and on_disk is not None and on_disk * 512 * _SPARSE_RATIO < needed:
+        os.close(fd)
+        raise RunLogError(f"{str(path)!r} occupies {on_disk * 512} bytes on disk for the {needed} run.json promises "
+                          "(a sparse file); refusing to read it")
     if needed == 0:
         os.close(fd)
         return None, shape
@@ -1065,12 +1199,11 @@ class RunLogger:
     ) -> None:
         self.runset_path = Path(runset_path)
         self.name = check_run_name(name)
+        self._closed = True  # until the files are open
+        self._lock = self._set_lock = None
+        _recover_interrupted_save(self.runset_path)
         if not (self.runset_path / MANIFEST).is_file():
             raise RunLogError(f"{str(self.runset_path)!r} is not a run set (create it with RunSet.create)")
-        manifest = _read_manifest(self.runset_path)
-        self.n_pool = manifest["n_pool"]
-        self.test_ids = manifest["test_ids"]
-        self.n_test = len(self.test_ids)
         self.metadata = dict(metadata or {})
         _check_json(self.metadata, f"metadata of run {self.name!r}")  # fail now, not at the first step
         self.fsync = fsync
@@ -1079,8 +1212,18 @@ class RunLogger:
         self.n_entries = 0
         self.n_logged = 0
         self._last_logged = -1
-        self._closed = True  # until the files are open
-        self._lock = _lock_run(self.run_dir)
+        self._set_lock = _lock_set(self.runset_path, exclusive=False)  # the set is not replaced while we write
+        try:
+            manifest = _read_manifest(self.runset_path)  # read under the lock: the manifest of the set we write into
+            self.n_pool = manifest["n_pool"]
+            self.pool_ids = manifest["pool_ids"]
+            self.test_ids = manifest["test_ids"]
+            self.n_test = len(self.test_ids)
+            self._lock = _lock_run(self.run_dir)
+        except BaseException:
+            self._set_lock = _unlock(self._set_lock)
+            raise
+        self._pool_index: IdIndex | None = None
         try:
             if os.path.lexists(self.run_dir):
                 if not overwrite:
@@ -1100,6 +1243,7 @@ class RunLogger:
             self._handles = {key: open(self.run_dir / filename, "ab") for key, (filename, _) in _FILES.items()}
         except BaseException:
             self._lock = _unlock(self._lock)
+            self._set_lock = _unlock(self._set_lock)
             raise
         self._closed = False
 
@@ -1116,22 +1260,25 @@ class RunLogger:
         self.log_losses(losses)
 
     def log_step(
-        self, batch: Iterable[int], losses: np.ndarray | None = None, learning_rate: float | None = None
+        self,
+        batch: Iterable[int] | None = None,
+        losses: np.ndarray | None = None,
+        learning_rate: float | None = None,
+        *,
+        positions: Iterable[int] | None = None,
+        ids: Iterable[Any] | None = None,
     ) -> int:
-        """Record one training step: its batch (internal pool ids), optionally the test losses after it.
+        """Record one training step: its batch, optionally the test losses after it.
 
-        Returns the step number (1 for the first call).
+        Give the batch as exactly one of ``positions`` (pool positions ``0..n_pool-1``, rows of the manifest's
+        ``pool_ids``) or ``ids`` (the external pool ids listed in the manifest). ``batch`` (the first argument)
+        means positions and is accepted only where positions cannot be mistaken for ids: the pool ids are the
+        default ``0..n_pool-1`` (ids and positions coincide) or are not integers. Returns the step number
+        (1 for the first call).
         """
         self._check_open()
-        ids = np.asarray(list(batch) if not isinstance(batch, np.ndarray) else batch)
         step = self.n_steps + 1
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise RunLogError(f"run {self.name!r}, step {step}: batch ids must be integers, got {ids.dtype}")
-        ids = ids.reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_pool):  # before the cast: uint64 must not wrap
-            bad = ids[(ids < 0) | (ids >= self.n_pool)][0]
-            raise RunLogError(f"run {self.name!r}, step {step}: pool id {bad} outside 0..{self.n_pool - 1}")
-        ids = ids.astype(np.int64)
+        ids = self._batch_positions(batch, positions, ids, step)
         lr = self._check_learning_rate(learning_rate, step)
         loss_row = None if losses is None else self._check_losses(losses, step)
         self._append("batch_ids", ids)
@@ -1162,6 +1309,7 @@ class RunLogger:
             self._commit(status)
         finally:
             self._lock = _unlock(self._lock)
+            self._set_lock = _unlock(self._set_lock)
 
     def __enter__(self) -> RunLogger:
         return self
@@ -1175,11 +1323,41 @@ class RunLogger:
                 handle.close()
             self._closed = True
             self._lock = _unlock(self._lock)
+            self._set_lock = _unlock(self._set_lock)
 
     # -------------------------------------------------------------------------------------- internals
     def _check_open(self) -> None:
         if self._closed:
             raise RunLogError(f"run {self.name!r}: logger is closed")
+
+    def _batch_positions(self, batch: Any, positions: Any, ids: Any, step: int) -> np.ndarray:
+        """(n,) int64 pool positions of one step's batch, from exactly one of ``batch``, ``positions``, ``ids``."""
+        given = [name for name, value in (("batch", batch), ("positions", positions), ("ids", ids))
+                 if value is not None]
+        if len(given) != 1:
+            raise RunLogError(f"run {self.name!r}, step {step}: give the batch as one of positions=... or ids=..., "
+                              f"got {' and '.join(given) or 'none'}")
+        if ids is not None:
+            if self._pool_index is None:
+                self._pool_index = IdIndex(self.pool_ids, "pool")
+            values = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+            return np.asarray(self._pool_index.positions(values), dtype=np.int64).reshape(-1)
+        if batch is not None:
+            integer_ids = any(isinstance(value, int) for value in self.pool_ids)
+            if integer_ids and self.pool_ids != list(range(self.n_pool)):
+                raise RunLogError(
+                    f"run {self.name!r}, step {step}: the run set has integer pool ids of its own, so a batch "
+                    "could mean ids or positions; pass positions=... (0..n_pool-1) or ids=... (its pool ids)"
+                )
+            positions = batch
+        values = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions)
+        if values.size and not np.issubdtype(values.dtype, np.integer):
+            raise RunLogError(f"run {self.name!r}, step {step}: batch positions must be integers, got {values.dtype}")
+        values = values.reshape(-1)
+        if values.size and (values.min() < 0 or values.max() >= self.n_pool):  # before the cast: no uint64 wrap
+            bad = values[(values < 0) | (values >= self.n_pool)][0]
+            raise RunLogError(f"run {self.name!r}, step {step}: pool position {bad} outside 0..{self.n_pool - 1}")
+        return values.astype(np.int64)
 
     def _check_learning_rate(self, learning_rate: Any, step: int) -> float:
         """The learning rate as a float: finite and >= 0, or NaN for None (unknown)."""
@@ -1272,38 +1450,54 @@ def export_run(runset_path: str | os.PathLike, name: str) -> dict[str, bytes]:
     return files
 
 
-def install_run(runset_path: str | os.PathLike, name: str, files: dict[str, bytes]) -> None:
+def install_run(runset_path: str | os.PathLike, name: str, files: dict[str, bytes],
+                before_replace: Callable[[], None] | None = None) -> None:
     """Put a run exported by :func:`export_run` into the run set at ``runset_path``, atomically.
 
-    The files are written to a hidden folder, read back as a run of this run set (counts, sizes, batch ids
-    and its number of test losses are checked), then renamed into place, replacing a run of that name; a
-    reader sees the old run or the new one, never a mix. Holds the run's lock meanwhile, so a run that a
-    :class:`RunLogger` is writing is never replaced.
+    The files are written to a hidden folder and read back as a run of this run set, with every check of
+    :meth:`RunSet.load` (counts, sizes, batch ids, its number of test losses, and the per-run validation:
+    finite losses, strictly increasing logged steps, learning rates >= 0), then renamed into place, replacing a
+    run of that name; a reader sees the old run or the new one, never a mix. A run that fails a check changes
+    nothing. Holds the run set's shared lock and the run's lock meanwhile, so a run that a :class:`RunLogger` is
+    writing is never replaced. ``before_replace`` is called under those locks once the run has passed every check,
+    right before it replaces the old one (the run generator replaces the run's checkpoints there).
     """
     runset_path = Path(runset_path)
     name = check_run_name(name)
-    manifest = _read_manifest(runset_path)
     expected = set(run_file_names())
-    if set(files) != expected:
-        raise RunLogError(f"run {name!r}: expected the files {sorted(expected)}, got {sorted(files)}")
-    run_dir = runset_path / RUNS_DIR / name
-    lock = _lock_run(run_dir)
+    if not isinstance(files, dict) or set(files) != expected:
+        got = sorted(map(str, files)) if isinstance(files, dict) else type(files).__name__
+        raise RunLogError(f"run {name!r}: expected the files {sorted(expected)}, got {got}")
+    for filename, data in files.items():
+        if not isinstance(data, (bytes, bytearray)):
+            raise RunLogError(f"run {name!r}: the content of {filename} must be bytes, got {type(data).__name__}")
+    _read_manifest(runset_path)  # a run set, before any lock file is made in it
+    set_lock = _lock_set(runset_path, exclusive=False)
     try:
-        holder = _hidden_dir(run_dir.parent, name, ".tmp")
+        manifest = _read_manifest(runset_path)
+        run_dir = runset_path / RUNS_DIR / name
+        lock = _lock_run(run_dir)
         try:
-            staging = holder / name
-            staging.mkdir()
-            for filename, data in files.items():
-                (staging / filename).write_bytes(data)
-            run = _read_run(staging, len(manifest["test_ids"]), check_n_test=True)
-            if run.curriculum.ids.size and int(run.curriculum.ids.max()) >= manifest["n_pool"]:
-                raise RunLogError(f"run {name!r} uses pool id {int(run.curriculum.ids.max())}, outside the "
-                                  f"run set's 0..{manifest['n_pool'] - 1}")
-            del run
-            if os.path.lexists(run_dir):
-                _remove_tree(run_dir)
-            os.replace(staging, run_dir)
+            holder = _hidden_dir(run_dir.parent, name, ".tmp")
+            try:
+                staging = holder / name
+                staging.mkdir()
+                for filename, data in files.items():
+                    (staging / filename).write_bytes(data)
+                run = _read_run(staging, len(manifest["test_ids"]), check_n_test=True)
+                if run.curriculum.ids.size and int(run.curriculum.ids.max()) >= manifest["n_pool"]:
+                    raise RunLogError(f"run {name!r} uses pool id {int(run.curriculum.ids.max())}, outside the "
+                                      f"run set's 0..{manifest['n_pool'] - 1}")
+                run.validate(manifest["n_pool"], len(manifest["test_ids"]), manifest["test_ids"])
+                del run
+                if before_replace is not None:
+                    before_replace()
+                if os.path.lexists(run_dir):
+                    _remove_tree(run_dir)
+                os.replace(staging, run_dir)
+            finally:
+                shutil.rmtree(holder, ignore_errors=True)
         finally:
-            shutil.rmtree(holder, ignore_errors=True)
+            _unlock(lock)
     finally:
-        _unlock(lock)
+        _unlock(set_lock)

@@ -14,10 +14,10 @@ from torch.nn import functional
 from simfluence.attribution.unrolled import replay_losses, unrolled_effects
 from simfluence.attribution.unrolled_simulator import UnrolledSimulator
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, TaskError
 from simfluence.methods import METHODS, load_simulator, make_simulator
 from simfluence.simulators.base import Simulator
-from simfluence.task import Task
+from simfluence.task import Task, check_replay
 from simfluence.workloads import generate_digits, generate_runs, task_from_runset
 
 
@@ -320,3 +320,15 @@ def test_curricula_it_cannot_predict_are_clear_errors(wine_runs):
         sim.simulate(base.duplicate(absent, step=10), sim.base_losses_[0])
     with pytest.raises(SimfluenceError, match="base run's length"):
         sim.simulate(base.truncate(20), sim.base_losses_[0])
+
+
+def test_a_task_that_does_not_reproduce_the_run_stops_before_the_backward_pass(wine_runs):
+    task, runset = wine_runs
+    run = runset[0]
+    check = functools.partial(check_replay, runset, run)
+    effects = unrolled_effects(task, run.curriculum, seed=run.metadata["seed"], replay_check=check)  # float64
+    assert check(effects.losses) < 1e-5 * np.abs(effects.losses).mean()  # the float64 replay of a float32 run
+    no_momentum = dataclasses.replace(task, make_optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    with pytest.raises(TaskError, match="retraining run 'run-000' .* does not reproduce its log"):
+        unrolled_effects(no_momentum, run.curriculum, seed=run.metadata["seed"], replay_check=check,
+                         insertion_steps="all")

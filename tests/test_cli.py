@@ -31,6 +31,20 @@ def test_evaluate_prints_table_and_writes_json(runset_dir, tmp_path, capsys):
     assert metrics["linear"]["all_mse"] < metrics["mean_curve"]["all_mse"]
 
 
+def test_evaluate_json_into_a_new_folder_creates_it(runset_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "metrics.json"
+    assert main(["evaluate", runset_dir, "--holdout", "3", "--methods", "mean_curve", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == {"mean_curve"}
+
+
+def test_evaluate_json_that_cannot_be_written_fails_before_any_fitting(runset_dir, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    code = main(["evaluate", runset_dir, "--holdout", "3", "--json", str(tmp_path / "a-file" / "metrics.json")])
+    captured = capsys.readouterr()
+    assert code == 2 and "a-file' is not a folder" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "fit on" not in captured.out  # nothing was fitted
+
+
 def test_fit_then_simulate(runset_dir, tmp_path, capsys):
     model = tmp_path / "model.npz"
     assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
@@ -45,6 +59,41 @@ def test_fit_then_simulate(runset_dir, tmp_path, capsys):
 def test_info(runset_dir, capsys):
     assert main(["info", runset_dir]) == 0
     assert "n_runs=10" in capsys.readouterr().out
+
+
+def test_info_and_fit_say_when_learning_rates_are_missing_and_what_that_costs(runset_dir, tmp_path, capsys):
+    assert main(["info", runset_dir]) == 0  # known_linear_runset logs no learning rates
+    lines = [line for line in capsys.readouterr().out.splitlines() if "learning rates" in line]
+    assert len(lines) == 1 and "not logged" in lines[0]
+    assert "linear_mom" in lines[0] and "constant" in lines[0]  # who pays, and how
+    model = str(tmp_path / "model.npz")
+    assert main(["fit", runset_dir, "--lam", "0.1", "--param", "momentum=0", "--out", model]) == 0  # linear_mom
+    err = capsys.readouterr().err
+    assert err.startswith("simfluence: warning: learning rates not logged") and err.count("\n") == 1
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--out", model]) == 0
+    assert capsys.readouterr().err == ""  # the paper's model does not use learning rates
+
+
+def test_learning_rates_from_an_lr_column_are_imported_and_reported(tmp_path, capsys):
+    from simfluence.runlog import RunSet
+
+    schedule = np.linspace(0.2, 0.1, 8)
+    runset, _, _ = known_linear_runset(n_pool=12, n_test=3, n_runs=4, n_steps=8, lr_schedule=schedule)
+    curriculum = runset.curriculum_frame().drop(columns="lr")  # tables as a user without rates writes them
+    files = [str(tmp_path / "curriculum.csv"), str(tmp_path / "losses.csv")]
+    curriculum.to_csv(files[0], index=False)
+    runset.to_frame().to_csv(files[1], index=False)
+    out = str(tmp_path / "imported")
+    assert main(["import", *files, "--out", out]) == 0
+    assert "learning rates not logged" in capsys.readouterr().out  # the import says what the tables lack
+    curriculum.assign(lr=schedule[curriculum["step"] - 1]).to_csv(files[0], index=False)
+    assert main(["import", *files, "--out", out, "--overwrite"]) == 0
+    assert "learning rates: logged" in capsys.readouterr().out
+    np.testing.assert_allclose(RunSet.load(out)["run-000"].learning_rates, schedule)
+    assert main(["info", out]) == 0
+    assert "learning rates logged: yes" in capsys.readouterr().out
+    assert main(["fit", out, "--lam", "0.1", "--param", "momentum=0", "--out", str(tmp_path / "m.npz")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
@@ -240,6 +289,9 @@ def test_a_new_users_ids_mean_the_same_in_python_and_on_the_command_line(importe
         (["fit", "{runs}", "--method", "tracin", "--out", "{tmp}/m.npz"], "--task"),
         (["fit", "{runs}", "--param", "momentum", "--out", "{tmp}/m.npz"], "expected NAME=VALUE"),
         (["evaluate", "{runs}", "--param", "linear.lam=1", "--methods", "mean_curve"], "not among the methods"),
+        (["fit", "{runs}", "--param", "lam_grid=[]", "--out", "{tmp}/m.npz"], "lam_grid must be a non-empty list"),
+        (["fit", "{runs}", "--param", "lam_grid=abc", "--out", "{tmp}/m.npz"], "lam_grid must be a non-empty list"),
+        (["fit", "{runs}", "--param", "alpha_center=x", "--out", "{tmp}/m.npz"], "alpha_center must be a number"),
     ],
 )
 def test_options_a_method_does_not_have_are_one_line_errors(runset_dir, tmp_path, capsys, args, message):
@@ -345,3 +397,89 @@ def test_counterfactual_commands_print_intervals_and_flag_unsure_signs(runset_di
     assert "--level applies with --intervals N" in capsys.readouterr().err
     assert main(["loo", str(model), runset_dir, "--run", "run-009", "--intervals", "1"]) == 2
     assert "n_resamples must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_fit_says_on_one_line_when_it_falls_back_and_the_model_keeps_it(tmp_path, capsys):
+    from simfluence.methods import load_simulator
+
+    runset, _, _ = known_linear_runset(n_pool=20, n_test=3, n_runs=6, n_steps=20, batch_size=4, seed=1)
+    for run in runset.runs:  # losses logged every 5 steps, as a Trainer callback with log_every=5 does
+        run.logged_steps, run.losses = run.logged_steps[::5], np.asarray(run.losses)[::5]
+    runs = str(runset.save(tmp_path / "runs"))
+    assert main(["fit", runs, "--method", "linear_mom", "--param", "lam_grid=[1.0]", "--out",
+                 str(tmp_path / "m.npz")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if line.startswith("simfluence: warning: SimfluenceLinear:")]
+    assert len(warned) == 1 and "momentum='auto' fell back to 0" in warned[0] and "every 5 steps" in warned[0]
+    assert load_simulator(tmp_path / "m.npz").fit_warnings_ == [warned[0].removeprefix("simfluence: warning: ")]
+
+
+def test_a_run_set_without_test_examples_is_refused_in_one_line(tmp_path, capsys):
+    from simfluence.curriculum import Curriculum
+    from simfluence.runlog import Run, RunSet
+
+    cur = Curriculum.from_batches([[0, 1], [1, 2]], n_pool=3)
+    runs = RunSet([Run(f"r{i}", cur, [0, 1, 2], np.zeros((3, 0))) for i in range(4)], n_pool=3, test_ids=[])
+    folder = str(runs.save(tmp_path / "runs"))
+    for args in (["fit", folder, "--out", str(tmp_path / "m.npz")], ["evaluate", folder, "--holdout", "1"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "no test examples (n_test = 0)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--param", "bogus=1"], "has no option 'bogus'"),
+    (["--protocol", "lds", "--param", "linear_mom.bogus=1"], "has no option 'bogus'"),
+    (["--protocol", "lds", "--methods", "linear", "--param", "linear_mom.lam=1"], "not among the methods scored"),
+    (["--protocol", "lds", "--param", "lam=1"], "expected METHOD.NAME=VALUE"),
+])
+def test_verify_refuses_bad_params_in_one_line_before_any_work(runset_dir, tmp_path, capsys, args, message):
+    assert main(["verify", runset_dir, "--holdout", "3", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_fits_the_method_with_the_params_given(runset_dir, tmp_path, monkeypatch):
+    import simfluence.apps.lds
+    import simfluence.apps.verify
+    import simfluence.task
+    from simfluence.errors import SimfluenceError
+
+    seen = {}
+
+    def stop(key):
+        def record(first, *args, **kwargs):
+            seen[key] = first
+            raise SimfluenceError("stopped before retraining")
+        return record
+
+    monkeypatch.setattr(simfluence.task, "task_for_runset", lambda runset, spec: None)
+    monkeypatch.setattr(simfluence.apps.verify, "verify_counterfactuals", stop("targeted"))
+    monkeypatch.setattr(simfluence.apps.lds, "run_lds", lambda runset, methods, **kwargs: stop("lds")(methods))
+    out = str(tmp_path / "out")
+    assert main(["verify", runset_dir, "--holdout", "3", "--param", "momentum=0.5", "--param", "lam=0.1",
+                 "--out", out]) == 2
+    assert seen["targeted"].momentum_ == 0.5 and seen["targeted"].lam_ == 0.1
+    assert main(["verify", runset_dir, "--protocol", "lds", "--methods", "mean_curve,linear_mom", "--holdout", "3",
+                 "--param", "linear_mom.momentum=0.5", "--out", out]) == 2
+    assert set(seen["lds"]) == {"mean_curve", "linear_mom"} and seen["lds"]["linear_mom"].momentum == 0.5
+
+
+def test_whatif_moves_every_occurrence_or_one_and_warns_about_unseen_batch_sizes(runset_dir, tmp_path, capsys):
+    from simfluence.runlog import RunSet
+
+    model = tmp_path / "model.npz"
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
+    run = RunSet.load(runset_dir)["run-009"]
+    example = int(run.curriculum.ids[0])
+    csv = tmp_path / "whatif.csv"
+    capsys.readouterr()
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--move", f"{example}@{run.n_steps}",
+                 "--scenario", f"move:{example}#1@{run.n_steps}", "--csv", str(csv)]) == 0
+    assert "warning" not in capsys.readouterr().err  # moves keep the batch sizes of training (4)
+    crowded = ";".join([f"duplicate:{example}@3"] * 6)
+    assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--scenario", crowded]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simfluence: warning: ") and "step 3 has a batch of 10" in err[0]

@@ -84,11 +84,11 @@ from dataclasses import replace
 from simfluence.errors import TaskError
 from simfluence.workloads.digits import digits_task
 
-def no_optimizer(params):
-    raise TaskError("no optimizer for you")
+def no_loss(outputs, targets):  # fails in the Ray task that trains (the task's fingerprint never calls it)
+    raise TaskError("no loss for you")
 
 def make_task():
-    return replace(digits_task(pool_size=30, test_size=4, n_steps=5), make_optimizer=no_optimizer)
+    return replace(digits_task(pool_size=30, test_size=4, n_steps=5), loss_fn=no_loss)
 """
 
 
@@ -98,7 +98,7 @@ def test_a_failing_task_is_the_same_one_error_as_locally(local_ray, tmp_path):
 
     (tmp_path / "failing_task.py").write_text(FAILING_TASK)
     task = load_task(f"{tmp_path / 'failing_task.py'}:make_task")
-    with pytest.raises(TaskError, match="^no optimizer for you$"):
+    with pytest.raises(TaskError, match="^no loss for you$"):
         generate_random_runs(task, tmp_path / "set", n_runs=2, n_steps=5, backend="ray", progress=False)
     assert RunSet.load(tmp_path / "set").run_names == []  # nothing half-written
 

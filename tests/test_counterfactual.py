@@ -1,6 +1,8 @@
 """Counterfactual queries: edits, batched what-if, leave-one-out tables and greedy curriculum search."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from simfluence.counterfactual import (
     search_curriculum,
     whatif,
 )
+from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, SimfluenceError, UnknownIdError
 from simfluence.ids import IdIndex
 from simfluence.runlog import RunSet
@@ -35,7 +38,7 @@ def fitted():
 
 
 @pytest.mark.parametrize("text", ["remove:1,2", "keep:1,2,3", "duplicate:5", "duplicate:5@10", "move:5@12",
-                                  "swap:3,7", "reverse", "replace:3>9", "truncate:20"])
+                                  "move:5#2@12", "swap:3,7", "reverse", "replace:3>9", "truncate:20"])
 def test_parse_edit_round_trips(text):
     assert str(parse_edit(text)) == text
 
@@ -194,3 +197,71 @@ def test_top_labels_follow_the_sign_of_the_effect(fitted):
     assert np.all(top.loc[top["role"] == "helps", "effect"] > 0)
     assert np.all(top.loc[top["role"] == "hurts", "effect"] < 0)
     assert not top["pool"].duplicated().any()
+
+
+def _entries_in_order(curriculum: Curriculum) -> list[int]:
+    return [int(i) for i in curriculum.ids]
+
+
+def test_moving_every_occurrence_to_the_end_keeps_every_batch_size():
+    from simfluence.counterfactual import move_all
+
+    cur = Curriculum.from_batches([[0, 1, 2], [3, 0, 4], [5, 6, 0], [1, 7, 8], [9, 10, 11], [12, 13, 14]], n_pool=15)
+    moved = move_all(cur, [0, 1], to_step=cur.n_steps)
+    np.testing.assert_array_equal(moved.batch_sizes, cur.batch_sizes)
+    # the 5 occurrences of 0 and 1 are the last 5 entries, in their order; the others keep theirs
+    assert _entries_in_order(moved) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0, 1, 0, 0, 1]
+    assert moved.batches()[-1].tolist() == [0, 0, 1] and np.array_equal(moved.counts(15), cur.counts(15))
+    start = move_all(cur, 0, to_step=1)  # to the first entries
+    assert _entries_in_order(start)[:3] == [0, 0, 0] and np.array_equal(start.batch_sizes, cur.batch_sizes)
+
+
+def test_a_move_to_a_middle_step_starts_at_that_batch_and_shifts_one_entry_per_batch_boundary():
+    from simfluence.counterfactual import move_all
+
+    cur = Curriculum.from_batches([[0, 1], [2, 3], [4, 5], [6, 7]], n_pool=8)
+    assert move_all(cur, 1, to_step=3).batches()[2].tolist() == [1, 5]
+    assert [b.tolist() for b in move_all(cur, 1, to_step=3).batches()] == [[0, 2], [3, 4], [1, 5], [6, 7]]
+    assert [b.tolist() for b in move_all(cur, 6, to_step=2).batches()] == [[0, 1], [6, 2], [3, 4], [5, 7]]
+
+
+def test_move_edit_moves_every_occurrence_and_the_hash_form_only_one(fitted):
+    runset, _ = fitted
+    cur = Curriculum.from_batches([[0, 1, 2, 3], [4, 0, 5, 6], [7, 8, 0, 9], [10, 11, 12, 13]], n_pool=25)
+    pool = runset.pool_index
+    every = apply_edits(cur, [f"move:{pid(0)}@4"], pool)
+    assert every.batches()[-1].tolist() == [0, 0, 0, 13] and np.array_equal(every.batch_sizes, cur.batch_sizes)
+    second = apply_edits(cur, [f"move:{pid(0)}#2@4"], pool)
+    assert [b.tolist() for b in second.batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 0, 9, 10], [0, 11, 12, 13]]
+    with pytest.raises(CurriculumError, match="occurs 3 times"):
+        apply_edits(cur, [f"move:{pid(0)}#4@4"], pool)
+    with pytest.raises(CurriculumError, match="step 9 outside 1..4"):
+        apply_edits(cur, [f"move:{pid(0)}@9"], pool)
+
+
+def test_move_k_most_helpful_to_the_end_keeps_the_batch_sizes_of_training(fitted):
+    from simfluence.apps.verify import counterfactual_curricula
+
+    runset, sim = fitted
+    run = runset[5]
+    curricula = counterfactual_curricula(sim, run, ["t0", "t1"], k=6)
+    moved = curricula["move 6 most helpful to the end"]
+    np.testing.assert_array_equal(moved.batch_sizes, run.curriculum.batch_sizes)
+    assert np.array_equal(moved.counts(25), run.curriculum.counts(25))
+
+
+def test_queries_far_outside_the_batch_sizes_seen_in_training_warn(fitted):
+    from simfluence.errors import ExtrapolationWarning
+
+    runset, sim = fitted  # trained on batches of 4
+    run = runset[0]
+    crowded = ";".join([f"duplicate:{pid(1)}@5"] * 6)  # a batch of 10 at step 5
+    with pytest.warns(ExtrapolationWarning, match=r"'crowded': step 5 has a batch of 10 examples; the training runs"):
+        whatif(sim, run, {"crowded": crowded})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExtrapolationWarning)
+        whatif(sim, run, {"moved": f"move:{_present(run)}@30", "one more": f"duplicate:{pid(1)}@5"})
+
+
+def _present(run) -> int:
+    return pid(int(run.curriculum.ids[0]))

@@ -566,3 +566,85 @@ def test_deep_or_huge_json_is_one_import_error(tmp_path, text):
     table.write_text(text)
     with pytest.raises(ImportTableError):
         import_tables(table, table)
+
+
+# ------------------------------------------------------------------------------------------- hostile tables
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """JSON lines written by hand, so each value keeps its JSON type (pandas would unify a column)."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_total_steps_are_bounded_by_the_input_not_per_run(tmp_path):
+    """Runs of one row each at step 999,999 pass a per-run bound; together they would write 16 MB per run."""
+    curriculum = tmp_path / "c.csv"
+    curriculum.write_text("run,step,example\n" + "".join(f"r{run},999999,0\n" for run in range(3)))
+    losses = tmp_path / "l.csv"
+    losses.write_text("run,step,test,loss\n" + "".join(f"r{run},0,0,1.0\n" for run in range(3)))
+    message = expect_error(curriculum, losses, tmp_path / "o", "c.csv'", "steps in all", "3 curriculum rows",
+                           "is the step column right")
+    assert "run 'r" in message
+    one_run = tmp_path / "one.csv"
+    one_run.write_text("run,step,example\nr0,999999,0\n")  # a single sparse run within the bound is still fine
+    one_loss = pd.DataFrame({"run": ["r0"], "step": [0], "test": [0], "loss": [1.0]})
+    assert import_tables(one_run, one_loss)["r0"].n_steps == 999_999
+
+
+@pytest.mark.parametrize("column, table", [("loss", "loss"), ("step", "loss"), ("step", "curriculum"),
+                                           ("lr", "curriculum")])
+def test_booleans_are_not_numbers(tmp_path, column, table):
+    """JSON ``true`` among numbers is an error, not 1.0 (nor step 1)."""
+    curriculum = [{"run": "a", "step": 1, "example": 0, "lr": 0.1}, {"run": "a", "step": 2, "example": 1, "lr": 0.1}]
+    losses = [{"run": "a", "step": step, "test": 0, "loss": 0.5} for step in (0, 1, 2)]
+    records = losses if table == "loss" else curriculum
+    records[-1][column] = True
+    files = write_jsonl(tmp_path / "c.jsonl", curriculum), write_jsonl(tmp_path / "l.jsonl", losses)
+    expect_error(*files, tmp_path / "o", f"{files[table == 'loss'].name}'", "True", "run 'a'")
+
+
+def test_booleans_are_not_numbers_in_parquet(tables, tmp_path):
+    curriculum, losses = tables
+    losses["loss"] = losses["loss"] > 1
+    files = write_table(curriculum, tmp_path / "c.parquet"), write_table(losses, tmp_path / "l.parquet")
+    expect_error(*files, tmp_path / "o", "l.parquet'", "loss", "is not a number")
+
+
+@pytest.mark.parametrize("column", ["example", "test", "run"])
+def test_integer_and_string_ids_with_the_same_text_are_an_error(tmp_path, column):
+    """JSON ids ``7`` and ``"7"`` are two values: never silently merged into one."""
+    curriculum = [{"run": "a", "step": 1, "example": 7}, {"run": "a", "step": 1, "example": "x"}]
+    losses = [{"run": "a", "step": step, "test": 7} for step in (0, 1)]
+    for record in losses:
+        record["loss"] = 0.5
+    if column == "run":
+        curriculum = [{**record, "run": 5} for record in curriculum] + [{"run": "5", "step": 1, "example": 7}]
+        losses = [{**record, "run": 5} for record in losses] + [{**losses[0], "run": "5"}]
+    else:
+        records = curriculum if column == "example" else losses
+        records.append({**records[0], column: "7", "step": 1 if column == "example" else 2})
+        if column == "test":
+            curriculum.append({"run": "a", "step": 2, "example": 7})
+    files = write_jsonl(tmp_path / "c.jsonl", curriculum), write_jsonl(tmp_path / "l.jsonl", losses)
+    value = "5" if column == "run" else "7"
+    expect_error(*files, tmp_path / "o", f"{value} (integer)", f"'{value}' (string)")
+
+
+def test_integer_and_string_ids_with_different_texts_are_still_read_as_strings(tmp_path):
+    curriculum = write_jsonl(tmp_path / "c.jsonl", [{"run": "a", "step": 1, "example": 7},
+                                                   {"run": "a", "step": 1, "example": "x"}])
+    losses = write_jsonl(tmp_path / "l.jsonl", [{"run": "a", "step": 0, "test": 0, "loss": 0.5}])
+    assert import_tables(curriculum, losses).pool_ids == ["7", "x"]
+
+
+def test_negative_learning_rate_names_the_curriculum_row(tables, tmp_path):
+    curriculum, losses = tables
+    curriculum.loc[curriculum.index[1], "lr"] = -0.1
+    message = expect_error(curriculum, losses, tmp_path / "o", "curriculum table: run 'r1', step 1",
+                           "learning rate -0.1", "(row 2)")
+    assert "loss table" not in message
+
+
+def test_exported_tables_carry_the_learning_rates_back(tmp_path):
+    runset = hand_runset(["p0", "p1", "p2", "p3"], ["q0", "q1"])
+    runset.curriculum_frame().to_csv(tmp_path / "c.csv", index=False)
+    assert_same_runs(runset, import_tables(tmp_path / "c.csv", runset.to_frame(), pool_ids=runset.pool_ids))

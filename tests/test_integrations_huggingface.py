@@ -7,9 +7,12 @@ number of next-token predictions, and a step's loss is the plain loop's mean ove
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +27,12 @@ from transformers import (
     TrainingArguments,
 )
 
+from simfluence.attribution.checkpoints import checkpoint_steps, load_checkpoints
+from simfluence.attribution.trackstar import second_moment_scale
+from simfluence.cli import main
 from simfluence.counterfactual import loo_effects
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import RunLogError
+from simfluence.errors import RunLogError, TaskError
 from simfluence.integrations import IndexedDataset, ProbeSet, causal_lm_losses, classification_losses
 from simfluence.integrations.huggingface import (
     CurriculumTrainer,
@@ -185,16 +191,20 @@ def test_trainer_without_an_id_column_says_how_to_add_it(tokens, tmp_path):
         trainer.train()
 
 
-def test_trainer_task_retrains_uneven_micro_batches_like_the_plain_loop(tokens, tmp_path):
+@pytest.mark.parametrize("step_loss", ["trainer", "examples"])
+def test_trainer_task_retrains_uneven_micro_batches_like_the_plain_loop(tokens, tmp_path, step_loss):
     """Steps of 5 and 3 examples cut 3+2 and 2+1: each micro-batch weighs by its share of the step.
 
-    The task's schedule (lr_at(t) = LR / t) drives Trainer's optimizer and is logged step by step.
+    Every example has SEQ_LEN - 1 predicted tokens, so Trainer's token mean is the plain loop's example mean.
+    The task's schedule (lr_at(t) = LR / t) drives Trainer's optimizer and is logged step by step; Trainer's
+    default clipping (max_grad_norm 1.0) is turned off, as the plain loop does not clip.
     """
     curricula = [Curriculum.from_batches([[0, 1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 1]], n_pool=N_POOL),
                  Curriculum.from_batches([[3, 3, 4], [12, 13, 14, 15, 16], [2, 9, 20]], n_pool=N_POOL)]
     plain = generate_runs(lm_task(tokens, lr_at=decaying_lr), curricula, tmp_path / "plain", workers=1,
                           progress=False)
-    task = lm_task(tokens, TrainerTask, lr_at=decaying_lr, training_kwargs={"gradient_accumulation_steps": 2})
+    task = lm_task(tokens, TrainerTask, lr_at=decaying_lr, step_loss=step_loss,
+                   training_kwargs={"gradient_accumulation_steps": 2, "max_grad_norm": 0.0})
     retrained = generate_runs(task, curricula, tmp_path / "trainer", workers=1, progress=False)
     for real, mine in zip(plain, retrained, strict=True):
         assert mine.curriculum == real.curriculum
@@ -272,3 +282,174 @@ def test_a_failed_training_leaves_an_aborted_run_with_its_completed_steps(tokens
     run = RunSet.load(tmp_path / "hf")["crashed"]
     assert not run.complete
     assert run.curriculum == curriculum.truncate(3)
+
+
+# ------------------------------------------------- a logged Trainer fine-tune, retrained by TrainerTask (issue 21)
+PAD = 0
+
+
+def varied_length_examples(n_examples: int, seed: int) -> list[dict]:
+    """Token sequences of 3..SEQ_LEN tokens: Trainer's token mean and the mean over examples differ."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, SEQ_LEN + 1, (n_examples,), generator=generator)
+    return [{"input_ids": torch.randint(1, VOCAB, (int(length),), generator=generator)} for length in lengths]
+
+
+def pad_right(examples: list[dict], length: int | None = None) -> dict[str, torch.Tensor]:
+    """A collator: pad on the right to the longest example (or ``length``); labels -100 and mask 0 on padding."""
+    length = length or max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), length), PAD, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example["input_ids"])] = example["input_ids"]
+        mask[row, : len(example["input_ids"])] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+def adamw_trainer_args(tmp_path, **options) -> TrainingArguments:
+    """Trainer's own AdamW (weight decay 0.01 on all but biases and norms), warm-up then linear decay, clipping 1.0."""
+    return trainer_args(tmp_path, **{"learning_rate": 0.01, "weight_decay": 0.01, "lr_scheduler_type": "linear",
+                                     "warmup_steps": 2, "max_grad_norm": 1.0, **options})
+
+
+@pytest.fixture(scope="module")
+def varied():
+    pool, test = varied_length_examples(N_POOL, 1), varied_length_examples(N_TEST, 2)
+    pool_batch, test_batch = pad_right(pool, SEQ_LEN), pad_right(test, SEQ_LEN)
+    return {"pool": pool, "pool_ids": pool_batch["input_ids"], "pool_labels": pool_batch["labels"],
+            "test": test_batch}
+
+
+def log_adamw_run(varied, tmp_path, curriculum, checkpoint_steps=()) -> RunSet:
+    probe = ProbeSet(varied["test"])
+    callback = SimfluenceCallback(tmp_path / "hf", "run-000", probe, log_every=1, checkpoint_steps=checkpoint_steps)
+    trainer = CurriculumTrainer(model_init=lambda: GPT2LMHeadModel(CONFIG), args=adamw_trainer_args(tmp_path),
+                                train_dataset=varied["pool"], data_collator=pad_right, callbacks=[callback],
+                                curriculum=curriculum)
+    trainer.train()
+    return RunSet.load(tmp_path / "hf")
+
+
+def task_of_logged_run(varied, runset: RunSet, **fields) -> TrainerTask:
+    return TrainerTask.from_logged_run(runset, 0, make_model=make_lm, pool_inputs=varied["pool_ids"],
+                                       pool_targets=varied["pool_labels"], test_inputs=varied["test"]["input_ids"],
+                                       test_targets=varied["test"]["labels"], loss_fn=lm_loss, **fields)
+
+
+def test_trainer_task_from_a_logged_run_reproduces_a_varied_length_adamw_fine_tune(varied, tmp_path):
+    """Token-mean loss over 2 micro-batches, clipping 1.0, Trainer's AdamW with weight decay, warm-up + decay."""
+    curriculum = random_curricula(1, N_POOL, 6, 6, seed=5)[0]
+    logged = log_adamw_run(varied, tmp_path, curriculum)[0]
+    recorded = logged.metadata["training_arguments"]
+    assert recorded["max_grad_norm"] == 1.0 and recorded["weight_decay"] == 0.01
+    assert logged.metadata["weight_decay"] == 0.01
+
+    task = task_of_logged_run(varied, RunSet.load(tmp_path / "hf"))
+    retrained = generate_runs(task, [curriculum], tmp_path / "retrained", seeds=[logged.metadata["seed"]],
+                              init_seed=task.init_seed, workers=1, progress=False)[0]
+    difference = np.abs(np.asarray(retrained.losses) - np.asarray(logged.losses)).max()
+    print(f"max |retrained - logged| test loss over {curriculum.n_steps} steps: {difference:.2e}")
+    assert difference < 1e-5
+    assert np.allclose(retrained.learning_rates, logged.learning_rates, rtol=1e-7)
+    assert retrained.metadata["training_arguments"] == logged.metadata["training_arguments"]
+
+    # the old reduction (mean over examples) retrains another run: the check above can fail
+    examples = task_of_logged_run(varied, RunSet.load(tmp_path / "hf"), step_loss="examples")
+    other = generate_runs(examples, [curriculum], tmp_path / "examples", seeds=[logged.metadata["seed"]],
+                          init_seed=task.init_seed, workers=1, progress=False)[0]
+    assert np.abs(np.asarray(other.losses) - np.asarray(logged.losses)).max() > 100 * max(difference, 1e-7)
+
+
+def test_a_trainer_task_refuses_an_empty_step_naming_it(tokens):
+    task = lm_task(tokens, TrainerTask)
+    curricula = [Curriculum.from_batches([[0, 1], [2]], n_pool=N_POOL),
+                 Curriculum.from_batches([[0, 1], [], [2]], n_pool=N_POOL)]
+    with pytest.raises(TaskError, match=r"curricula\[1\]: a TrainerTask cannot train step 2"):
+        task.check_curricula(curricula)
+
+
+def test_generating_a_curriculum_a_trainer_task_cannot_train_leaves_nothing_behind(tokens, tmp_path):
+    task = lm_task(tokens, TrainerTask)
+    curricula = [Curriculum.from_batches([[0, 1], [], [2]], n_pool=N_POOL)]
+    with pytest.raises(TaskError, match="cannot train step 2"):
+        generate_runs(task, curricula, tmp_path / "hf", workers=1, progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_callback_logs_pool_positions_when_the_pool_ids_are_other_integers(tokens, tmp_path):
+    """Ids 1000.. are not positions: the callback logs the positions its batches carry, as positions."""
+    model = make_lm(0)
+    probe = ProbeSet({"input_ids": tokens["test"], "labels": tokens["test"]})
+    callback = SimfluenceCallback(tmp_path / "hf", "run-000", probe, pool_ids=[1000 + i for i in range(N_POOL)])
+    curriculum = random_curricula(1, N_POOL, 4, 2, seed=0)[0]
+    CurriculumTrainer(model=model, args=trainer_args(tmp_path), train_dataset=pool_examples(tokens),
+                      optimizers=(sgd(model.parameters()), None), callbacks=[callback], curriculum=curriculum).train()
+    assert RunSet.load(tmp_path / "hf")[0].curriculum == curriculum
+
+
+def test_from_logged_run_refuses_a_run_without_training_arguments(tmp_path, small_runset):
+    small_runset.save(tmp_path / "plain")
+    with pytest.raises(TaskError, match="records no training arguments"):
+        TrainerTask.from_logged_run(tmp_path / "plain", 0, make_model=make_lm)
+
+
+def test_the_callback_saves_checkpoints_in_the_run_sets_format(varied, tmp_path):
+    curriculum = random_curricula(1, N_POOL, 6, 4, seed=6)[0]
+    run = log_adamw_run(varied, tmp_path, curriculum, checkpoint_steps=(0, 2, 4))[0]
+    runset = RunSet.load(tmp_path / "hf")
+    assert checkpoint_steps(runset, run) == [0, 2, 4]
+    saved = load_checkpoints(runset, run)
+    assert [c.learning_rate for c in saved] == pytest.approx([run.learning_rates[0], *run.learning_rates[[1, 3]]])
+    final = make_lm(0)
+    final.load_state_dict(saved[-1].model_state)
+    assert np.allclose(ProbeSet(varied["test"])(final), np.asarray(run.losses)[-1], atol=1e-6)
+    # Trainer groups decayed and other parameters apart; the saved positions are the model's parameter order
+    shapes = [tuple(parameter.shape) for parameter in final.parameters()]
+    state = saved[-1].optimizer_state["state"]
+    assert sorted(state) == list(range(len(shapes)))
+    assert all(tuple(state[position]["exp_avg_sq"].shape) == shapes[position] for position in state)
+    assert second_moment_scale(final, saved[-1]) is not None
+
+
+def test_trainer_task_saves_checkpoints_when_generating(varied, tmp_path):
+    curriculum = random_curricula(1, N_POOL, 6, 4, seed=6)[0]
+    log_adamw_run(varied, tmp_path, curriculum)
+    task = task_of_logged_run(varied, RunSet.load(tmp_path / "hf"))
+    runset = generate_runs(task, [curriculum], tmp_path / "retrained", init_seed=task.init_seed,
+                           checkpoint_steps=(0, 3, 4), workers=1, progress=False)
+    run = runset[0]
+    assert checkpoint_steps(runset, run) == [0, 3, 4]
+    saved = load_checkpoints(runset, run)
+    assert saved[1].learning_rate == pytest.approx(run.learning_rates[2])
+    final = make_lm(0)
+    final.load_state_dict(saved[-1].model_state)
+    assert np.allclose(task.test_losses(final), np.asarray(run.losses)[-1], atol=1e-6)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_finetune.py"
+
+
+def test_the_readme_hf_example_gives_runs_that_verify_reproduces_and_blend_fits(tmp_path, monkeypatch, capsys):
+    """The example's commands (the README's Hugging Face section), with 4 runs of 6 steps and one worker."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_FINETUNE_RUNS", raising=False)
+    spec = importlib.util.spec_from_file_location("hf_finetune_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    commands = [line.split() for line in example.__doc__.splitlines()
+                if line.strip().startswith(("python examples/hf_finetune.py", "simfluence "))]
+    assert [command[:2] for command in commands] == [["python", "examples/hf_finetune.py"],
+                                                     ["simfluence", "verify"], ["simfluence", "fit"]]
+    example.main([{"12": "4", "40": "6"}.get(word, word) for word in commands[0][2:]])
+    runset = RunSet.load(tmp_path / "runs" / "hf-finetune")
+    assert len(runset) == 4 and checkpoint_steps(runset, 0) == [0, 3, 6]
+    assert np.isfinite(runset[0].learning_rates).all() and runset[0].logged_steps.tolist() == list(range(7))
+
+    task = f"{EXAMPLE}:make_task"
+    verify, fit = ([task if word == "examples/hf_finetune.py:make_task" else word for word in command[1:]]
+                   for command in commands[1:])
+    assert main([*verify, "--workers", "1"]) == 0
+    reproduction = re.search(r"reproduces the logged run to (\S+)", capsys.readouterr().out)
+    assert reproduction is not None and float(reproduction.group(1)) < 1e-5
+    assert main(fit) == 0
+    assert (tmp_path / fit[fit.index("--out") + 1]).is_file()

@@ -173,5 +173,5 @@ def test_a_write_error_on_the_background_thread_reaches_the_training_thread(tmp_
     recorder.start(model, RunLogger(tmp_path, "run-0"))
     recorder.add_micro_batch([7])  # outside the pool of 5
     recorder.end_step(1, 0.1, model)
-    with pytest.raises(RunLogError, match="pool id 7"):
+    with pytest.raises(RunLogError, match="pool position 7"):
         recorder.finish(model)

@@ -1,18 +1,22 @@
 """LDS verification: random edits of base runs, retrained for real, every method's predictions scored."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from simfluence.apps.lds import format_lds_table, lds_draws, lds_scores, run_lds, write_lds_report
 from simfluence.cli import main
 from simfluence.curriculum import Curriculum, shuffled_epochs
-from simfluence.errors import SimfluenceError
-from simfluence.runlog import RunSet
+from simfluence.errors import SimfluenceError, TaskError
+from simfluence.runlog import Run, RunSet
 from simfluence.simulators import Simulator
-from simfluence.workloads import generate_digits
+from simfluence.task import task_fingerprint
+from simfluence.workloads import digits_task, generate_digits, task_from_runset
 
 PROTOCOLS = ["remove-10", "move-end"]
 
@@ -46,23 +50,40 @@ def test_remove_drops_the_stated_fraction_of_the_used_examples_everywhere(base):
             assert draw == base.remove(gone) and draw.n_steps == base.n_steps
 
 
-def test_move_end_puts_every_occurrence_of_k_examples_in_the_last_steps(base):
+def test_move_end_puts_every_occurrence_of_k_examples_in_the_last_steps_keeping_batch_sizes(base):
     before = _occurrences(base)
     for draw in lds_draws(base, "move-end", 5, seed=0, k=8):
         after = _occurrences(draw)
-        moved = [i for i in before if after[i] != before[i]]
         assert set(after) == set(before) and all(len(after[i]) == len(before[i]) for i in before)
-        assert 6 <= len(moved) <= 8  # an example already in the last steps may stay where it was
-        assert all(min(after[i]) > base.n_steps - 4 for i in moved)
-        assert draw.n_entries == base.n_entries and draw.n_steps == base.n_steps
+        assert np.array_equal(draw.batch_sizes, base.batch_sizes)
+        n_moved = 8 * 4  # 8 examples, each seen 4 times in the base: they fill its last 8 steps of 4
+        moved = np.unique(draw.ids[-n_moved:])
+        assert moved.size == 8 and all(min(after[i]) > base.n_steps - 8 for i in moved)
+        others = draw.ids[~np.isin(draw.ids, moved)]
+        assert np.array_equal(others, base.ids[~np.isin(base.ids, moved)])  # the rest keep their order
 
 
 def test_move_start_puts_them_in_the_first_steps(base):
-    before = _occurrences(base)
-    for draw in lds_draws(base, "move-start", 5, seed=0, k=8, spread=2):
+    for draw in lds_draws(base, "move-start", 5, seed=0, k=8):
         after = _occurrences(draw)
-        moved = [i for i in before if after[i] != before[i]]
-        assert moved and all(max(after[i]) <= 2 for i in moved)
+        moved = np.unique(draw.ids[:32])
+        assert moved.size == 8 and all(max(after[i]) <= 8 for i in moved)
+        assert np.array_equal(draw.batch_sizes, base.batch_sizes)
+
+
+def test_subset_trains_on_a_random_share_of_the_whole_pool_in_the_bases_batch_sizes(base):
+    draws = lds_draws(base, "subset-50", 4, seed=0, n_pool=100)
+    assert draws == lds_draws(base, "subset-50", 4, seed=0, n_pool=100)
+    chosen = []
+    for draw in draws:
+        assert np.array_equal(draw.batch_sizes, base.batch_sizes) and draw.n_pool == 100
+        ids, counts = np.unique(draw.ids, return_counts=True)
+        assert ids.size == 50 and counts.max() - counts.min() <= 1  # 240 slots: shuffled epochs over 50 examples
+        chosen.append(set(ids.tolist()))
+    assert any(ids - set(range(20, 80)) for ids in chosen)  # the whole pool, not only what the base used
+    assert len({frozenset(ids) for ids in chosen}) == 4
+    with pytest.raises(SimfluenceError, match="draws from the whole pool: pass n_pool"):
+        lds_draws(Curriculum(base.offsets, base.ids), "subset-50", 2)
 
 
 def test_half_keeps_every_occurrence_of_a_random_half(base):
@@ -202,7 +223,7 @@ def test_lds_retrains_every_draw_and_scores_every_method(first_lds):
 
 def test_an_oracle_scores_one_and_a_second_call_retrains_nothing(first_lds):
     retrained, runset, _ = first_lds
-    oracle = Oracle(tuple(sorted(str(path) for path in retrained.iterdir()))).fit(runset, runs=[0])
+    oracle = Oracle(tuple(sorted(str(path) for path in retrained.iterdir() if path.is_dir()))).fit(runset, runs=[0])
     result = run_lds(runset, {"oracle": oracle}, holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained,
                      workers=1, progress=False, n_boot=100)
     assert result.n_trained == 0
@@ -270,3 +291,91 @@ def test_cli_lds_errors_are_one_line(digits, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _shuffled_test_rows():
+    task = digits_task(pool_size=40, test_size=10, n_steps=20)
+    order = torch.randperm(task.n_test, generator=torch.Generator().manual_seed(0))
+    return dataclasses.replace(task, test_inputs=task.test_inputs[order], test_targets=task.test_targets[order])
+
+
+def test_resuming_with_another_task_is_refused_naming_what_changed(first_lds):
+    retrained, runset, _ = first_lds
+    state = json.loads((retrained / "lds-state.json").read_text())
+    assert state["task_fingerprint"] == task_fingerprint(task_from_runset(runset))
+    with pytest.raises(TaskError, match=r"holds runs retrained with another task \(its test data differ\); pass a "
+                                        "fresh --out"):
+        run_lds(runset, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained, workers=1,
+                progress=False, task=_shuffled_test_rows())
+    imported = RunSet([Run(run.name, run.curriculum, run.logged_steps, np.asarray(run.losses), run.learning_rates)
+                       for run in runset], runset.n_pool, runset.pool_ids, runset.test_ids, metadata={})
+    with pytest.raises(TaskError, match=r"its initial weights differ"):  # no seed recorded: the task's is used
+        run_lds(imported, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained, workers=1,
+                progress=False, task=dataclasses.replace(task_from_runset(runset), init_seed=4))
+
+
+def test_retrained_runs_without_a_state_file_are_not_trusted(digits, tmp_path):
+    _, runset = digits
+    (tmp_path / "out" / "run-006" / "runs").mkdir(parents=True)
+    with pytest.raises(TaskError, match="holds retrained runs of 'run-006' but no lds-state.json"):
+        run_lds(runset, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=tmp_path / "out", workers=1,
+                progress=False)
+
+
+def test_an_edited_retrained_run_is_an_error_naming_its_file(first_lds, tmp_path):
+    retrained, runset, _ = first_lds
+    copy = tmp_path / "retrained"
+    shutil.copytree(retrained, copy)
+    losses = copy / "run-006" / "runs" / "remove-10-002" / "losses.bin"
+    data = bytearray(losses.read_bytes())
+    data[-4:] = np.float32(0.5).tobytes()
+    losses.write_bytes(bytes(data))
+    with pytest.raises(SimfluenceError, match=r"remove-10-002/losses.bin' does not match its checksum in .*"
+                                              r"lds-state.json' \(edited or corrupted\); delete"):
+        run_lds(runset, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=copy, workers=1, progress=False)
+    shutil.rmtree(losses.parent)  # as the message says: the run is retrained, the rest reused
+    result = run_lds(runset, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=copy, workers=1,
+                     progress=False, n_boot=0)
+    assert result.n_trained == 1
+
+
+def test_lds_refuses_a_task_that_does_not_reproduce_the_base_runs_before_any_draw(digits, tmp_path):
+    _, runset = digits
+    with pytest.raises(TaskError, match="retraining run 'run-005' of .* does not reproduce its log"):
+        run_lds(runset, ["linear"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=tmp_path / "out", workers=1,
+                progress=False, task=_shuffled_test_rows())
+    assert RunSet.load(tmp_path / "out" / "run-005").run_names == ["base"]
+
+
+def test_multi_seed_lds_averages_the_real_changes_over_seeds(digits, tmp_path):
+    _, runset = digits
+    result = run_lds(runset, ["linear"], base_runs=["run-007"], holdout=3, protocols=["remove-10", "subset-50"],
+                     n_draws=3, out=tmp_path / "out", workers=1, progress=False, n_boot=0, n_seeds=2)
+    assert result.n_trained == 2 * (1 + 2 * 3) and result.settings["n_seeds"] == 2
+    changes = []
+    for folder, init_seed in (("run-007", 0), ("run-007.seed-1", 1)):
+        retrained = RunSet.load(tmp_path / "out" / folder)
+        assert retrained.metadata["generator"]["init_seed"] == init_seed
+        finals = np.stack([np.asarray(retrained[f"remove-10-{draw:03d}"].losses[-1]) for draw in range(3)])
+        changes.append(finals - np.asarray(retrained["base"].losses[-1]))
+    assert not np.allclose(changes[0], changes[1])  # another seed, another model
+    np.testing.assert_allclose(result.actual["remove-10"][0], np.mean(changes, axis=0), atol=1e-6)
+    assert result.base_reproduction == 0.0  # the logged seed still reproduces the base exactly
+
+
+def test_cli_lds_resumed_with_another_task_file_is_one_line_and_trains_nothing(first_lds, tmp_path, capsys):
+    retrained, _, _ = first_lds
+    out, runs = retrained.parent, retrained.parent.parent / "runs"
+    spec = tmp_path / "other.py"
+    spec.write_text("from simfluence.workloads import digits_task\n\n\ndef make_task():\n"
+                    "    task = digits_task(pool_size=40, test_size=10, n_steps=20)\n"
+                    "    task.test_inputs, task.test_targets = task.test_inputs.flip(0), task.test_targets.flip(0)\n"
+                    "    return task\n")
+    before = sorted(path.name for path in (retrained / "run-005" / "runs").iterdir())
+    args = ["verify", str(runs), "--protocol", "lds", "--methods", "linear", "--holdout", "3", "--draws", "6",
+            "--protocols", ",".join(PROTOCOLS), "--workers", "1", "--out", str(out)]
+    assert main([*args, "--task", f"{spec}:make_task"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "holds runs retrained with another task (its test data differ); pass a fresh --out" in err
+    assert sorted(path.name for path in (retrained / "run-005" / "runs").iterdir()) == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from simfluence.metrics import METRIC_NAMES, format_table, spearman, trajectory_metrics
+from simfluence.metrics import METRIC_NAMES, bootstrap_intervals, format_table, spearman, trajectory_metrics
 
 
 def _scipy_spearman_along(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
@@ -231,3 +231,34 @@ def test_format_table_aligns_columns_and_marks_missing_and_nan():
 def test_format_table_default_columns_are_the_metrics_and_fit_time():
     header = format_table({}).splitlines()[0].split()
     assert header == ["method", *METRIC_NAMES, "fit_seconds"]
+
+
+def test_bootstrap_intervals_are_the_percentiles_of_the_metrics_of_resampled_runs():
+    rng = np.random.default_rng(3)
+    actual = rng.random((6, 9, 5))
+    predicted = actual + 0.3 * rng.standard_normal(actual.shape)
+    mask = np.ones((6, 9), dtype=bool)
+    mask[1, 5:] = False  # a run logged up to step 4 only
+    mask[2, ::2] = False
+    mask[2, 0] = True
+    actual[~mask] = np.nan
+    intervals = bootstrap_intervals(predicted, actual, mask=mask, n_boot=50, seed=1)
+    resamples = np.random.default_rng([1, 6]).integers(0, 6, size=(50, 6))
+    brute = [trajectory_metrics(predicted[runs], actual[runs], actual[runs, 0], mask[runs]) for runs in resamples]
+    for name in METRIC_NAMES:
+        samples = np.array([scores[name] for scores in brute])
+        expected = np.percentile(samples[np.isfinite(samples)], [2.5, 97.5])
+        np.testing.assert_allclose(intervals[name], expected, rtol=1e-12, err_msg=name)
+    full = trajectory_metrics(predicted, actual, mask=mask)
+    assert intervals["all_mse"][0] < full["all_mse"] < intervals["all_mse"][1]
+
+
+def test_evaluation_reports_a_bootstrap_interval_per_method_and_metric():
+    from simfluence.evaluation import evaluate
+    from simfluence.synthetic import known_linear_runset
+
+    runset, _, _ = known_linear_runset(n_pool=20, n_test=4, n_runs=8, n_steps=10, batch_size=4, noise=0.01)
+    result = evaluate(runset, ["mean_curve", "linear"], holdout=4, progress=False)
+    for name in ("mean_curve", "linear"):
+        low, high = result.intervals[name]["all_mse"]
+        assert low <= result.metrics[name]["all_mse"] <= high and set(result.intervals[name]) == set(METRIC_NAMES)

@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 
 import simfluence.runlog as runlog
 from simfluence.curriculum import Curriculum
-from simfluence.errors import RunLogError
+from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.runlog import MANIFEST, Run, RunLogger, RunSet, natural_key, run_status
 
 BIN_FILES = ("batch_sizes.bin", "batch_ids.bin", "learning_rates.bin", "logged_steps.bin", "losses.bin")
@@ -66,7 +66,8 @@ def log_run(runset_path: Path, run: Run, status: str | None = None) -> None:
         log.log_initial(logged[0])
     for step, batch in enumerate(run.curriculum.batches(), 1):
         learning_rate = run.learning_rates[step - 1]
-        log.log_step(batch, losses=logged.get(step), learning_rate=None if np.isnan(learning_rate) else learning_rate)
+        log.log_step(positions=batch, losses=logged.get(step),
+                     learning_rate=None if np.isnan(learning_rate) else learning_rate)
     log.close(status or ("complete" if run.complete else "running"))
 
 
@@ -214,8 +215,8 @@ def test_to_frame_matches_the_loss_matrices(tmp_runset):
 def test_curriculum_frame_has_one_row_per_batch_entry_with_external_pool_ids():
     runs = [make_run("b", [[2, 0, 0], [], [1]], [0], [[1.0]]), make_run("a", [[1]], [0], [[1.0]])]
     frame = RunSet(runs, pool_ids=["p", "q", 5]).curriculum_frame()
-    assert list(frame.columns) == ["run", "step", "example"]
-    assert list(frame.itertuples(index=False, name=None)) == [
+    assert list(frame.columns) == ["run", "step", "example", "lr"]
+    assert list(frame[["run", "step", "example"]].itertuples(index=False, name=None)) == [
         ("a", 1, "q"), ("b", 1, 5), ("b", 1, "p"), ("b", 1, "p"), ("b", 3, "q"),
     ]
 
@@ -306,7 +307,7 @@ if mode == "kill-in-commit":
 log = RunLogger(path, "run-crashed", metadata={"seed": 7})
 log.log_initial(plan["losses"]["0"])
 for step, (batch, lr) in enumerate(zip(plan["batches"], plan["learning_rates"]), 1):
-    log.log_step(batch, losses=plan["losses"].get(str(step)), learning_rate=lr)
+    log.log_step(positions=batch, losses=plan["losses"].get(str(step)), learning_rate=lr)
 if mode == "exit":
     os._exit(1)
 for name, junk in [("losses.bin", b"\xff" * 10), ("logged_steps.bin", bytes(8)), ("batch_ids.bin", b"\x07" * 3),
@@ -561,11 +562,11 @@ def logger(tmp_path):
         (lambda log: log.log_step([0], losses=[1.0, np.nan, 1.0]), r"run 'run-1', step 1: loss of test 'b'.* is nan"),
         (lambda log: log.log_initial([1.0, 2.0, np.inf]), r"run 'run-1', step 0: loss of test 'c'.* is inf"),
         (lambda log: log.log_step([0], losses=[1.0, 2.0]), r"run 'run-1', step 1: 2 losses for 3 test examples"),
-        (lambda log: log.log_step([1, 4]), r"run 'run-1', step 1: pool id 4 outside 0\.\.3"),
-        (lambda log: log.log_step([-1]), r"run 'run-1', step 1: pool id -1 outside 0\.\.3"),
-        (lambda log: log.log_step([0.5]), r"run 'run-1', step 1: batch ids must be integers"),
-        (lambda log: log.log_step(["x"]), r"run 'run-1', step 1: batch ids must be integers"),
-        (lambda log: log.log_step([True]), r"run 'run-1', step 1: batch ids must be integers"),
+        (lambda log: log.log_step([1, 4]), r"run 'run-1', step 1: pool position 4 outside 0\.\.3"),
+        (lambda log: log.log_step([-1]), r"run 'run-1', step 1: pool position -1 outside 0\.\.3"),
+        (lambda log: log.log_step([0.5]), r"run 'run-1', step 1: batch positions must be integers"),
+        (lambda log: log.log_step(["x"]), r"run 'run-1', step 1: batch positions must be integers"),
+        (lambda log: log.log_step([True]), r"run 'run-1', step 1: batch positions must be integers"),
         (lambda log: log.log_step([0], learning_rate="fast"), r"run 'run-1', step 1: learning rate 'fast'"),
     ],
 )
@@ -735,9 +736,10 @@ def sparse_file(path: Path, nbytes: int, tail: bytes = b"") -> None:
         handle.write(tail)
 
 
-def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path):
+def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path, monkeypatch):
     import tracemalloc
 
+    monkeypatch.setattr(runlog, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
     n_test, n_logged = 1024, 2**17  # losses.bin: 512 MiB of holes (a few KB on disk), a NaN in the last cell
     path = write_raw_runset(tmp_path / "rs", test_ids=[f"t{j}" for j in range(n_test)], n_test=n_test)
     run_dir = path / "runs" / "run-1"
@@ -759,9 +761,10 @@ def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path):
         RunSet.load(path, validate=False)
 
 
-def test_sparse_huge_batch_sizes_are_checked_without_allocating(tmp_path):
+def test_sparse_huge_batch_sizes_are_checked_without_allocating(tmp_path, monkeypatch):
     import tracemalloc
 
+    monkeypatch.setattr(runlog, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
     path = write_raw_runset(tmp_path / "rs")  # n_entries = 4; the sparse sizes add up to 0
     run_dir = path / "runs" / "run-1"
     set_run_json(path, n_steps=2**25)
@@ -775,6 +778,30 @@ def test_sparse_huge_batch_sizes_are_checked_without_allocating(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20, peak
+
+
+@pytest.mark.parametrize("n_steps", [3 * 10**8, 5 * 10**7])
+def test_a_sparse_run_declaring_huge_counts_is_one_error_before_allocating(tmp_path, n_steps):
+    import tracemalloc
+
+    path = write_raw_runset(tmp_path / "rs")  # a valid run of n_steps empty steps at rate 0, in a few KB on disk
+    run_dir = path / "runs" / "run-1"
+    set_run_json(path, n_steps=n_steps, n_entries=0)
+    for name in ("batch_sizes.bin", "learning_rates.bin"):
+        sparse_file(run_dir / name, 8 * n_steps)
+    if os.stat(run_dir / "batch_sizes.bin").st_blocks * 512 >= 8 * n_steps // 16:
+        pytest.skip("this file system does not keep sparse files sparse")
+    tracemalloc.start()
+    try:
+        with pytest.raises(RunLogError, match=r"batch_sizes\.bin' occupies \d+ bytes on disk for the "
+                                              rf"{8 * n_steps} run\.json promises \(a sparse file\)"):
+            RunSet.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak  # was a MemoryError traceback (3e8 steps) or 1.27 GB (5e7 steps)
+    if n_steps == 3 * 10**8:
+        assert "sparse file" in cli_error("info", str(path))
 
 
 def test_counts_beyond_any_file_size_are_rejected_before_allocating(tmp_path):
@@ -934,7 +961,7 @@ def test_runs_read_their_arrays_on_first_use(tmp_path):
 # ------------------------------------------------------------------------------------------ concurrent writers
 SECOND_WRITER = r"""
 import sys
-from simfluence.errors import RunLogError
+from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.runlog import RunLogger
 try:
     RunLogger(sys.argv[1], "run-1", overwrite=sys.argv[2] == "1")
@@ -1151,3 +1178,140 @@ def test_select_tests_keeps_runs_and_takes_only_the_chosen_loss_columns(tmp_runs
     for mine, theirs in zip(subset, tmp_runset, strict=True):
         np.testing.assert_array_equal(mine.losses, np.asarray(theirs.losses)[:, [2, 0]])
         assert mine.curriculum == theirs.curriculum
+
+
+# ------------------------------------------------------------------ install_run validates like a load (issue 22.6)
+def _patched(files: dict, filename: str, dtype: str, index: int, value) -> dict:
+    array = np.frombuffer(files[filename], dtype=dtype).copy()
+    array[index] = value
+    return {**files, filename: array.tobytes()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: _patched(f, "losses.bin", "<f4", 1, np.nan), r"loss of test .* is nan"),
+    (lambda f: _patched(f, "logged_steps.bin", "<i8", 2, 1), "logged steps not strictly increasing"),
+    (lambda f: _patched(f, "learning_rates.bin", "<f8", 0, -1.0), "learning rate of step 1 is -1.0"),
+    (lambda f: {**f, "losses.bin": list(f["losses.bin"])}, "the content of losses.bin must be bytes, got list"),
+    (lambda f: {**f, "run.json": "{}"}, "the content of run.json must be bytes, got str"),
+])
+def test_install_run_refuses_what_a_load_refuses_and_changes_nothing(tmp_runset, tmp_path, damage, message):
+    other = tmp_path / "other"
+    RunSet.create(other, n_pool=tmp_runset.n_pool, test_ids=tmp_runset.test_ids)
+    name = tmp_runset.run_names[0]
+    good = runlog.export_run(tmp_runset.path, name)
+    runlog.install_run(other, name, good)
+    replaced = []
+    with pytest.raises(RunLogError, match=message):
+        runlog.install_run(other, name, damage(dict(good)), before_replace=lambda: replaced.append(True))
+    assert replaced == []  # the hook that replaces the run's checkpoints never ran
+    for filename, data in good.items():
+        assert (other / "runs" / name / filename).read_bytes() == data
+    assert sorted(p.name for p in (other / "runs").iterdir()) == [".locks", name]
+    RunSet.load(other)  # still loads
+
+
+# ------------------------------------------------------------------ ids and positions in log_step (issue 21.8)
+def test_log_step_takes_ids_or_positions_and_never_confuses_them(tmp_path):
+    RunSet.create(tmp_path, pool_ids=[5, 3, 9, 0], test_ids=1)
+    with RunLogger(tmp_path, "run-1") as log:
+        with pytest.raises(RunLogError, match="could mean ids or positions; pass positions=.* or ids="):
+            log.log_step([0, 3], losses=[1.0])  # ids 0 and 3 exist, and so do positions 0 and 3
+        log.log_step(ids=[0, 3], losses=[1.0])
+        log.log_step(positions=[0, 3], losses=[0.5])
+        with pytest.raises(RunLogError, match="give the batch as one of positions=... or ids=..., got positions and"):
+            log.log_step(positions=[0], ids=[5])
+        with pytest.raises(SimfluenceError, match="7"):
+            log.log_step(ids=[7])
+    run = RunSet.load(tmp_path)["run-1"]
+    assert run.curriculum.ids.tolist() == [3, 1, 0, 3] and run.n_steps == 2
+
+
+def test_log_step_with_default_or_text_pool_ids_keeps_taking_positions(tmp_path):
+    RunSet.create(tmp_path / "default", n_pool=3, test_ids=1)
+    RunSet.create(tmp_path / "text", pool_ids=["a", "b", "c"], test_ids=1)
+    for folder in ("default", "text"):
+        with RunLogger(tmp_path / folder, "run-1") as log:
+            log.log_step([2, 0], losses=[1.0])
+        assert RunSet.load(tmp_path / folder)["run-1"].curriculum.ids.tolist() == [2, 0]
+    with RunLogger(tmp_path / "text", "run-2") as log:
+        log.log_step(ids=["c", "a"])
+    assert RunSet.load(tmp_path / "text")["run-2"].curriculum.ids.tolist() == [2, 0]
+
+
+# ------------------------------------------------------------------ replacing a whole run set (issue 22.1, 22.2)
+def test_a_folder_with_a_foreign_manifest_is_not_a_run_set(tmp_path):
+    for text in ('{"name": "PWA"}', '{"format": "simfluence-runset"}', '{"format": "simfluence-runset", '
+                 '"version": 99, "n_pool": 1, "pool_ids": [0], "test_ids": [0]}'):
+        (tmp_path / MANIFEST).write_text(text)
+        assert not runlog.is_runset(tmp_path)
+        with pytest.raises(RunLogError, match="is not a run set .*refusing to replace it or write a run set into"):
+            runlog.check_replaceable(tmp_path)
+
+
+def test_a_run_set_is_not_replaced_while_a_logger_writes_and_no_logger_starts_while_it_is(tmp_runset):
+    path = tmp_runset.path
+    with RunLogger(path, "busy"):
+        with pytest.raises(RunLogError, match="is being written .*replace it once no writer runs"):
+            tmp_runset.select([0]).save(path, overwrite=True)
+        with pytest.raises(RunLogError, match="is being written"), runlog.runset_destination(path, overwrite=True):
+            pass
+    assert RunSet.load(path).run_names == ["busy", *tmp_runset.run_names]
+    with runlog.runset_destination(path, overwrite=True) as staging:
+        assert staging.parent == path.parent and staging.name.startswith(".runset.")
+        with pytest.raises(RunLogError, match="is being replaced by another writer"):
+            RunLogger(path, "late")
+        with pytest.raises(RunLogError, match="is being replaced by another writer"):
+            runlog.install_run(path, "late", runlog.export_run(path, tmp_runset.run_names[0]))
+        tmp_runset.select([1]).save(staging, overwrite=True)
+    assert RunSet.load(path).run_names == tmp_runset.run_names[1:2]
+    assert sorted(os.listdir(path.parent)) == ["runset"]
+
+
+def test_an_error_while_building_aside_or_at_any_rename_keeps_the_old_set_or_puts_the_new_one(tmp_runset,
+                                                                                               monkeypatch):
+    path = tmp_runset.path
+    with pytest.raises(OSError, match="disk full"), runlog.runset_destination(path, overwrite=True) as staging:
+        tmp_runset.select([1]).save(staging, overwrite=True)
+        raise OSError("disk full")
+    assert RunSet.load(path).run_names == tmp_runset.run_names and os.listdir(path.parent) == ["runset"]
+    real_replace = os.replace
+    for crash_at in (1, 2):
+        renames = [0]
+
+        def replace(src, dst, crash_at=crash_at, renames=renames):
+            if str(path) in (str(src), str(dst)):
+                renames[0] += 1
+                if renames[0] == crash_at:
+                    raise OSError("interrupted")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OSError, match="interrupted"), runlog.runset_destination(path, overwrite=True) as staging:
+            tmp_runset.select([1]).save(staging, overwrite=True)
+        monkeypatch.undo()
+        assert RunSet.load(path).run_names == tmp_runset.run_names, crash_at  # the old set, whole
+        assert os.listdir(path.parent) == ["runset"]
+    real_rmtree = shutil.rmtree
+
+    def rmtree(folder, *args, **kwargs):  # the old set, moved aside, cannot be deleted
+        if Path(folder).name.startswith(".runset.") and Path(folder).name.endswith(".old"):
+            raise OSError("busy")
+        real_rmtree(folder, *args, **kwargs)
+
+    monkeypatch.setattr(runlog.shutil, "rmtree", rmtree)
+    with pytest.raises(OSError, match="busy"), runlog.runset_destination(path, overwrite=True) as staging:
+        tmp_runset.select([1]).save(staging, overwrite=True)
+    monkeypatch.undo()
+    assert RunSet.load(path).run_names == tmp_runset.run_names[1:2]  # the new set, complete (the old one aside)
+
+
+def test_the_command_line_reaches_a_set_whose_save_was_killed_between_its_renames(tmp_runset, capsys):
+    from simfluence.cli import main
+
+    path = tmp_runset.path
+    subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(path), "2"], capture_output=True, timeout=120)
+    assert not path.exists()
+    assert main(["info", str(path)]) == 0
+    assert "n_runs=1" in capsys.readouterr().out
+    assert main(["info", str(path.parent / "missing")]) == 2
+    assert capsys.readouterr().err == f"simfluence: error: {str(path.parent / 'missing')!r} does not exist\n"

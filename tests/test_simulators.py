@@ -1,11 +1,14 @@
 """Simulators recover known models, simulate consistently and round-trip through save/load."""
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import ModelFileError, NotFittedError, SimfluenceError
+from simfluence.errors import FitWarning, ModelFileError, NotFittedError, SimfluenceError
 from simfluence.methods import load_simulator, make_simulator
 from simfluence.runlog import Run, RunSet
 from simfluence.simulators import MeanCurve, SimfluenceAdditive, SimfluenceLinear, rollout_runs
@@ -121,12 +124,14 @@ def test_simulate_batches_curricula_and_holds_after_the_end(linear_runs):
 
 def test_lam_auto_is_chosen_on_training_runs_only(linear_runs):
     runset, _, _ = linear_runs
-    sim = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(runset, runs=range(10))
-    assert {entry["lam"] for entry in sim.validation_} == {1e-3, 1e-1, 10.0}
+    with pytest.warns(FitWarning):  # noise-free runs: the weakest lam wins, even of the extended grid
+        sim = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(runset, runs=range(10))
+    assert {entry["lam"] for entry in sim.validation_} == {1e-6, 1e-5, 1e-4, 1e-3, 1e-1, 10.0}
     assert sim.lam_ == min(sim.validation_, key=lambda entry: entry["mse"])["lam"]
     # changing the runs outside the training set must not change the fit
     other = runset.select(list(range(10)))
-    again = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(other)
+    with pytest.warns(FitWarning):
+        again = SimfluenceLinear(lam_grid=(1e-3, 1e-1, 10.0)).fit(other)
     np.testing.assert_allclose(sim.A_, again.A_)
 
 
@@ -169,7 +174,7 @@ def test_errors_are_clear(linear_runs, tmp_path):
         sim.simulate(runset[0].curriculum, np.ones(3))
     with pytest.raises(SimfluenceError, match="unknown method"):
         make_simulator("nope")
-    with pytest.raises(SimfluenceError, match="lam must be > 0"):
+    with pytest.raises(SimfluenceError, match="lam must be a number > 0"):
         SimfluenceLinear(lam=0.0).fit(runset)
 
 
@@ -191,7 +196,9 @@ def test_sparse_logging_every_second_step_still_beats_the_mean_curve():
     train, heldout = list(range(11)), list(range(11, 14))
     errors = {}
     for name in ("mean_curve", "linear", "linear_mom"):
-        sim = make_simulator(name).fit(runset, runs=train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FitWarning)  # linear_mom says it drops the velocity (tested below)
+            sim = make_simulator(name).fit(runset, runs=train)
         predicted, actual, mask = rollout_runs(sim, runset, heldout)
         mask[:, 0] = False
         errors[name] = float(((predicted - np.nan_to_num(actual))[mask] ** 2).mean())
@@ -228,10 +235,11 @@ def test_scikit_learn_conventions_params_clone_and_unchanged_arguments(linear_ru
     with pytest.raises(SimfluenceError, match="has no option 'bogus'"):
         copy.set_params(bogus=1)
     runset, _, _ = linear_runs
-    sim.fit(runset)
+    with pytest.warns(FitWarning):  # noise-free runs: the weakest lam wins, even of the extended grid
+        sim.fit(runset)
     # candidates of the grid are fitted on clones: the estimator's own parameters never change
-    assert sim.lam == "auto" and sim.momentum == "auto"
-    assert len(sim.validation_) == 4 and sim.lam_ in grid and sim.momentum_ in (0.0, 0.5)
+    assert sim.lam == "auto" and sim.momentum == "auto" and sim.lam_grid == [0.1, 1.0]
+    assert {e["lam"] for e in sim.validation_} >= set(grid) and sim.momentum_ in (0.0, 0.5)
     assert not getattr(copy, "fitted_", False)
 
 
@@ -290,8 +298,10 @@ def test_float32_fit_gives_the_float64_effects(linear_runs):
 
 def test_one_solve_per_lam_gives_every_momentum_candidate():
     runset = _extended_runset(seed=5, n_runs=12, momentum=0.5)
-    grid = make_simulator("linear_mom", lam_grid=(1e-2, 1.0), momentum_grid=(0.0, 0.5), tol=1e-12).fit(runset)
-    assert [(e["lam"], e["momentum"]) for e in grid.validation_] == [(1.0, 0.0), (1e-2, 0.0), (1.0, 0.5), (1e-2, 0.5)]
+    with pytest.warns(FitWarning, match="lam='auto' chose lam=1e-05"):  # noise-free: the weakest lam wins
+        grid = make_simulator("linear_mom", lam_grid=(1e-2, 1.0), momentum_grid=(0.0, 0.5), tol=1e-12).fit(runset)
+    lams = [1.0, 1e-2, 1e-3, 1e-4, 1e-5]  # the grid, then extended beyond its weakest value
+    assert [(e["lam"], e["momentum"]) for e in grid.validation_] == [(lam, mu) for mu in (0.0, 0.5) for lam in lams]
     fixed = make_simulator("linear_mom", lam=grid.lam_, momentum=grid.momentum_, tol=1e-12).fit(runset)
     np.testing.assert_allclose(grid.A_, fixed.A_, rtol=0, atol=1e-8 * np.abs(fixed.A_).max())
     np.testing.assert_allclose(grid.B_, fixed.B_, rtol=0, atol=1e-8 * np.abs(fixed.B_).max())
@@ -359,3 +369,85 @@ def test_rollout_without_curricula_or_steps_keeps_the_initial_losses(linear_runs
     assert sim.simulate([], np.ones((0, 5))).shape == (0, 1, 5)
     empty = [Curriculum([0], []), Curriculum([0, 0, 0], [])]  # no steps; two empty batches
     np.testing.assert_array_equal(sim.simulate(empty, np.ones(5)), np.ones((2, 3, 5)))
+
+
+@pytest.mark.parametrize("every", [5, 10])
+def test_auto_momentum_on_sparse_logs_says_it_drops_the_velocity_and_the_model_file_keeps_it(every, tmp_path):
+    runset = _thin(known_linear_runset(n_pool=20, n_test=3, n_runs=8, n_steps=30, batch_size=4, seed=3)[0], every)
+    with pytest.warns(FitWarning, match=rf"momentum='auto' fell back to 0 .*logs losses every {every} steps"):
+        sim = make_simulator("linear_mom", lam_grid=(1.0,)).fit(runset)
+    assert sim.momentum_ == 0.0
+    assert len(sim.fit_warnings_) == 1 and f"every {every} steps" in sim.fit_warnings_[0]
+    assert load_simulator(sim.save(tmp_path / "m.npz")).fit_warnings_ == sim.fit_warnings_
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FitWarning)  # every step logged: nothing to say
+        quiet = make_simulator("linear_mom", lam_grid=(1.0,), momentum_grid=(0.0, 0.5)).fit(
+            known_linear_runset(n_pool=20, n_test=3, n_runs=8, n_steps=30, batch_size=4, seed=3)[0])
+    assert quiet.fit_warnings_ == []
+
+
+def _noisy_runs():
+    """Runs whose validation error is lowest at lam = 1 (noise 0.02; see the grid in the test)."""
+    return known_linear_runset(n_pool=20, n_test=3, n_runs=10, n_steps=20, batch_size=4, noise=0.02, seed=4)[0]
+
+
+def test_lam_at_the_edge_of_its_grid_extends_the_grid_and_chooses_again():
+    # the weakest value of the grid wins; three decades further down the best one (lam = 1) lies inside
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FitWarning)
+        sim = SimfluenceLinear(lam="auto", alpha_center=1.0, lam_grid=(100.0, 1000.0)).fit(_noisy_runs())
+    assert sim.lam_ == pytest.approx(1.0)
+    tried = sorted(entry["lam"] for entry in sim.validation_)
+    np.testing.assert_allclose(tried, [0.1, 1.0, 10.0, 100.0, 1000.0])
+    assert sim.fit_warnings_ == []
+
+
+@pytest.mark.parametrize("grid, side, chosen", [((1e3, 1e4), "weakest", 1.0), ((1e-2, 1e-1), "strongest", 100.0)])
+def test_lam_at_the_edge_even_of_the_extended_grid_warns_and_is_recorded(grid, side, chosen):
+    with pytest.warns(FitWarning, match=rf"lam='auto' chose lam={chosen:g}, the {side} value even of lam_grid"):
+        sim = SimfluenceLinear(lam="auto", alpha_center=1.0, lam_grid=grid).fit(_noisy_runs() if side == "weakest"
+                                                                               else _pure_noise_runs())
+    assert sim.lam_ == pytest.approx(chosen)
+    assert len(sim.fit_warnings_) == 1 and side in sim.fit_warnings_[0]
+
+
+def _pure_noise_runs():
+    """Losses that random-walk whatever the curriculum (examples have no effect): the strongest ridge (keep the
+    loss, alpha_center = 1) validates best."""
+    runset = known_linear_runset(n_pool=20, n_test=3, n_runs=10, n_steps=20, batch_size=4, seed=4)[0]
+    rng = np.random.default_rng(0)
+    for run in runset.runs:
+        run.losses = 2.0 + np.cumsum(0.05 * rng.standard_normal(np.shape(run.losses)), axis=0)
+    return runset
+
+
+@pytest.mark.parametrize("param, value, expected", [
+    ("lam_grid", [], "lam_grid must be a non-empty list of numbers > 0, got []"),
+    ("lam_grid", "abc", "lam_grid must be a non-empty list of numbers > 0, got 'abc'"),
+    ("lam_grid", [1.0, -2.0], "lam_grid must be a non-empty list"),
+    ("momentum_grid", [0.5, 1.5], "momentum_grid must be a non-empty list of numbers in [0, 1)"),
+    ("alpha_center", "x", "alpha_center must be a number, got 'x'"),
+    ("alpha_center", float("nan"), "alpha_center must be a number"),
+    ("lam", "strong", "lam must be a number > 0 or 'auto', got 'strong'"),
+    ("momentum", 1.0, "momentum must be a number in [0, 1) or 'auto'"),
+    ("val_fraction", 0, "val_fraction must be a number in (0, 1)"),
+    ("step_terms", "yes", "step_terms must be true or false"),
+    ("lr_scaled", "sometimes", "lr_scaled must be true, false or 'auto'"),
+    ("solver", "magic", "solver must be one of auto, direct, cg"),
+    ("max_iter", 2.5, "max_iter must be an integer >= 1"),
+    ("tol", "1e-8", "tol must be a number in (0, 1)"),
+])
+def test_bad_hyper_parameters_are_one_error_naming_the_parameter(linear_runs, param, value, expected):
+    sim = make_simulator("linear_mom").set_params(**{param: value})
+    with pytest.raises(SimfluenceError, match=re.escape(expected)) as caught:
+        sim.fit(linear_runs[0])
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("SimfluenceLinear: ")
+
+
+def test_a_run_set_without_test_examples_is_one_clear_error():
+    cur = Curriculum.from_batches([[0, 1], [1, 2]], n_pool=3)
+    runs = [Run(f"r{i}", cur, [0, 1, 2], np.zeros((3, 0))) for i in range(3)]
+    runset = RunSet(runs, n_pool=3, test_ids=[])
+    for name in ("linear", "linear_mom", "additive", "linear_mom_log"):
+        with pytest.raises(SimfluenceError, match=r"no test examples \(n_test = 0\)"):
+            make_simulator(name).fit(runset)

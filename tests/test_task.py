@@ -6,6 +6,8 @@ task, and ``simfluence verify --task file.py:make_task`` retrains the held-out b
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -22,7 +24,20 @@ import torch
 from simfluence.cli import main
 from simfluence.errors import TaskError
 from simfluence.runlog import RunSet
-from simfluence.task import Task, load_task, task_for_runset
+from simfluence.task import (
+    REPLAY_TOLERANCE,
+    ReplayWarning,
+    Task,
+    check_checkpoint_losses,
+    check_recorded_settings,
+    check_replay,
+    fingerprint_change,
+    fingerprint_digest,
+    load_task,
+    task_fingerprint,
+    task_fingerprint_parts,
+    task_for_runset,
+)
 
 # a task the package does not ship: examples/wine_task.py (the README's "Your own task"), written to a
 # temporary folder so that nothing of the repository is on its import path
@@ -250,3 +265,92 @@ def test_killed_generation_leaves_no_worker_training(wine_spec, tmp_path):
             os.killpg(parent.pid, signal.SIGKILL)  # anything of this session still there
         except ProcessLookupError:
             pass
+
+
+# ----------------------------------------------------------------------------------------- fingerprint
+def _digits(**options) -> Task:
+    from simfluence.workloads import digits_task
+
+    return digits_task(pool_size=40, test_size=10, n_steps=20, **options)
+
+
+def test_the_fingerprint_is_stable_and_names_the_part_that_changed():
+    task = _digits()
+    parts = task_fingerprint_parts(task)
+    state = torch.random.get_rng_state()
+    assert task_fingerprint(_digits()) == task_fingerprint(task) == fingerprint_digest(parts)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building the initial model leaves the RNG alone
+    order = torch.arange(task.n_test).flip(0)
+    changed = {
+        "initial weights": dataclasses.replace(task, init_seed=1),
+        "test data": dataclasses.replace(task, test_inputs=task.test_inputs[order]),
+        "pool data": dataclasses.replace(task, pool_targets=(task.pool_targets + 1) % 10),
+        "optimizer": _digits(momentum=0.0),
+        "learning-rate schedule": _digits(lr=0.5),
+        "loss function": dataclasses.replace(task, loss_fn=functools.partial(torch.nn.functional.cross_entropy,
+                                                                             reduction="none", label_smoothing=0.1)),
+    }
+    for part, other in changed.items():
+        assert fingerprint_change(parts, task_fingerprint_parts(other)) == part
+        assert task_fingerprint(other) != task_fingerprint(task)
+
+
+def test_the_fingerprint_of_a_task_file_does_not_depend_on_how_often_it_was_loaded(wine_spec):
+    assert task_fingerprint(load_task(wine_spec)) == task_fingerprint(load_task(wine_spec))
+
+
+def test_recorded_settings_that_the_task_contradicts_are_refused(tmp_path):
+    from simfluence.synthetic import known_linear_runset
+
+    runset, _, _ = known_linear_runset(n_pool=40, n_test=10, n_runs=1, n_steps=3)
+    run = runset[0]
+    task = _digits()  # SGD with momentum 0.9, no clipping, init seed 0
+    check_recorded_settings(task, runset, run)  # nothing recorded that contradicts it
+    for metadata, message in [
+        ({"optimizer": "AdamW"}, "records optimizer = 'AdamW' but the task has 'SGD'"),
+        ({"optimizer": {"kind": "sgd", "momentum": 0.0}}, "records momentum = 0.0 but the task has 0.9"),
+        ({"max_grad_norm": 1.0}, "records max_grad_norm = 1.0 but the task has 0.0"),
+        ({"weight_decay": 0.01}, "records weight_decay = 0.01 but the task has 0.0"),
+        ({"init_seed": 5}, "records init_seed = 5 but the task has 0"),
+    ]:
+        run.metadata = metadata
+        with pytest.raises(TaskError, match=f"run '{run.name}' {message}"):
+            check_recorded_settings(task, runset, run)
+    run.metadata = {"optimizer": "SGD", "momentum": 0.9, "max_grad_norm": None}
+    check_recorded_settings(task, runset, run)
+
+
+def test_a_replay_beyond_the_tolerance_is_an_error_and_a_raised_tolerance_warns():
+    from simfluence.synthetic import known_linear_runset
+
+    runset, _, _ = known_linear_runset(n_pool=10, n_test=4, n_runs=1, n_steps=5)
+    run = runset[0]
+    logged, _ = run.dense_losses()
+    scale = np.abs(logged).mean()
+    assert check_replay(runset, run, logged) == 0.0
+    assert check_replay(runset, run, logged + 0.5 * REPLAY_TOLERANCE * scale) > 0  # within: float noise passes
+    wrong = logged + 2 * REPLAY_TOLERANCE * scale
+    with pytest.raises(TaskError, match="does not reproduce its log: test losses differ by up to"):
+        check_replay(runset, run, wrong)
+    with pytest.warns(ReplayWarning, match="NOT REPRODUCED"):
+        assert check_replay(runset, run, wrong, tolerance=1.0) == pytest.approx(2 * REPLAY_TOLERANCE * scale)
+    with pytest.raises(TaskError, match="differ by up to inf"):
+        check_replay(runset, run, np.where(np.isfinite(logged), np.nan, 0.0), tolerance=1.0)
+
+
+def test_checkpoints_of_another_model_or_test_rows_are_refused(tmp_path):
+    from simfluence.attribution import load_checkpoints
+    from simfluence.curriculum import random_curricula
+    from simfluence.workloads import generate_runs
+
+    task = _digits()
+    runset = generate_runs(task, random_curricula(1, 40, 4, 6, seed=0), tmp_path / "runs", checkpoint_steps=[0, 6],
+                           workers=1, progress=False)
+    checkpoints = load_checkpoints(runset, 0)
+    assert check_checkpoint_losses(task, runset, runset[0], checkpoints) < 1e-5  # float32, other threads
+    order = torch.arange(task.n_test).flip(0)
+    flipped = dataclasses.replace(task, test_inputs=task.test_inputs[order])
+    with pytest.raises(TaskError, match="evaluating the checkpoints of run 'run-000' .* does not reproduce its log"):
+        check_checkpoint_losses(flipped, runset, runset[0], checkpoints)
+    with pytest.raises(TaskError, match="checkpoint of run 'run-000' .* at step 0 does not fit the task's model"):
+        check_checkpoint_losses(_digits(hidden=8), runset, runset[0], checkpoints)

@@ -1,16 +1,22 @@
 """The run generator and the digits workload: real training runs, logged completely, reproducibly, resumably."""
 from __future__ import annotations
 
+import functools
 import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import RunLogError
-from simfluence.runlog import RunSet, run_status
-from simfluence.workloads import WORKLOADS, digits_task, generate_digits, generate_runs
+from simfluence.errors import RunLogError, TaskError
+from simfluence.runlog import RunLogger, RunSet, run_status
+from simfluence.workloads import WORKLOADS, WarmupCosine, digits_task, generate_digits, generate_runs
 from simfluence.workloads.digits import mlp
 
 POOL, TEST, RUNS, STEPS, BATCH = 40, 10, 3, 10, 4
@@ -146,3 +152,256 @@ def test_generate_digits_records_noisy_labels(tmp_path):
     assert np.array_equal(np.flatnonzero(labels != clean), noisy)
     assert set(meta["pool_dataset_rows"]).isdisjoint(meta["test_dataset_rows"])
     assert generate_digits is WORKLOADS["digits"]
+
+
+# ------------------------------------------------------------------ where generate may write (issues 22.1, 22.2)
+TINY = ["--runs", "2", "--steps", "3", "--pool", "60", "--test", "10", "--workers", "1"]
+
+
+def user_folder(root: Path) -> dict[str, str]:
+    """The attack of issue 22.1: a web app whose manifest.json is not a run set's."""
+    (root / "src").mkdir(parents=True)
+    (root / "manifest.json").write_text('{"name":"PWA"}')
+    (root / "src" / "index.js").write_text("x")
+    return {"manifest.json": '{"name":"PWA"}', "src/index.js": "x"}
+
+
+def files_of(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): path.read_text() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("workload", [["digits"], ["facts", "--tier", "mini"]])
+def test_generate_never_writes_into_or_replaces_a_folder_that_is_not_a_run_set(tmp_path, capsys, overwrite,
+                                                                              workload):
+    from simfluence.cli import main
+
+    expected = user_folder(tmp_path / "webapp")
+    tiny = TINY if workload == ["digits"] else ["--runs", "2", "--workers", "1"]
+    assert main(["generate", *workload, "--out", str(tmp_path / "webapp"), *overwrite, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simfluence: error: ") and err.count("\n") == 1 and "is not a run set" in err, err
+    assert files_of(tmp_path / "webapp") == expected
+    assert sorted(os.listdir(tmp_path)) == ["webapp"]  # nothing created beside it either
+
+
+def test_generate_into_the_working_directory_refuses_unless_it_is_empty_or_a_run_set(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from simfluence.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["generate", "digits", "--out", ".", *overwrite, *TINY]) == 2
+        assert "is not a run set" in capsys.readouterr().err
+    assert files_of(tmp_path) == {"notes.txt": "mine"}
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert main(["generate", "digits", "--out", ".", *TINY]) == 0
+    assert main(["generate", "digits", "--out", ".", "--overwrite", "--lr", "0.05", *TINY]) == 0
+    runs = RunSet.load(tmp_path / "empty")
+    assert len(runs) == 2 and all(np.nanmax(run.learning_rates) == pytest.approx(0.05) for run in runs)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "notes.txt"]  # nothing left beside the set
+
+
+def test_an_overwrite_with_another_learning_rate_keeps_no_old_run_or_checkpoint(tmp_path, task, curricula):
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, checkpoint_steps=(0, STEPS), workers=1, progress=False)
+    faster = replace(task, lr_at=WarmupCosine(0.5, STEPS))
+    again = generate_runs(faster, curricula[:2], out, overwrite=True, workers=1, progress=False)
+    assert again.run_names == ["run-000", "run-001"]
+    assert all(np.allclose(run.learning_rates, [faster.lr_at(s) for s in range(1, STEPS + 1)]) for run in again)
+    assert not (out / "checkpoints").exists()
+    assert sorted(os.listdir(tmp_path)) == ["rs"]
+
+
+def test_a_failing_overwrite_keeps_the_old_set_whole(tmp_path, task, curricula, monkeypatch):
+    from simfluence.workloads import generator
+
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, workers=1, progress=False)
+    before = files_digest(out)
+    calls = []
+
+    def fail_second_run(self, job):
+        calls.append(job.name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_call(self, job)
+
+    real_call = generator._Trainer.__call__
+    monkeypatch.setattr(generator._Trainer, "__call__", fail_second_run)
+    with pytest.raises(OSError, match="disk full"):
+        generate_runs(task, curricula[::-1], out, overwrite=True, workers=1, progress=False)
+    assert files_digest(out) == before and sorted(os.listdir(tmp_path)) == ["rs"]
+
+
+KILLED_OVERWRITE = r"""
+import os, sys
+from simfluence.workloads import digits_task, generate_runs
+from simfluence.curriculum import random_curricula
+out, crash_at = sys.argv[1], int(sys.argv[2])
+task = digits_task(pool_size=40, test_size=10, n_steps=10)
+real_replace, renames = os.replace, [0]
+def replace(src, dst):  # the process dies at the crash_at-th rename that touches the run set's folder
+    if out in (str(src), str(dst)):
+        renames[0] += 1
+        if renames[0] == crash_at:
+            os._exit(9)
+    real_replace(src, dst)
+os.replace = replace
+generate_runs(task, random_curricula(1, 40, 4, 10, subset_size=20, seed=7), out, overwrite=True, workers=1,
+              progress=False)
+"""
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_an_overwrite_killed_at_its_renames_leaves_the_old_set_or_the_new_one(tmp_path, task, curricula, crash_at):
+    out = tmp_path / "rs"
+    old = generate_runs(task, curricula, out, workers=1, progress=False)
+    result = subprocess.run([sys.executable, "-c", KILLED_OVERWRITE, str(out), str(crash_at)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 9, result.stderr
+    loaded = RunSet.load(out)  # the next open finishes a swap that was cut between its renames
+    if crash_at == 1:
+        assert loaded.run_names == old.run_names and loaded[0].curriculum == curricula[0]
+    else:
+        assert loaded.run_names == ["run-000"] and loaded[0].curriculum != curricula[0]
+        assert sorted(os.listdir(tmp_path)) == ["rs"]
+
+
+def files_digest(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
+            if path.is_file() and ".locks" not in path.parts}
+
+
+# ------------------------------------------------------------------ checkpoints of a run another writer trains (22.4)
+def test_a_second_generate_never_touches_the_checkpoints_of_a_run_being_trained(tmp_path, task, curricula):
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, checkpoint_steps=(0,), workers=1, progress=False)
+    checkpoint = out / "checkpoints" / "run-001" / "step-0.pt"
+    with RunLogger(out, "run-001", metadata={"checkpoints": []}, overwrite=True):  # the first generate, training it
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"being written")
+        with pytest.raises(RunLogError, match="run 'run-001' .* is being written by another RunLogger"):
+            generate_runs(task, curricula, out, checkpoint_steps=(0,), workers=1, progress=False)
+        assert checkpoint.read_bytes() == b"being written"
+
+
+def test_a_run_trained_elsewhere_that_fails_validation_changes_nothing(tmp_path, task, curricula):
+    from simfluence.runlog import export_run
+    from simfluence.workloads.generator import _install_trained
+
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, checkpoint_steps=(0,), workers=1, progress=False)
+    before = files_digest(out)
+    files = export_run(out, "run-001")
+    losses = np.frombuffer(files["losses.bin"], dtype="<f4").copy()
+    losses[3] = np.nan
+    bad = {"run": {**files, "losses.bin": losses.tobytes()}, "checkpoints": {"step-0.pt": b"other"}}
+    with pytest.raises(RunLogError, match="loss of test .* is nan"):
+        _install_trained(out, "run-001", bad)
+    assert files_digest(out) == before
+
+
+# ------------------------------------------------------------------ errors in task code (22.8), task fingerprint (22.3)
+def _raising(*args, **kwargs):
+    raise ValueError("broken on purpose\nsecond line")
+
+
+def _exiting(*args, **kwargs):
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize("field, function", [("make_model", "make_model"), ("make_optimizer", "make_optimizer"),
+                                             ("lr_at", "lr_at"), ("loss_fn", "model or loss_fn")])
+def test_an_error_in_task_code_is_one_task_error_naming_the_function(tmp_path, task, curricula, field, function):
+    broken = replace(task, **{field: _raising})
+    with pytest.raises(TaskError, match=rf"^the task's {function}.* raised ValueError: broken on purpose second line$"):
+        generate_runs(broken, curricula, tmp_path / field, workers=1, progress=False)
+    exiting = replace(task, **{field: _exiting})
+    with pytest.raises(TaskError, match=rf"^the task's (.* )?{function}.* raised SystemExit\(3\)$"):
+        generate_runs(exiting, curricula, tmp_path / f"{field}-exit", workers=1, progress=False)
+
+
+BROKEN_TASK = """
+from dataclasses import replace
+from simfluence.workloads.digits import digits_task
+
+def broken_loss(outputs, targets):
+    raise ValueError("broken in a worker")
+
+def make_task():
+    return replace(digits_task(pool_size=40, test_size=10, n_steps=10), loss_fn=broken_loss)
+"""
+
+
+def test_an_error_in_task_code_under_process_workers_names_its_cause(tmp_path, capsys):
+    from simfluence.cli import main
+
+    (tmp_path / "broken_task.py").write_text(BROKEN_TASK)
+    args = ["generate", "task", "--task", f"{tmp_path / 'broken_task.py'}:make_task", "--runs", "2", "--steps", "3",
+            "--out", str(tmp_path / "set"), "--workers", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # was BrokenProcessPool, or a traceback
+    assert "Traceback" not in err and err.endswith(
+        "\nsimfluence: error: the task's model or loss_fn (on the test examples) raised ValueError: broken in a "
+        "worker\n"), err
+
+
+def test_a_resume_with_another_initial_model_is_refused_naming_what_differs(tmp_path, task, curricula):
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, workers=1, progress=False)
+    wider = replace(task, make_model=functools.partial(mlp, sizes=(64, 48, 10)))
+    with pytest.raises(TaskError, match=r"holds runs of another task \(initial weights, model differ\)"):
+        generate_runs(wider, curricula, out, workers=1, progress=False)
+    assert generate_runs(wider, curricula, out, overwrite=True, workers=1, progress=False)[0].complete
+
+
+UNGUARDED_SCRIPT = """
+from simfluence.workloads import digits_task, generate_random_runs
+generate_random_runs(digits_task(pool_size=30, test_size=4, n_steps=3), {out!r}, n_runs=2, n_steps=3, workers=2,
+                     progress=False)
+"""
+
+
+def test_a_script_without_a_main_guard_under_process_workers_is_told_what_to_do(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.format(out=str(tmp_path / "set")))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]  # was an empty RuntimeError / BrokenProcessPool
+    assert last.startswith("simfluence.errors.TaskError: a worker process ended abruptly") and \
+        'put that call under `if __name__ == "__main__":`' in last, result.stderr
+    assert "generate_runs was called while a worker process imported the script" in result.stderr
+
+
+def test_a_facts_overwrite_is_built_aside_with_its_corpus_and_base_and_swapped_in(tmp_path):
+    from simfluence.workloads.facts import BASE_FILE, CORPUS_FILE, generate_facts
+
+    out = tmp_path / "facts"
+    generate_facts(out, tier="mini", n_runs=1, workers=1, progress=False)
+    with pytest.raises(RunLogError, match="different task settings"):  # the old corpus is not written over
+        generate_facts(out, tier="mini", n_runs=1, data_seed=1, workers=1, progress=False)
+    corpus = (out / CORPUS_FILE).read_bytes()
+    again = generate_facts(out, tier="mini", n_runs=1, data_seed=1, workers=1, progress=False, overwrite=True)
+    assert again.metadata["data_seed"] == 1 and again[0].complete and (out / BASE_FILE).is_file()
+    assert (out / CORPUS_FILE).read_bytes() != corpus
+    assert sorted(os.listdir(tmp_path)) == ["facts"]
+
+
+def test_a_generate_and_an_overwrite_of_the_same_set_never_run_together(tmp_path, task, curricula):
+    from simfluence.runlog import runset_destination
+
+    out = tmp_path / "rs"
+    generate_runs(task, curricula, out, workers=1, progress=False)
+    before = files_digest(out)
+    with RunLogger(out, "extra"):  # a writer of the set (another generate, a logger)
+        with pytest.raises(RunLogError, match="is being written .*replace it once no writer runs"):
+            generate_runs(task, curricula[:1], out, overwrite=True, workers=1, progress=False)
+    with pytest.raises(RunLogError, match="holds no run set; the old set is kept"), \
+            runset_destination(out, overwrite=True):  # an overwrite in progress (that writes nothing)
+        with pytest.raises(RunLogError, match="is being replaced by another writer"):
+            generate_runs(task, curricula, out, workers=1, progress=False)
+        assert (out / "manifest.json").is_file() and (out / "runs" / ".locks").is_dir()
+    assert {key: value for key, value in files_digest(out).items() if "extra" not in key} == before

@@ -10,10 +10,17 @@ base for reality) is averaged over test examples and base runs (:func:`lds_score
 draws gives its 95% interval. Sign agreement of the mean change over test examples and |predicted| /
 |actual| say whether the predictions also get the direction and the size right.
 
+Before any draw is retrained, what each base run records (optimizer, weight decay, clipping, init seed) is
+compared with the task, and each unedited base is retrained and compared with its log
+(:func:`~simfluence.task.check_replay`): a task that does not reproduce the logged runs stops the LDS with one
+error, since every "real" change would be measured on another model.
+
 The retrained runs go to one run-set folder per base run (``out / <base run name>``, the unedited base as
 ``base``, draw d of a protocol as ``<protocol>-<d>``), so running again on the same folder trains only
-what is missing. :func:`write_lds_report` writes report.md, lds.json and one predicted-vs-actual plot per
-protocol.
+what is missing. ``out / lds-state.json`` records the fingerprint of the task that retrained them
+(:func:`~simfluence.task.task_fingerprint`) and the sha256 of every file of every finished run: a second call
+with another task, or on a run whose files were edited since, is refused with one line saying what differs.
+:func:`write_lds_report` writes report.md, lds.json and one predicted-vs-actual plot per protocol.
 
 Conventions for degenerate cases (no RuntimeWarning is raised): a test example whose real change does
 not vary over the draws says nothing about ranking and is left out; one whose predicted change does not
@@ -22,6 +29,8 @@ vary (or is not finite) counts as correlation 0; a method whose predictions vary
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -39,11 +48,11 @@ from tqdm import tqdm
 from simfluence._io import atomic_write_bytes, atomic_write_json
 from simfluence.counterfactual import move_all
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError
+from simfluence.errors import SimfluenceError, TaskError
 from simfluence.evaluation import complete_positions, split_runs
 from simfluence.methods import METHODS
 from simfluence.metrics import spearman
-from simfluence.runlog import Run, RunSet, run_status
+from simfluence.runlog import RUNS_DIR, Run, RunSet, run_file_names, run_status
 from simfluence.simulators import Simulator
 from simfluence.simulators.base import clone
 
@@ -55,7 +64,10 @@ __all__ = ["DEFAULT_PROTOCOLS", "LDSResult", "describe_protocol", "fits_per_base
 
 DEFAULT_PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
 _REMOVE = re.compile(r"remove-(\d+(?:\.\d+)?)")
+_SUBSET = re.compile(r"subset-(\d+(?:\.\d+)?)")
 BASE_NAME = "base"
+STATE_FILE = "lds-state.json"  # in the folder of the retrained runs: the task's fingerprint, the runs' checksums
+STATE_FORMAT = "simfluence-lds-state"
 TABLE_COLUMNS = ("method", "protocol", "lds", "lds_low", "lds_high", "sign_agreement", "magnitude_ratio",
                  "n_draws", "n_bases", "seconds")
 
@@ -69,13 +81,20 @@ def describe_protocol(protocol: str, k: int = 8) -> str:
             raise SimfluenceError(f"protocol {protocol!r}: the percentage removed must lie in (0, 100)")
         return f"remove {percent:g}% of the examples the base run used (every occurrence)"
     if protocol == "move-end":
-        return f"move every occurrence of {k} random examples of the base run to its last steps"
+        return f"move every occurrence of {k} random examples of the base run to its last steps (batch sizes kept)"
     if protocol == "move-start":
-        return f"move every occurrence of {k} random examples of the base run to its first steps"
+        return f"move every occurrence of {k} random examples of the base run to its first steps (batch sizes kept)"
     if protocol == "half":
         return "keep a random half of the examples the base run used"
+    subset = _SUBSET.fullmatch(protocol)
+    if subset:
+        percent = float(subset.group(1))
+        if not 0.0 < percent <= 100.0:
+            raise SimfluenceError(f"protocol {protocol!r}: the percentage of the pool must lie in (0, 100]")
+        return (f"train on a random {percent:g}% of the whole pool in shuffled epochs, cut into the base run's "
+                "batch sizes (TRAK's protocol at subset-50)")
     raise SimfluenceError(f"unknown LDS protocol {protocol!r}; choose from remove-P (P a percentage, e.g. "
-                          "remove-1, remove-5, remove-10), move-end, move-start, half")
+                          "remove-1, remove-5, remove-10), move-end, move-start, half, subset-P (e.g. subset-50)")
 
 
 def lds_draws(
@@ -85,7 +104,6 @@ def lds_draws(
     seed: int = 0,
     n_pool: int | None = None,
     k: int = 8,
-    spread: int = 4,
 ) -> list[Curriculum]:
     """Random edits of a base curriculum under one LDS protocol.
 
@@ -97,14 +115,15 @@ def lds_draws(
     base : the base run's curriculum (pool positions).
     protocol : ``remove-P`` (remove ``round(P% x n_used)`` of the ``n_used`` distinct examples the base
         used, at least one, with all their occurrences), ``move-end`` / ``move-start`` (every occurrence of
-        ``k`` random used examples goes to one of the last / first ``spread`` steps, example ``r`` of the
-        draw to the ``r mod spread``-th of them; batches there grow), ``half`` (keep ``n_used // 2`` random
-        used examples, every occurrence; the others' batch slots are dropped).
+        ``k`` random used examples goes, as one block, to the last / first slots of the curriculum; every
+        batch keeps its size, the other entries keep their order: :func:`~simfluence.counterfactual.move_all`),
+        ``half`` (keep ``n_used // 2`` random used examples, every occurrence; the others' batch slots are
+        dropped), ``subset-P`` (TRAK's: ``round(P% x n_pool)`` random examples of the *whole* pool, used or not
+        by the base, in shuffled epochs cut into the base's batch sizes; ``subset-50`` is TRAK's alpha = 0.5).
     n_draws : number of draws.
     seed : seed of the draws.
     n_pool : pool size the draws are over (default ``base.n_pool``); must agree with it where both are known.
     k : examples moved per draw (move protocols).
-    spread : number of last / first steps the moved occurrences are spread over (move protocols).
 
     Returns
     -------
@@ -124,8 +143,13 @@ def lds_draws(
     if base.n_pool != n_pool:
         base = Curriculum(base.offsets, base.ids, n_pool)
     used = np.unique(base.ids)
-    removed = _REMOVE.fullmatch(protocol)
-    if removed:
+    removed, subset = _REMOVE.fullmatch(protocol), _SUBSET.fullmatch(protocol)
+    if subset:
+        if n_pool is None:
+            raise SimfluenceError(f"protocol {protocol!r} draws from the whole pool: pass n_pool")
+        used = np.arange(n_pool)
+        count = max(1, round(float(subset.group(1)) / 100.0 * n_pool))
+    elif removed:
         count = max(1, round(float(removed.group(1)) / 100.0 * used.size))
         if count >= used.size:
             raise SimfluenceError(f"protocol {protocol!r} would remove all {used.size} examples the base run used")
@@ -137,24 +161,26 @@ def lds_draws(
         count = k
         if not 1 <= k <= used.size:
             raise SimfluenceError(f"protocol {protocol!r} moves k = {k} examples; the base run used {used.size}")
-        if spread < 1:
-            raise SimfluenceError(f"spread must be >= 1, got {spread}")
     draws = []
     for draw in range(n_draws):
         rng = np.random.default_rng([int(seed), zlib.crc32(protocol.encode()), draw])
         chosen = rng.choice(used, size=count, replace=False)
-        if removed:
+        if subset:
+            draws.append(_subset_curriculum(base, chosen, rng))
+        elif removed:
             draws.append(base.remove(chosen))
         elif protocol == "half":
             draws.append(base.keep_only(chosen))
         else:
-            width = min(spread, base.n_steps)
-            edited = base
-            for rank, example in enumerate(chosen):
-                offset = rank % width
-                edited = move_all(edited, int(example), base.n_steps - offset if protocol == "move-end" else 1 + offset)
-            draws.append(edited)
+            draws.append(move_all(base, chosen, base.n_steps if protocol == "move-end" else 1))
     return draws
+
+
+def _subset_curriculum(base: Curriculum, chosen: np.ndarray, rng: np.random.Generator) -> Curriculum:
+    """Shuffled epochs over ``chosen`` pool positions, cut into the batch sizes of ``base``."""
+    n_epochs = -(-base.n_entries // max(chosen.size, 1))
+    order = np.concatenate([rng.permutation(chosen) for _ in range(max(n_epochs, 1))])[:base.n_entries]
+    return Curriculum(np.asarray(base.offsets), order.astype(np.int64), base.n_pool)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -389,6 +415,90 @@ def _retraining_seeds(runset: RunSet, task: Task, run: Run) -> tuple[int, int]:
     return init_seed, int(run.metadata.get("seed", init_seed + 1))
 
 
+
+# ------------------------------------------------------------------------------------------- retraining state
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class _RetrainingState:
+    """``lds-state.json`` of a folder of retrained runs: which task trained them, and the checksums of their files.
+
+    A second call on the folder must bring the same task (:func:`~simfluence.task.task_fingerprint`), and every
+    run it reuses must still hold the bytes it was recorded with; else one error line, before any training.
+    """
+
+    def __init__(self, root: Path, parts: dict[str, str], fingerprint: str) -> None:
+        self.root, self.path = root, root / STATE_FILE
+        self.state: dict[str, Any] = {"format": STATE_FORMAT, "version": 1, "task_fingerprint": fingerprint,
+                                      "task_parts": parts, "runs": {}}
+
+    @classmethod
+    def open(cls, root: Path, task: Task, init_seed: int, bases: Sequence[str]) -> _RetrainingState:
+        """Read and check the state of ``root`` (nothing is written); a new state when there is none.
+
+        Raises
+        ------
+        TaskError : the runs in ``root`` were retrained with another task (the message names the parts that
+            differ), or ``root`` holds retrained runs but no state file.
+        SimfluenceError : the state file is unreadable, or a file of a reused run does not match its checksum.
+        """
+        from simfluence.task import fingerprint_change, fingerprint_digest, task_fingerprint_parts
+
+        parts = task_fingerprint_parts(task, init_seed)
+        self = cls(root, parts, fingerprint_digest(parts))
+        if not self.path.is_file():
+            stale = [base for base in bases if (root / base / RUNS_DIR).is_dir()]
+            if stale:
+                raise TaskError(f"{str(root)!r} holds retrained runs of {stale[0]!r} but no {STATE_FILE} saying which "
+                                "task trained them; pass a fresh --out (Python: out=) to retrain")
+            return self
+        try:
+            recorded = json.loads(self.path.read_bytes())
+            if recorded.get("format") != STATE_FORMAT or not isinstance(recorded.get("runs"), dict):
+                raise ValueError("not an LDS state file")
+        except (OSError, ValueError, AttributeError) as err:
+            raise SimfluenceError(f"{str(self.path)!r} is not a readable LDS state file ({err}); pass a fresh --out "
+                                  "(Python: out=)") from None
+        if recorded.get("task_fingerprint") != self.state["task_fingerprint"]:
+            changed = fingerprint_change(recorded.get("task_parts") or {}, parts) or "task"
+            raise TaskError(f"{str(root)!r} holds runs retrained with another task (its {changed} differ); pass a "
+                            "fresh --out (Python: out=) to retrain, or the task they were retrained with")
+        self.state["runs"] = {base: runs for base, runs in recorded["runs"].items() if isinstance(runs, dict)}
+        files = set(run_file_names())
+        for base in bases:  # only the folders and files this call reads: a crafted entry names nothing else
+            runs = self.state["runs"].get(base, {})
+            for name, checksums in runs.items():
+                if not isinstance(checksums, dict) or run_status(root / base, name) != "complete":
+                    continue  # missing or unfinished: it is retrained
+                for filename, digest in checksums.items():
+                    if filename not in files:
+                        continue
+                    path = root / base / RUNS_DIR / name / filename
+                    if not path.is_file() or _file_sha256(path) != digest:
+                        raise SimfluenceError(f"{str(path)!r} does not match its checksum in {str(self.path)!r} "
+                                              f"(edited or corrupted); delete {str(path.parent)!r} to retrain that "
+                                              "run")
+        return self
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.state)
+
+    def record(self, base: str, names: Sequence[str]) -> None:
+        """Record the checksums of the (complete) runs ``names`` of base ``base`` and save."""
+        folder = self.root / base / RUNS_DIR
+        self.state["runs"][base] = {name: {filename: _file_sha256(folder / name / filename)
+                                           for filename in run_file_names()} for name in names}
+        self.save()
+
+
+def _seed_folders(base: str, n_seeds: int) -> list[str]:
+    """Folders of a base run's retrainings, one per seed: ``<base>``, then ``<base>.seed-<s>``."""
+    return [base] + [f"{base}.seed-{offset}" for offset in range(1, n_seeds)]
+
+
 def run_lds(
     runset: RunSet,
     methods: Sequence[str] | Mapping[str, Simulator],
@@ -404,6 +514,8 @@ def run_lds(
     holdout: int = 8,
     k: int = 8,
     n_boot: int = 1000,
+    replay_tolerance: float | None = None,
+    n_seeds: int = 1,
 ) -> LDSResult:
     """Score every method's counterfactual predictions against real retraining (LDS).
 
@@ -428,6 +540,12 @@ def run_lds(
     holdout : runs held out at the end of the run set when ``train_runs`` is not given.
     k : examples moved per draw (move protocols).
     n_boot : bootstrap resamples for the interval.
+    replay_tolerance : largest accepted difference between a retrained unedited base run and its log, as a
+        fraction of its mean loss (default :data:`~simfluence.task.REPLAY_TOLERANCE`; see
+        :func:`~simfluence.task.check_replay`). Every base run is retrained and checked before any draw.
+    n_seeds : retrain the base and every draw with this many seeds and average the real changes (TRAK's
+        averaging over training randomness): seed s > 0 starts from ``make_model(init_seed + s)`` with run seed
+        ``run seed + s``, into ``out / <base name>.seed-<s>``; 1 (default) retrains as the base was logged.
 
     Returns
     -------
@@ -436,9 +554,11 @@ def run_lds(
     Raises
     ------
     SimfluenceError : no methods, an unknown method or protocol, too few draws or base runs, a base run
-        that is a training run; ``TaskError`` when no task is known or it does not describe the base runs.
+        that is a training run, a retrained run in ``out`` whose files no longer match their checksums;
+        ``TaskError`` when no task is known, it does not describe the base runs (recorded settings, schedule,
+        or retraining a base run does not reproduce its log), or ``out`` holds runs retrained with another task.
     """
-    from simfluence.task import check_schedule, task_for_runset
+    from simfluence.task import check_recorded_settings, check_replay, check_schedule, task_for_runset
     from simfluence.workloads.generator import generate_runs
 
     protocols = list(dict.fromkeys(protocols))
@@ -446,36 +566,52 @@ def run_lds(
         raise SimfluenceError("no LDS protocols given")
     for protocol in protocols:
         describe_protocol(protocol, k)
+    if n_seeds < 1:
+        raise SimfluenceError(f"n_seeds must be >= 1, got {n_seeds}")
     if n_draws < 2:
         raise SimfluenceError(f"an LDS correlates over draws: n_draws must be >= 2, got {n_draws}")
     simulators = _simulators(methods)
     task = task_for_runset(runset, task)  # before any work: a missing task is one error, nothing written
     train, bases = _choose_runs(runset, base_runs, train_runs, holdout)
     base_list = [runset[position] for position in bases]
+    seeds = {base.name: _retraining_seeds(runset, task, base) for base in base_list}
     for base in base_list:
         check_schedule(task, base)
-
-    draws = {base.name: [curriculum for protocol in protocols
-                         for curriculum in lds_draws(base.curriculum, protocol, n_draws, seed, runset.n_pool, k)]
-             for base in base_list}
-    predicted_changes, seconds = _predict(simulators, runset, train, bases, draws, task, progress)
+        check_recorded_settings(task, runset, base, seeds[base.name][0])
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(out) if out is not None else Path(scratch)
-        actual_changes, reproduction, n_trained = {}, {}, 0
-        for base in base_list:
-            folder = root / base.name
-            names = [BASE_NAME] + [f"{protocol}-{draw:03d}" for protocol in protocols for draw in range(n_draws)]
-            n_trained += sum(run_status(folder, name) != "complete" for name in names)
-            init_seed, run_seed = _retraining_seeds(runset, task, base)
-            retrained = generate_runs(task, [base.curriculum, *draws[base.name]], folder, names=names,
-                                      init_seed=init_seed, seeds=[run_seed] * len(names), workers=workers,
-                                      progress=progress)
-            finals = np.stack([np.asarray(retrained[name].losses[-1], dtype=np.float64) for name in names])
-            actual_changes[base.name] = finals[1:] - finals[:1]
-            logged, _ = base.dense_losses()
+        init_seed = seeds[base_list[0].name][0]  # the run set's: the same for every base run
+        folders = {base.name: _seed_folders(base.name, n_seeds) for base in base_list}
+        state = _RetrainingState.open(root, task, init_seed, [name for names in folders.values() for name in names])
+        draws = {base.name: [curriculum for protocol in protocols
+                             for curriculum in lds_draws(base.curriculum, protocol, n_draws, seed, runset.n_pool, k)]
+                 for base in base_list}
+        predicted_changes, seconds = _predict(simulators, runset, train, bases, draws, task, progress)
+
+        names = [BASE_NAME] + [f"{protocol}-{draw:03d}" for protocol in protocols for draw in range(n_draws)]
+        n_trained = sum(run_status(root / folder, name) != "complete"
+                        for base in base_list for folder in folders[base.name] for name in names)
+        state.save()
+        reproduction = {}
+        for base in base_list:  # first each unedited base: a task that does not reproduce it stops here
+            init_seed, run_seed = seeds[base.name]
+            retrained = generate_runs(task, [base.curriculum], root / base.name, names=[BASE_NAME],
+                                      init_seed=init_seed, seeds=[run_seed], workers=workers, progress=progress)
             replayed, _ = retrained[BASE_NAME].dense_losses()
-            reproduction[base.name] = float(np.nanmax(np.abs(replayed - logged)))
+            reproduction[base.name] = check_replay(runset, base, replayed, replay_tolerance)
+        actual_changes = {}
+        for base in base_list:
+            init_seed, run_seed = seeds[base.name]
+            changes = []
+            for offset, folder in enumerate(folders[base.name]):
+                retrained = generate_runs(task, [base.curriculum, *draws[base.name]], root / folder, names=names,
+                                          init_seed=init_seed + offset, seeds=[run_seed + offset] * len(names),
+                                          workers=workers, progress=progress)
+                state.record(folder, names)
+                finals = np.stack([np.asarray(retrained[name].losses[-1], dtype=np.float64) for name in names])
+                changes.append(finals[1:] - finals[:1])
+            actual_changes[base.name] = np.mean(changes, axis=0)
 
     n_test = runset.n_test
     shape = (len(bases), len(protocols), n_draws, n_test)
@@ -503,6 +639,7 @@ def run_lds(
         reproduction=reproduction,
         n_trained=int(n_trained),
         settings={"n_draws": n_draws, "protocols": protocols, "seed": seed, "k": k, "n_boot": n_boot,
+                  "n_seeds": n_seeds,
                   "per_base_methods": [name for name, sim in simulators.items() if _per_base(name, sim)],
                   "out": None if out is None else str(out)},
     )
@@ -693,8 +830,10 @@ def write_lds_report(result: LDSResult, folder: str | os.PathLike) -> dict[str, 
         f"run(s)" + (f"; fitted around each base run: {', '.join(settings['per_base_methods'])}"
                      if settings.get("per_base_methods") else "") + ".",
         f"{settings.get('n_draws')} draws per protocol and base run, every one retrained for real from the base "
-        f"run's initial weights and seed; retraining each unedited base reproduces its log to "
-        f"{result.base_reproduction:.1e}.",
+        f"run's initial weights and seed"
+        + (f" and with {settings['n_seeds'] - 1} more seed(s) (initial weights and run seed), the real changes "
+           "averaged over the seeds" if settings.get("n_seeds", 1) > 1 else "")
+        + f"; retraining each unedited base reproduces its log to {result.base_reproduction:.1e}.",
         "",
         "Protocols:",
         "",

@@ -55,6 +55,8 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics_json(evaluation.metrics))
     pictures = plot_report(evaluation, out_dir, test_labels=runset.test_ids)
+    fit_warnings = [f"- **{name}**: {message}" for name, simulator in evaluation.simulators.items()
+                    for message in getattr(simulator, "fit_warnings_", [])]
     lines = [
         f"# {title}",
         "",
@@ -75,6 +77,7 @@ def write_report(
         "",
         *verdicts(evaluation.metrics),
         "",
+        *(["## Fit warnings", "", *fit_warnings, ""] if fit_warnings else []),
         "## Methods",
         "",
         *[f"- `{name}`: {METHODS[name].description if name in METHODS else ''}" for name in evaluation.metrics],

@@ -6,6 +6,11 @@ k pool examples predicted most harmful for a set of target test examples, remove
 curriculum found by the greedy search — then train real models on them (same task, same initial
 weights, same run seed) and compare the simulator's predicted trajectories with the real ones.
 
+Before the edits are trained, the settings the base run records (optimizer, weight decay, clipping, init
+seed) are compared with the task and the unedited base curriculum is retrained and compared with the log
+(:func:`~simfluence.task.check_replay`, tolerance :data:`~simfluence.task.REPLAY_TOLERANCE` of the mean loss):
+a task that does not reproduce the logged run is one error, not a table that reads like a confirmation.
+
 The model comes from a :class:`~simfluence.task.Task`: the one given (``task=``; a Task of your own, or a
 ``file.py:function`` spec), else the built-in workload the run set records
 (:func:`~simfluence.task.task_for_runset`). An imported run set records none, so there a task must be given.
@@ -79,9 +84,7 @@ def counterfactual_curricula(
     rng = np.random.default_rng(seed)
     random_ids = rng.choice(present, size=k, replace=False)
     curriculum = base.curriculum
-    moved = curriculum
-    for rank, example in enumerate(helpful):  # every occurrence of a helpful example goes to one of the last 4 steps
-        moved = move_all(moved, int(example), curriculum.n_steps - rank % 4)
+    moved = move_all(curriculum, helpful, curriculum.n_steps)  # every occurrence to the last steps, sizes kept
     searched = search_curriculum(simulator, base, tests, drop=k)
     return {
         "base": curriculum,
@@ -104,6 +107,7 @@ def verify_counterfactuals(
     workers: int | None = None,
     progress: bool = True,
     task: Task | str | None = None,
+    replay_tolerance: float | None = None,
 ) -> Verification:
     """Train real runs on counterfactual curricula of ``run`` and score the simulator's predictions.
 
@@ -124,13 +128,23 @@ def verify_counterfactuals(
     workers : training processes (see :func:`~simfluence.workloads.generator.generate_runs`).
     progress : show a progress bar.
     task : the runs' task (a Task or ``file.py:function``); default: the built-in workload the run set records.
+    replay_tolerance : largest accepted difference between the retrained base curriculum and the logged run,
+        as a fraction of its mean loss (default :data:`~simfluence.task.REPLAY_TOLERANCE`; see
+        :func:`~simfluence.task.check_replay`). The base is retrained and checked before any edit.
 
     Raises
     ------
-    TaskError : no task given and the run set records none, the task lacks an id of the run set, or its
-        learning-rate schedule differs from the one the base run logged.
+    TaskError : no task given and the run set records none, the task lacks an id of the run set, its
+        learning-rate schedule or a setting the base run records (optimizer, weight decay, clipping, init
+        seed) differs from the run's, or retraining the base curriculum does not reproduce the logged run.
     """
-    from simfluence.task import check_schedule, recorded_init_seed, task_for_runset
+    from simfluence.task import (
+        check_recorded_settings,
+        check_replay,
+        check_schedule,
+        recorded_init_seed,
+        task_for_runset,
+    )
     from simfluence.workloads.generator import generate_runs
 
     base_run = runset[run]
@@ -138,21 +152,23 @@ def verify_counterfactuals(
     init_seed = recorded_init_seed(runset, task)
     run_seed = int(base_run.metadata.get("seed", init_seed + 1))
     check_schedule(task, base_run)
+    check_recorded_settings(task, runset, base_run, init_seed)
     lrs = base_run.learning_rates if np.isfinite(base_run.learning_rates).all() else None
     initial = base_run.initial_losses
     columns = [int(i) for i in simulator.test_index.positions(tests)]
     curricula = counterfactual_curricula(simulator, base_run, tests, k, seed)
     names = list(curricula)
     predicted = simulator.simulate(list(curricula.values()), initial, None if lrs is None else [lrs] * len(names))
+    run_names = [f"cf-{i:02d}" for i in range(len(names))]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out) if out is not None else Path(scratch) / "verify"
-        retrained = generate_runs(task, list(curricula.values()), folder,
-                                  names=[f"cf-{i:02d}" for i in range(len(names))], init_seed=init_seed,
-                                  seeds=[run_seed] * len(names), workers=workers, progress=progress,
-                                  overwrite=True)
+        retrained = generate_runs(task, [curricula["base"]], folder, names=run_names[:1], init_seed=init_seed,
+                                  seeds=[run_seed], workers=1, progress=False, overwrite=True)
+        replayed, _ = retrained[0].dense_losses()
+        reproduction = check_replay(runset, base_run, replayed, replay_tolerance)  # before training the edits
+        retrained = generate_runs(task, list(curricula.values()), folder, names=run_names, init_seed=init_seed,
+                                  seeds=[run_seed] * len(names), workers=workers, progress=progress)
         actual = np.stack([np.asarray(r.losses, dtype=np.float64) for r in retrained])
-    logged, _ = base_run.dense_losses()
-    reproduction = float(np.nanmax(np.abs(actual[0] - logged)))
     return Verification(_fidelity(names, predicted, actual, columns), names, predicted, actual,
                         simulator.test_index.ids_of(columns), columns, reproduction)
 

@@ -522,6 +522,7 @@ def unrolled_effects(
     chunk_size: int | None = None,
     deterministic: bool = True,
     progress: bool = False,
+    replay_check: Callable[[np.ndarray], object] | None = None,
 ) -> UnrolledEffects:
     """Exact derivatives of every test loss with respect to every data weight of one run (reverse mode).
 
@@ -543,6 +544,9 @@ def unrolled_effects(
     deterministic : run as the generator trains: one thread, deterministic algorithms; False keeps torch's
         thread settings (faster for large models).
     progress : show a progress bar over the backward pass.
+    replay_check : called with the replayed test losses (T + 1, n_test) after the forward pass, before the
+        costly backward one; whatever it raises stops the computation (e.g. :func:`~simfluence.task.check_replay`
+        against the logged run: a task that does not reproduce the run has no derivatives worth computing).
 
     Returns
     -------
@@ -565,6 +569,8 @@ def unrolled_effects(
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
                          chunk_size)
         checkpoints, losses = _forward(replay, every)
+        if replay_check is not None:
+            replay_check(losses)
         occurrence, insertion = _backward(replay, checkpoints, every, targets, insertions, progress)
     return UnrolledEffects(curriculum=curriculum, target_steps=np.asarray(targets, dtype=np.int64),
                            occurrence=occurrence, insertion_steps=np.asarray(insertions, dtype=np.int64),

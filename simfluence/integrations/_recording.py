@@ -14,17 +14,21 @@ framework's events into :meth:`StepRecorder.start`, :meth:`~StepRecorder.end_ste
 from __future__ import annotations
 
 import collections
+import io
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from simfluence._io import atomic_write_bytes
 from simfluence.errors import RunLogError
 from simfluence.runlog import RunLogger, RunSet
+from simfluence.workloads.generator import CHECKPOINTS_DIR
 
 ProbeFn = Callable[[nn.Module], np.ndarray]
 
@@ -119,6 +123,50 @@ def open_run_logger(runset: Any, run_name: str, probe: ProbeFn, *, n_pool: int |
     RunSet.create(runset, n_pool=n_pool, pool_ids=pool_ids, test_ids=probe_test_ids(probe, test_ids),
                   metadata=runset_metadata, exist_ok=True)
     return RunLogger(runset, run_name, metadata=metadata, overwrite=overwrite)
+
+
+def optimizer_state_in_parameter_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with parameter positions renumbered to ``model.named_parameters()`` order.
+
+    A state dict numbers the parameters in the order the optimizer got them, group after group; ``Trainer``
+    puts the decayed parameters in one group and the others (biases, norms) in another, so its positions are
+    not the model's. The run set's checkpoints promise the model's order (what the gradient methods read), so
+    the positions are mapped through the parameters themselves. Parameters the model does not name keep no
+    state (they cannot be addressed by a model position).
+    """
+    state = optimizer.state_dict()
+    position_of = {id(parameter): position for position, (_, parameter) in enumerate(model.named_parameters())}
+    renumber = {}
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        for parameter, saved in zip(group["params"], saved_group["params"], strict=True):
+            if id(parameter) in position_of:
+                renumber[saved] = position_of[id(parameter)]
+    return {
+        "state": {renumber[saved]: entry for saved, entry in state["state"].items() if saved in renumber},
+        "param_groups": [{**group, "params": [renumber[saved] for saved in group["params"] if saved in renumber]}
+                         for group in state["param_groups"]],
+    }
+
+
+def write_checkpoint(runset_path: Any, run_name: str, step: int, learning_rate: float | None, model: nn.Module,
+                     optimizer: torch.optim.Optimizer | None) -> str:
+    """Save the training state after ``step`` as the run set's checkpoint format; returns its relative path.
+
+    ``RUNSET/checkpoints/<run>/step-<t>.pt``, a ``torch.save`` dict of ``step``, ``learning_rate`` (of step t;
+    of step 1 for t = 0), ``model`` (state_dict) and ``optimizer`` (state_dict, positions in the model's
+    parameter order), written atomically (see ``runs/README.md``, "Checkpoints").
+    """
+    relative = f"{CHECKPOINTS_DIR}/{run_name}/step-{step}.pt"
+    buffer = io.BytesIO()
+    torch.save({
+        "step": int(step), "learning_rate": float("nan") if learning_rate is None else float(learning_rate),
+        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "optimizer": {} if optimizer is None else optimizer_state_in_parameter_order(model, optimizer),
+    }, buffer)
+    path = Path(runset_path) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return relative
 
 
 def interleave(per_rank: list[list[np.ndarray]]) -> np.ndarray:
@@ -290,7 +338,7 @@ class StepRecorder:
                 ids = interleave([rank_steps[index] for rank_steps in gathered])
                 last = index == len(self._pending) - 1
                 losses = self._probe(model) if probe and last else None
-                self._writer.submit(self.logger.log_step, ids, losses=losses, learning_rate=learning_rate)
+                self._writer.submit(self.logger.log_step, positions=ids, losses=losses, learning_rate=learning_rate)
                 self._next_logged += 1
                 if losses is not None:
                     self._probed_step = step

@@ -39,7 +39,11 @@ sum A`` (exact for additive models, an approximation for multiplicative ones).
 
 Ridge strength ``lam="auto"`` (and ``momentum="auto"``) are chosen on validation runs carved out of the
 training runs (the last ``val_fraction`` of them), scored by rolled-out all-steps MSE; the final fit
-uses all training runs. The search costs about as much as one or two fixed-``lam`` fits: candidates are
+uses all training runs. When the strongest or weakest ``lam`` of the grid wins, the grid is extended
+``LAM_EDGE_DECADES`` decades beyond it and the choice made again; a fit never falls back silently: when the
+extended edge still wins, or ``momentum="auto"`` must drop the velocity because the losses are not logged at
+every step, it issues a :class:`~simfluence.errors.FitWarning` and keeps the message in ``fit_warnings_``.
+The search costs about as much as one or two fixed-``lam`` fits: candidates are
 solved strong to weak ``lam``, each warm-starting the next and cutting only the residual that the change
 of ``lam`` leaves (by ``SELECTION_REDUCTION``, never tighter than ``SELECTION_TOL``: validation errors
 need three digits, not ten); the fit is linear in its target, so one solve per ``lam`` with two
@@ -48,14 +52,16 @@ right-hand sides (first-order target and previous change) gives the effects of e
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from simfluence.design import FeatureSpec, Transitions, build_transitions, mean_lr_schedule
-from simfluence.errors import SimfluenceError
+from simfluence.errors import FitWarning, SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, clone, rollout_runs, training_runs
 from simfluence.simulators.dynamics import LinearDynamics
@@ -66,6 +72,8 @@ DEFAULT_MOMENTUM_GRID = (0.0, 0.5, 0.8, 0.9)
 SELECTION_TOL = 1e-6  # the tightest CG tolerance of a lam/momentum candidate (validation MSE to ~3 digits)
 SELECTION_REDUCTION = 1e-3  # a candidate cuts its warm start's residual at the new lam by this factor
 PRECISIONS = ("float32", "float64")
+SOLVERS = ("auto", "direct", "cg")
+LAM_EDGE_DECADES = 3  # decades the lam grid is extended by when its strongest or weakest value wins
 
 
 class SimfluenceLinear(LinearDynamics):
@@ -82,11 +90,12 @@ class SimfluenceLinear(LinearDynamics):
     batch_mean : average effects over the batch instead of summing (for varying batch sizes).
     momentum : velocity decay ``mu`` of the second-order simulator (0: the first-order model), or
         ``"auto"`` (chosen from ``momentum_grid`` on validation runs). Needs losses logged every step
-        (``"auto"`` falls back to 0 otherwise).
+        (``"auto"`` falls back to 0 otherwise, with a ``FitWarning``).
     clip_negative : keep simulated losses >= 0 when the training losses never were negative (a step
         that would cross 0 stops there). Off in the paper's form.
     step_lam_ratio : ridge strength of the step terms relative to ``lam``.
-    lam_grid : candidate strengths for ``lam="auto"``.
+    lam_grid : candidate strengths for ``lam="auto"`` (extended ``LAM_EDGE_DECADES`` decades beyond its strongest or
+        weakest value when that one wins).
     momentum_grid : candidate ``mu`` for ``momentum="auto"``.
     val_fraction : share of the training runs held out to choose ``lam`` (at least one run).
     solver : ``"auto"``, ``"direct"`` or ``"cg"`` (see :mod:`simfluence.solvers`).
@@ -106,12 +115,18 @@ class SimfluenceLinear(LinearDynamics):
         candidate tried (empty when nothing was chosen).
     lr_schedule_ : (n_steps_fit,) mean learning rate per step in the training runs (NaN if unknown).
     pool_ids_, test_ids_ : external ids of the pool and test examples of the run set fitted on.
+    batch_size_range_ : [smallest, largest] batch size of the training runs (queries far outside it warn).
+    fit_warnings_ : list of str, every :class:`~simfluence.errors.FitWarning` the fit issued (a fallback from
+        what was asked, a ridge strength at the edge of even the extended grid); empty when none.
     """
 
     kind = "linear"
     _kernel = "auto"  # sparse-product kernel of the solves (the lam search keeps the one its first solve timed best)
     _fitted_arrays = ("A_", "B_", "step_alpha_", "step_beta_", "lr_schedule_")
     _test_axis_arrays = ("A_", "B_", "step_alpha_", "step_beta_")  # last axis = test examples (sharded fits)
+    _array_specs = {"A_": ("float", ("n_pool_", "n_test_")), "B_": ("float", ("n_pool_", "n_test_")),
+                    "step_alpha_": ("float", ("n_step_terms_", "n_test_")),
+                    "step_beta_": ("float", ("n_step_terms_", "n_test_")), "lr_schedule_": ("float", ("n_steps_fit",))}
 
     def __init__(
         self,
@@ -152,20 +167,27 @@ class SimfluenceLinear(LinearDynamics):
     # ----------------------------------------------------------------------------------- fitting
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> SimfluenceLinear:
         """Fit A, B (and step terms) on the runs at positions ``runs`` (default: all); returns self."""
+        self._check_params()
         runs = training_runs(runset, runs)
+        if runset.n_test == 0:
+            raise SimfluenceError(f"{type(self).__name__}: the run set has no test examples (n_test = 0), so there "
+                                  "are no losses to fit")
         start = time.perf_counter()
+        self.fit_warnings_ = []
         self._prepare(runset, runs)
-        lams = tuple(float(v) for v in self.lam_grid) if self.lam == "auto" else (self._check_lam(self.lam),)
-        momenta = (tuple(float(v) for v in self.momentum_grid) if self.momentum == "auto"
-                   else (self._check_momentum(self.momentum),))
-        if self.momentum == "auto" and not _every_step_logged(runset, runs):
+        lams = tuple(float(v) for v in self.lam_grid) if self.lam == "auto" else (float(self.lam),)
+        momenta = tuple(float(v) for v in self.momentum_grid) if self.momentum == "auto" else (float(self.momentum),)
+        if self.momentum == "auto" and len(momenta) > 1 and not _every_step_logged(runset, runs):
             momenta = (0.0,)  # the velocity needs consecutive steps; sparser logs fall back to first order
-        if self.precision not in PRECISIONS:
-            raise SimfluenceError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            self._warn(f"momentum='auto' fell back to 0 (no velocity: the first-order model, like linear_step): "
+                       f"{_logging_gaps(runset, runs)}, and the momentum term needs losses logged at every step")
         self.validation_ = []
         start_theta = None
         if len(lams) * len(momenta) > 1:
             lam, momentum, start_theta = self._choose(runset, runs, lams, momenta)
+            if len(set(lams)) > 1 and lam in (max(lams), min(lams)):
+                lam, momentum, start_theta = self._choose_beyond_edge(runset, runs, lams, momenta,
+                                                                      (lam, momentum, start_theta))
         else:
             lam, momentum = lams[0], momenta[0]
         self.momentum_ = momentum
@@ -175,22 +197,56 @@ class SimfluenceLinear(LinearDynamics):
         self.fitted_ = True
         return self
 
-    @staticmethod
-    def _check_lam(lam: float | str) -> float:
-        if isinstance(lam, str) or not float(lam) > 0:
-            raise SimfluenceError(f"lam must be > 0 or 'auto', got {lam!r}")
-        return float(lam)
+    def _check_params(self) -> None:
+        """Every hyper-parameter checked before any work: a bad one is one error naming it (as ``--param`` gives it)."""
+        name = type(self).__name__
 
-    @staticmethod
-    def _check_momentum(momentum: float | str) -> float:
-        if isinstance(momentum, str) or not 0 <= float(momentum) < 1:
-            raise SimfluenceError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
-        return float(momentum)
+        def fail(param: str, value: Any, expected: str) -> None:
+            raise SimfluenceError(f"{name}: {param} must be {expected}, got {value!r}")
+
+        if self.lam != "auto" and not (_is_number(self.lam) and self.lam > 0):
+            fail("lam", self.lam, "a number > 0 or 'auto'")
+        if self.momentum != "auto" and not (_is_number(self.momentum) and 0 <= self.momentum < 1):
+            fail("momentum", self.momentum, "a number in [0, 1) or 'auto'")
+        for param, low, high in (("lam_grid", 0.0, math.inf), ("momentum_grid", 0.0, 1.0)):
+            grid = getattr(self, param)
+            closed = param == "momentum_grid"  # momentum 0 is allowed, lam 0 is not
+            if (isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or not grid
+                    or not all(_is_number(v) and (low <= v if closed else low < v) and v < high for v in grid)):
+                fail(param, grid, "a non-empty list of numbers " + ("in [0, 1)" if closed else "> 0"))
+        if not _is_number(self.alpha_center):
+            fail("alpha_center", self.alpha_center, "a number")
+        if not (_is_number(self.step_lam_ratio) and self.step_lam_ratio >= 0):
+            fail("step_lam_ratio", self.step_lam_ratio, "a number >= 0")
+        if not (_is_number(self.val_fraction) and 0 < self.val_fraction < 1):
+            fail("val_fraction", self.val_fraction, "a number in (0, 1)")
+        for param in ("multiplicative", "step_terms", "batch_mean", "clip_negative"):
+            if not isinstance(getattr(self, param), bool | np.bool_):
+                fail(param, getattr(self, param), "true or false")
+        if not (isinstance(self.lr_scaled, bool | np.bool_) or self.lr_scaled == "auto"):
+            fail("lr_scaled", self.lr_scaled, "true, false or 'auto'")
+        if self.solver not in SOLVERS:
+            fail("solver", self.solver, f"one of {', '.join(SOLVERS)}")
+        if not (_is_number(self.tol) and 0 < self.tol < 1):
+            fail("tol", self.tol, "a number in (0, 1)")
+        if not (isinstance(self.max_iter, int | np.integer) and not isinstance(self.max_iter, bool)
+                and self.max_iter >= 1):
+            fail("max_iter", self.max_iter, "an integer >= 1")
+        if self.precision not in PRECISIONS:
+            fail("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+
+    def _warn(self, message: str) -> None:
+        """Issue a :class:`FitWarning` and keep its message in ``fit_warnings_`` (saved with the model)."""
+        message = f"{type(self).__name__}: {message}"
+        self.fit_warnings_.append(message)
+        warnings.warn(message, FitWarning, stacklevel=3)
 
     def _prepare(self, runset: RunSet, runs: list[int]) -> None:
         """Fix the feature layout (horizon, learning-rate reference) from the training runs."""
         chosen = [runset[i] for i in runs]
         self._remember_ids(runset, runs)
+        sizes = np.concatenate([run.curriculum.batch_sizes for run in chosen])
+        self.batch_size_range_ = [int(sizes.min()), int(sizes.max())] if sizes.size else [0, 0]
         horizon = max(run.n_steps for run in chosen)
         self.lr_schedule_ = mean_lr_schedule(chosen)
         every_step_known = all(np.isfinite(run.learning_rates).all() for run in chosen)
@@ -365,6 +421,34 @@ class SimfluenceLinear(LinearDynamics):
             raise SimfluenceError("every candidate lam/momentum gave a non-finite validation error")
         return best["lam"], best["momentum"], best_theta
 
+    def _choose_beyond_edge(
+        self, runset: RunSet, runs: list[int], lams: Sequence[float], momenta: Sequence[float],
+        chosen: tuple[float, float, np.ndarray],
+    ) -> tuple[float, float, np.ndarray]:
+        """The strongest or weakest ``lam`` of the grid won (``chosen``: it, its momentum and effects): choose again
+        among ``LAM_EDGE_DECADES`` decades beyond it, keep whichever validates best (``validation_`` keeps the errors
+        of both searches), and warn if the farthest value wins."""
+        lam, momentum = chosen[0], chosen[1]
+        first = self.validation_
+
+        def error(entries: list[dict], lam: float, momentum: float) -> float:
+            return next(entry["mse"] for entry in entries if (entry["lam"], entry["momentum"]) == (lam, momentum))
+
+        stronger = lam == max(lams)
+        beyond = [lam * 10.0**k if stronger else lam / 10.0**k for k in range(1, LAM_EDGE_DECADES + 1)]
+        extended = self._choose(runset, runs, beyond, momenta)
+        better = error(self.validation_, *extended[:2]) < error(first, lam, momentum)
+        order = {value: index for index, value in enumerate(momenta)}
+        self.validation_ = sorted(first + self.validation_, key=lambda entry: (order[entry["momentum"]], -entry["lam"]))
+        if not better:
+            return chosen
+        if extended[0] == beyond[-1]:
+            side = "strongest" if stronger else "weakest"
+            self._warn(f"lam='auto' chose lam={extended[0]:g}, the {side} value even of lam_grid extended "
+                       f"{LAM_EDGE_DECADES} decades beyond its edge {lam:g}: the validation error may still improve "
+                       "further out; give a lam_grid that reaches beyond it")
+        return extended
+
     # ----------------------------------------------------------------------------------- dynamics
     def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:
         return (self.A_[None] if self.multiplicative else None), self.B_[None]
@@ -390,6 +474,9 @@ class SimfluenceLinear(LinearDynamics):
             "momentum_": self.momentum_,
             "loss_floor_": self.loss_floor_,
             "validation_": self.validation_,
+            # files saved before these were recorded load with none
+            "batch_size_range_": getattr(self, "batch_size_range_", None),
+            "fit_warnings_": list(getattr(self, "fit_warnings_", [])),
         }
 
 
@@ -420,6 +507,23 @@ class SimfluenceAdditive(SimfluenceLinear):
             batch_mean=batch_mean, step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction,
             solver=solver, tol=tol, max_iter=max_iter, precision=precision,
         )
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool, not a string)."""
+    return (isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+            and math.isfinite(value))
+
+
+def _logging_gaps(runset: RunSet, runs: Sequence[int]) -> str:
+    """Words for how sparsely the runs log their losses, e.g. "run 'run-003' logs losses every 5 steps"."""
+    for i in runs:
+        gaps = np.diff(runset[i].logged_steps)
+        if np.any(gaps != 1):
+            common = np.bincount(gaps).argmax()
+            every = f"every {common} steps" if np.all(gaps[:-1] == common) else f"with gaps of up to {gaps.max()} steps"
+            return f"run {runset[i].name!r} logs losses {every}"
+    return "the runs do not log losses at every step"
 
 
 def _every_step_logged(runset: RunSet, runs: Sequence[int]) -> bool:

@@ -30,8 +30,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,16 @@ import torch
 
 from simfluence._io import atomic_write_bytes
 from simfluence.errors import SimfluenceError
-from simfluence.runlog import MANIFEST, RunSet
+from simfluence.runlog import RunSet, runset_destination
 from simfluence.task import Task
-from simfluence.workloads.generator import WarmupCosine, _single_thread_deterministic, generate_random_runs
+from simfluence.workloads.generator import (
+    WarmupCosine,
+    _check_request,
+    _check_resumable,
+    _single_thread_deterministic,
+    _train_into,
+    random_runs_plan,
+)
 from simfluence.workloads.tinylm import IGNORE, PAD, TinyLM, TinyLMConfig, token_nll
 
 __all__ = ["FactsSettings", "TIERS", "RELATIONS", "build_corpus", "facts_task", "facts_task_from_runset",
@@ -495,16 +501,24 @@ def generate_facts(
     out = Path(out)
     tier_name, settings = _settings(tier)
     n_runs = settings.n_runs if n_runs is None else int(n_runs)
-    if overwrite and (out / MANIFEST).is_file():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    task = facts_task(settings if tier_name == "custom" else tier_name, data_seed=data_seed, pretrain_seed=seed,
-                      base_cache=out / BASE_FILE)
+    tier_or_settings = settings if tier_name == "custom" else tier_name
+    task = facts_task(tier_or_settings, data_seed=data_seed, pretrain_seed=seed)
     corpus = task.metadata.pop("corpus")
-    # compact: indented JSON would put every label id on its own line
-    atomic_write_bytes(out / CORPUS_FILE, json.dumps(corpus, separators=(",", ":"), allow_nan=False).encode("utf-8"))
-    task.make_model(seed)  # pretrain once here (and cache it) rather than in every worker
-    return generate_random_runs(task, out, n_runs=n_runs, n_steps=settings.n_steps, batch_size=settings.batch_size,
-                                subset_fraction=settings.subset_fraction, seed=seed, init_seed=seed,
-                                log_every=log_every, checkpoint_steps=checkpoint_steps, workers=workers,
-                                progress=progress, backend=backend, ray_address=ray_address)
+    task, curricula = random_runs_plan(task, n_runs, settings.n_steps, settings.batch_size, settings.subset_fraction,
+                                       seed)
+    request = _check_request(task, curricula, None, seed, log_every, checkpoint_steps, None, backend)
+    # One rule for every writer: a folder that is not a run set is refused before anything is written; a run set
+    # is resumed (with the same settings only) or, with overwrite, rebuilt aside and swapped in when complete.
+    final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
+    with runset_destination(out, overwrite) as target:
+        _check_resumable(target, request)  # before the corpus or the base of another setting is written over
+        target.mkdir(parents=True, exist_ok=True)
+        task = replace(task, make_model=functools.partial(pretrained_base, settings=settings, data_seed=data_seed,
+                                                          pretrain_seed=seed, cache=str(target / BASE_FILE)))
+        request = replace(request, task=task)
+        # compact: indented JSON would put every label id on its own line
+        atomic_write_bytes(target / CORPUS_FILE,
+                           json.dumps(corpus, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+        task.make_model(seed)  # pretrain once here (and cache it) rather than in every worker
+        _train_into(target, request, workers, progress, backend, ray_address)
+    return RunSet.load(final)

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,13 +42,24 @@ from tqdm import tqdm
 
 from simfluence._io import atomic_write_bytes
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import RunLogError, SimfluenceError, TaskError
-from simfluence.runlog import MANIFEST, RunLogger, RunSet, export_run, install_run, read_run, run_status
-from simfluence.task import Task, import_task_files, loaded_task_files
+from simfluence.errors import RunLogError, SimfluenceError, TaskError, one_line
+from simfluence.runlog import (
+    MANIFEST,
+    RunLogger,
+    RunSet,
+    export_run,
+    install_run,
+    read_run,
+    run_status,
+    runset_destination,
+    runset_writer_lock,
+)
+from simfluence.task import Task, fingerprint_change, import_task_files, loaded_task_files, task_fingerprint_parts
 
 __all__ = ["Task", "WarmupCosine", "generate_runs", "generate_random_runs", "default_run_names"]
 
 CHECKPOINTS_DIR = "checkpoints"
+FINGERPRINT_KEY = "task_fingerprint"  # run-set metadata: task_fingerprint_parts of the task that trained the runs
 BACKENDS = ("local", "ray")
 PARENT_POLL_SECONDS = 0.5  # how often a worker checks that the process that started it is still there
 
@@ -101,6 +113,18 @@ def _single_thread_deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
+@contextlib.contextmanager
+def _task_code(function: str) -> Iterator[None]:
+    """Run a piece of the task's own code: its errors (also ``SystemExit``) become one ``TaskError`` naming
+    ``function``, so that they cross process boundaries and reach the command line as one line."""
+    try:
+        yield
+    except SimfluenceError:
+        raise
+    except (Exception, SystemExit) as err:
+        raise TaskError(f"the task's {function} raised {one_line(err)}") from err
+
+
 @dataclass(frozen=True)
 class _Job:
     name: str
@@ -120,22 +144,28 @@ class _Trainer:
         self.log_every = log_every
         self.checkpoint_steps = frozenset(checkpoint_steps)
         torch.manual_seed(init_seed)
-        self.model = task.make_model(init_seed)
+        with _task_code("make_model"):
+            self.model = task.make_model(init_seed)
         self.initial_state = copy.deepcopy(self.model.state_dict())
 
     def test_losses(self) -> np.ndarray:
         """(n_test,) float64 loss of every test example, one forward pass."""
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _task_code("model or loss_fn (on the test examples)"):
             losses = self.task.loss_fn(self.model(self.task.test_inputs), self.task.test_targets)
+            losses = losses.detach().to(torch.float64).numpy().reshape(-1)
         self.model.train(was_training)
-        return losses.detach().to(torch.float64).numpy().reshape(-1)
+        return losses
+
+    def learning_rate(self, step: int) -> float:
+        with _task_code("lr_at"):
+            return float(self.task.lr_at(step))
 
     def save_checkpoint(self, name: str, step: int, optimizer: torch.optim.Optimizer) -> str:
         relative = f"{CHECKPOINTS_DIR}/{name}/step-{step}.pt"
         buffer = io.BytesIO()
-        torch.save({"step": step, "learning_rate": float(self.task.lr_at(max(step, 1))),
+        torch.save({"step": step, "learning_rate": self.learning_rate(max(step, 1)),
                     "model": self.model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
         atomic_write_bytes(self.runset_path / relative, buffer.getvalue())
         return relative
@@ -145,39 +175,43 @@ class _Trainer:
         curriculum = Curriculum(job.offsets, job.ids, task.n_pool)
         n_steps = curriculum.n_steps
         # a Task trained by a framework's own loop (simfluence.integrations.huggingface.TrainerTask)
+        # saves the checkpoints after step 0 itself: the manifest's generator settings list the steps
         train_logged_run = getattr(task, "train_logged_run", None)
-        if train_logged_run is not None and self.checkpoint_steps:
-            raise TaskError(f"{type(task).__name__} trains its own runs: checkpoint_steps are not supported")
         checkpoint_dir = self.runset_path / CHECKPOINTS_DIR / job.name
-        if checkpoint_dir.exists():
-            shutil.rmtree(checkpoint_dir)
         torch.manual_seed(job.seed)
         self.model.load_state_dict(self.initial_state)
         self.model.train()
-        optimizer = task.make_optimizer(self.model.parameters())
+        with _task_code("make_optimizer"):
+            optimizer = task.make_optimizer(self.model.parameters())
         metadata = {"seed": job.seed, "init_seed": self.init_seed, "checkpoints": []}
         with RunLogger(self.runset_path, job.name, metadata=metadata, overwrite=True) as logger:
+            # the run's lock is held from here: the checkpoints of a run another writer trains are never touched
+            if checkpoint_dir.exists():
+                shutil.rmtree(checkpoint_dir)
             checkpoints = logger.metadata["checkpoints"]  # committed with every step
             logger.log_initial(self.test_losses())
             if 0 in self.checkpoint_steps:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 checkpoints.append({"step": 0, "path": self.save_checkpoint(job.name, 0, optimizer)})
             if train_logged_run is not None:
-                train_logged_run(self.model, curriculum, logger, self.log_every, job.seed)
+                with _task_code("train_logged_run"):
+                    train_logged_run(self.model, curriculum, logger, self.log_every, job.seed)
                 return job.name
             for step in range(1, n_steps + 1):
-                lr = float(task.lr_at(step))
+                lr = self.learning_rate(step)
                 batch = curriculum.ids[curriculum.offsets[step - 1]:curriculum.offsets[step]]
                 if batch.size:  # an empty batch has no data: no update at all
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     index = torch.tensor(batch)
                     optimizer.zero_grad(set_to_none=True)
-                    outputs = self.model(task.pool_inputs[index])
-                    task.loss_fn(outputs, task.pool_targets[index]).mean().backward()
-                    optimizer.step()
+                    with _task_code("model, loss_fn or optimizer (on a training batch)"):
+                        outputs = self.model(task.pool_inputs[index])
+                        task.loss_fn(outputs, task.pool_targets[index]).mean().backward()
+                        optimizer.step()
                 log_now = step % self.log_every == 0 or step == n_steps
-                logger.log_step(batch, losses=self.test_losses() if log_now else None, learning_rate=lr)
+                logger.log_step(positions=batch, losses=self.test_losses() if log_now else None,
+                                learning_rate=lr)
                 if step in self.checkpoint_steps:
                     checkpoint_dir.mkdir(parents=True, exist_ok=True)
                     checkpoints.append(
@@ -186,6 +220,7 @@ class _Trainer:
 
 
 _WORKER_TRAINER: _Trainer | None = None
+_WORKER_ERROR: SimfluenceError | None = None  # why the worker could not be set up, raised with its first job
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -203,17 +238,28 @@ def _worker_task(task_files: dict[str, str], task_bytes: bytes) -> Task:
     functions unpickle) and unpickle the task: the same for local workers and Ray tasks, so runs are identical."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    import_task_files(task_files)
-    return pickle.loads(task_bytes)
+    with _task_code("file (imported in the worker)"):
+        import_task_files(task_files)
+    with _task_code("unpickling (in the worker)"):
+        return pickle.loads(task_bytes)
 
 
 def _init_worker(parent_pid: int, task_files: dict[str, str], task_bytes: bytes, *args) -> None:
-    global _WORKER_TRAINER
+    """Set up a worker process. An error is kept and raised with the worker's first job: an initializer that
+    raises would break the whole pool and hide the cause behind ``BrokenProcessPool``."""
+    global _WORKER_TRAINER, _WORKER_ERROR
     _exit_with_parent(parent_pid)
-    _WORKER_TRAINER = _Trainer(_worker_task(task_files, task_bytes), *args)
+    try:
+        _WORKER_TRAINER = _Trainer(_worker_task(task_files, task_bytes), *args)
+    except SimfluenceError as err:
+        _WORKER_ERROR = err
+    except (Exception, SystemExit) as err:
+        _WORKER_ERROR = TaskError(f"a worker process could not be set up: {one_line(err)}")
 
 
 def _run_in_worker(job: _Job) -> str:
+    if _WORKER_ERROR is not None:
+        raise _WORKER_ERROR
     assert _WORKER_TRAINER is not None, "worker was not initialised"
     return _WORKER_TRAINER(job)
 
@@ -247,17 +293,27 @@ def _train_elsewhere(task_files: dict[str, str], task_bytes: bytes, manifest: di
 
 
 def _install_trained(out: Path, name: str, files: dict[str, dict[str, bytes]]) -> None:
-    """Write a run trained elsewhere into ``out``: its checkpoints first, then the run (atomically)."""
-    checkpoint_dir = out / CHECKPOINTS_DIR / name
-    if checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
-    if files["checkpoints"]:
-        checkpoint_dir.mkdir(parents=True)
-        for filename, data in files["checkpoints"].items():
-            if Path(filename).name != filename or not filename.endswith(".pt"):
-                raise RunLogError(f"run {name!r}: unexpected checkpoint file name {filename!r}")
-            atomic_write_bytes(checkpoint_dir / filename, data)
-    install_run(out, name, files["run"])
+    """Write a run trained elsewhere into ``out``: the run is checked first (:func:`install_run`), then, under its
+    lock, its checkpoints replace the old ones and the run replaces the old run; a refused run changes nothing."""
+    checkpoint_files = files.get("checkpoints") if isinstance(files, dict) else None
+    if not isinstance(checkpoint_files, dict):
+        raise RunLogError(f"run {name!r}: the trained run came back without its checkpoint files")
+    for filename, data in checkpoint_files.items():
+        if not isinstance(filename, str) or Path(filename).name != filename or not filename.endswith(".pt"):
+            raise RunLogError(f"run {name!r}: unexpected checkpoint file name {filename!r}")
+        if not isinstance(data, (bytes, bytearray)):
+            raise RunLogError(f"run {name!r}: checkpoint {filename} must be bytes, got {type(data).__name__}")
+
+    def replace_checkpoints() -> None:
+        checkpoint_dir = out / CHECKPOINTS_DIR / name
+        if checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir)
+        if checkpoint_files:
+            checkpoint_dir.mkdir(parents=True)
+            for filename, data in checkpoint_files.items():
+                atomic_write_bytes(checkpoint_dir / filename, bytes(data))
+
+    install_run(out, name, files.get("run"), before_replace=replace_checkpoints)
 
 
 def _train_on_ray(task: Task, jobs: list[_Job], runset: RunSet, trainer_args: tuple, address: str | None,
@@ -323,8 +379,9 @@ def generate_runs(
     ----------
     task : the model, data, loss, optimizer and schedule.
     curricula : one curriculum per run, over ``task.n_pool`` pool ids.
-    out : run-set folder. If it already holds a run set made with the same task, complete runs are skipped
-        and the others (missing, running, aborted) are retrained from scratch.
+    out : run-set folder. If it already holds a run set made with the same task (same settings and task
+        fingerprint, recorded in its metadata), complete runs are skipped and the others (missing, running,
+        aborted) are retrained from scratch; a set made with another task is refused, naming what differs.
     names : run names (default ``run-000``, ``run-001``, ...).
     init_seed : seed of the shared initial weights (``make_model(init_seed)`` under ``torch.manual_seed``);
         default ``task.init_seed``.
@@ -332,7 +389,10 @@ def generate_runs(
     checkpoint_steps : steps after which to save model and optimizer state (0 = initial state).
     workers : worker processes (default ``min(os.cpu_count(), runs to train)``); 1 trains in this process.
     progress : show a tqdm progress bar over runs.
-    overwrite : delete an existing run set at ``out`` first and regenerate every run.
+    overwrite : replace a run set at ``out`` by a new one: it is built in a hidden sibling folder and swapped in
+        when complete, under the set's lock (the old set stays whole until then; a writer of it meanwhile is
+        refused). Without it, a run set at ``out`` is resumed. ``out`` must be absent, an empty folder or a run
+        set: anything else is refused before anything is written (with or without ``overwrite``).
     seeds : (n_runs,) torch seed of each run (recorded as the run's ``metadata["seed"]``); default
         ``init_seed + 1 + r``.
     backend : ``"local"`` (worker processes on this machine) or ``"ray"``: every run is a Ray task that trains
@@ -347,6 +407,34 @@ def generate_runs(
     RunSet loaded from ``out`` (losses memory-mapped).
     """
     out = Path(out)
+    request = _check_request(task, curricula, names, init_seed, log_every, checkpoint_steps, seeds, backend)
+    final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
+    with runset_destination(out, overwrite) as target:  # refuses a folder that is not a run set, creating nothing
+        _train_into(target, request, workers, progress, backend, ray_address)
+    return RunSet.load(final)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A checked request of :func:`generate_runs`: what to train, and the run-set metadata it goes with."""
+
+    task: Task
+    curricula: list[Curriculum]
+    names: list[str]
+    seeds: list[int]
+    init_seed: int
+    log_every: int
+    checkpoint_steps: tuple[int, ...]
+    metadata: dict
+
+
+def _check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[str] | None, init_seed: int | None,
+                   log_every: int, checkpoint_steps: Iterable[int], seeds: Sequence[int] | None,
+                   backend: str) -> _Request:
+    """Every check of the arguments of :func:`generate_runs` that needs no disk: done before anything is written."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # a spawned worker importing the script
+        raise TaskError(f"generate_runs was called while a worker process imported the script that started it: "
+                        f"{_UNGUARDED}")
     if backend not in BACKENDS:
         raise SimfluenceError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(task, Task):
@@ -366,6 +454,9 @@ def generate_runs(
         if curriculum.ids.size and curriculum.ids.max() >= task.n_pool:
             raise RunLogError(f"curricula[{index}] uses pool id {int(curriculum.ids.max())}, "
                               f"outside 0..{task.n_pool - 1}")
+    check_curricula = getattr(task, "check_curricula", None)  # a task with its own training loop refuses here
+    if check_curricula is not None:
+        check_curricula(curricula)
     seeds = [init_seed + 1 + index for index in range(len(curricula))] if seeds is None else \
         [int(seed) for seed in seeds]
     if len(seeds) != len(curricula):
@@ -375,23 +466,55 @@ def generate_runs(
     checkpoint_steps = tuple(sorted({int(step) for step in checkpoint_steps}))
     if checkpoint_steps and checkpoint_steps[0] < 0:
         raise RunLogError(f"checkpoint step {checkpoint_steps[0]} is negative")
-
     metadata = _normalised_json({
         **task.metadata,
         "generator": {"init_seed": init_seed, "log_every": log_every, "checkpoint_steps": list(checkpoint_steps)},
     })
-    if overwrite and (out / MANIFEST).is_file():
-        shutil.rmtree(out)
-    pool_ids = task.pool_ids if task.pool_ids is not None else range(task.n_pool)
-    test_ids = task.test_ids if task.test_ids is not None else range(task.n_test)
-    runset = RunSet.create(out, n_pool=task.n_pool, pool_ids=pool_ids, test_ids=test_ids, metadata=metadata,
-                           exist_ok=True)
-    if _normalised_json(runset.metadata) != metadata:
+    return _Request(task, curricula, names, seeds, init_seed, log_every, checkpoint_steps, metadata)
+
+
+def _check_resumable(out: Path, request: _Request) -> None:
+    """``out`` holds no run set, or one generated with the same settings (before anything is written to it)."""
+    if not (out / MANIFEST).is_file():
+        return
+    recorded = {key: value for key, value in RunSet.load(out, validate=False).metadata.items()
+                if key != FINGERPRINT_KEY}
+    if _normalised_json(recorded) != request.metadata:
         raise RunLogError(f"{str(out)!r} holds a run set generated with different task settings "
                           "(pass overwrite=True to regenerate it)")
 
-    jobs = _pending_jobs(out, names, curricula, seeds)
-    trainer_args = (out, init_seed, log_every, checkpoint_steps)
+
+def _train_into(out: Path, request: _Request, workers: int | None, progress: bool, backend: str,
+                ray_address: str | None) -> None:
+    """Create (or resume) the run set at ``out`` and train the runs it lacks, under the set's shared lock.
+
+    The task's fingerprint (:func:`~simfluence.task.task_fingerprint_parts`: initial weights, model, data, loss,
+    optimizer, schedule) is recorded in the run-set metadata; resuming a set recorded with another one is refused,
+    naming the parts that differ.
+    """
+    task = request.task
+    _check_resumable(out, request)
+    with _task_code("make_model, make_optimizer or lr_at (fingerprinting the task)"):  # an exit, say
+        fingerprint = task_fingerprint_parts(task, request.init_seed)
+    pool_ids = task.pool_ids if task.pool_ids is not None else range(task.n_pool)
+    test_ids = task.test_ids if task.test_ids is not None else range(task.n_test)
+    runset = RunSet.create(out, n_pool=task.n_pool, pool_ids=pool_ids, test_ids=test_ids,
+                           metadata={**request.metadata, FINGERPRINT_KEY: fingerprint}, exist_ok=True)
+    with runset_writer_lock(out):
+        _check_resumable(out, request)  # again under the lock: the set is the one we write into
+        recorded = runset.metadata.get(FINGERPRINT_KEY)
+        if isinstance(recorded, dict) and recorded != fingerprint:
+            raise TaskError(f"{str(out)!r} holds runs of another task ({fingerprint_change(recorded, fingerprint)} "
+                            "differ); pass overwrite=True to regenerate it, or use another folder")
+        _train_pending(out, runset, request, workers, progress, backend, ray_address)
+
+
+def _train_pending(out: Path, runset: RunSet, request: _Request, workers: int | None, progress: bool, backend: str,
+                   ray_address: str | None) -> None:
+    """Train the runs of ``request`` that ``out`` does not hold complete, locally or on Ray."""
+    task, curricula = request.task, request.curricula
+    jobs = _pending_jobs(out, request.names, curricula, request.seeds)
+    trainer_args = (out, request.init_seed, request.log_every, request.checkpoint_steps)
     bar = tqdm(total=len(curricula), initial=len(curricula) - len(jobs), desc=f"training {out.name}",
                unit="run", disable=not progress)
     n_workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(int(workers), max(len(jobs), 1))
@@ -405,22 +528,34 @@ def generate_runs(
                     trainer(job)
                     bar.update()
         elif jobs:
-            task_bytes = _task_bytes(task)
-            context = multiprocessing.get_context("spawn")
-            initargs = (os.getpid(), loaded_task_files(), task_bytes, *trainer_args)
-            with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
-                                     initargs=initargs) as pool:
-                futures = [pool.submit(_run_in_worker, job) for job in jobs]
-                try:
-                    for future in as_completed(futures):
-                        future.result()  # a worker's error is raised here
-                        bar.update()
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)  # runs in flight finish, the rest never start
-                    raise
+            _train_in_processes(task, jobs, trainer_args, n_workers, bar)
     finally:
         bar.close()
-    return RunSet.load(out)
+
+
+def _train_in_processes(task: Task, jobs: list[_Job], trainer_args: tuple, n_workers: int, bar: tqdm) -> None:
+    """Train ``jobs`` in ``n_workers`` spawned worker processes; a worker's error is raised here."""
+    task_bytes = _task_bytes(task)
+    context = multiprocessing.get_context("spawn")
+    initargs = (os.getpid(), loaded_task_files(), task_bytes, *trainer_args)
+    try:
+        with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
+                                 initargs=initargs) as pool:
+            futures = [pool.submit(_run_in_worker, job) for job in jobs]
+            try:
+                for future in as_completed(futures):
+                    future.result()  # a worker's error is raised here
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # runs in flight finish, the rest never start
+                raise
+    except BrokenProcessPool:
+        raise TaskError(f"a worker process ended abruptly while starting or training (killed, out of memory, or it "
+                        f"exited); if a script calls generate_runs directly, {_UNGUARDED}") from None
+
+
+_UNGUARDED = ("put that call under `if __name__ == \"__main__\":` (each worker process imports the script and "
+              "would train again), or pass workers=1")
 
 
 def generate_random_runs(
@@ -462,6 +597,15 @@ def generate_random_runs(
     -------
     RunSet of ``n_runs`` runs of ``n_steps`` steps, ``task.n_test`` test losses per logged step.
     """
+    task, curricula = random_runs_plan(task, n_runs, n_steps, batch_size, subset_fraction, seed)
+    return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
+                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite,
+                         backend=backend, ray_address=ray_address)
+
+
+def random_runs_plan(task: Task, n_runs: int, n_steps: int, batch_size: int, subset_fraction: float,
+                     seed: int) -> tuple[Task, list[Curriculum]]:
+    """The curricula of :func:`generate_random_runs`, and the task with the curriculum settings in its metadata."""
     if not 0.0 < subset_fraction <= 1.0:
         raise SimfluenceError(f"subset_fraction must lie in (0, 1], got {subset_fraction}")
     subset_size = max(1, round(subset_fraction * task.n_pool))
@@ -469,6 +613,4 @@ def generate_random_runs(
                                  seed=np.random.default_rng([seed, 2]))
     task = replace(task, metadata={**task.metadata, "batch_size": batch_size, "n_steps": n_steps,
                                    "subset_size": subset_size, "curriculum_seed": seed})
-    return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
-                         checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite,
-                         backend=backend, ray_address=ray_address)
+    return task, curricula
