@@ -1,11 +1,12 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+# The two commands of the README: `make demo` and `make test` (ruff, the docs build, pytest). Both create .venv
+# when missing. `make docs` builds the documentation site into site/ with warnings as errors (mkdocs --strict).
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,17 +21,21 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
 
-# The long fuzz run of tests/test_fuzz.py (make test runs a short one): FUZZ_EXAMPLES inputs per test, random
-# (not derandomized) draws; the counts of inputs tried and of each outcome go to FUZZ_REPORT.
+# The long fuzz run of tests/test_fuzz.py (make test runs a short one): run sets, import tables, the CLI, install_run
+# and the model files of every method; FUZZ_EXAMPLES inputs per test (per method for model files), random (not
+# derandomized) draws; the counts of inputs tried and of each outcome go to FUZZ_REPORT.
 FUZZ_EXAMPLES ?= 1500
 FUZZ_REPORT ?= benchmarks/fuzz.json
 .PHONY: fuzz

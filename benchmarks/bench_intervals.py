@@ -106,7 +106,7 @@ def evaluate_method(name, runset, train, bases, lds_dir, members, level, echo) -
         retrained = RunSet.load(folder)
         for protocol, names in retrained_draws(folder).items():
             curricula = [base.curriculum] + [retrained[draw].curriculum for draw in names]
-            rates = [base.learning_rates] * len(curricula) if np.isfinite(base.learning_rates).all() else None
+            rates = None if base.known_learning_rates is None else [base.known_learning_rates] * len(curricula)
             finals = np.stack([np.asarray(retrained[draw].losses[-1], dtype=np.float64)
                                for draw in ["base", *names]])
             got = answers.setdefault(protocol, {key: [] for key in ("point", "actual", *RESAMPLINGS)})

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from simfluence.methods import make_simulator
     from simfluence.metrics import format_markdown_table
     from simfluence.task import load_task
-    from simfluence.workloads.generator import generate_random_runs
+    from simfluence.training import generate_random_runs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")

@@ -116,17 +116,14 @@ def subsets(pool: list[int], k: int, n_subsets: int) -> list[list[int]]:
 
 def fit(name: str, runset, runs: list[int], task) -> tuple[object, float, int]:
     """A fresh registry simulator fitted on ``runs``: (simulator, seconds, conjugate-gradient warnings)."""
-    from simfluence.methods import METHODS, make_simulator
+    from simfluence.methods import make_simulator
     from simfluence.solvers import ConvergenceWarning
 
     simulator = make_simulator(name)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        if "task" in METHODS[name].needs:
-            simulator.fit(runset, runs=runs, task=task)
-        else:
-            simulator.fit(runset, runs=runs)
+        simulator.fit(runset, runs=runs, task=task)
     unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     return simulator, time.perf_counter() - start, unconverged
 
@@ -164,7 +161,7 @@ def run(workload: str, args) -> dict:
     """Every (k, subset, method) score of one workload, the reference and the settings, as one JSON-able dict."""
     from simfluence.evaluation import score
     from simfluence.methods import make_simulator
-    from simfluence.task import task_for_runset
+    from simfluence.workloads import task_for_runset
 
     config = WORKLOADS[workload]
     runset, check = make_runset(workload, args.cache or config["cache"])

@@ -30,7 +30,8 @@ import torch
 
 from simfluence.attribution.unrolled import replay_losses
 from simfluence.methods import make_simulator
-from simfluence.workloads import generate_digits, generate_runs, task_from_runset
+from simfluence.training import generate_runs
+from simfluence.workloads import generate_digits, task_from_runset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402

@@ -22,6 +22,7 @@ This module sits above the registry (it builds members by name) and below the ap
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
@@ -36,6 +37,7 @@ from simfluence.simulators.base import Simulator, rollout_runs, training_runs
 
 __all__ = ["BlendSimulator", "blend_errors", "simplex_grid"]
 
+MAX_CANDIDATES = 100_000  # weight vectors a simplex grid may have (each is scored on the validation runs at once)
 _MEMBER_PREFIX = "member{index}."  # a member's arrays in a model file: "member0.A_", "member1.scores_", ...
 
 
@@ -105,7 +107,11 @@ class BlendSimulator(Simulator):
     kind = "blend"
     _fitted_arrays = ("weights_",)
     _optional_arrays = ("candidates_", "validation_mse_")
-    tags = {"exact_loo": False}  # unknown before fitting; a fitted blend sets its own
+    _array_specs = {"weights_": ("float", ("n_members",)), "candidates_": ("float", ("n_candidates", "n_members")),
+                    "validation_mse_": ("float", ("n_candidates",))}
+    _state_specs = {"val_runs_": "list"}
+    # exact_loo unknown before fitting (a fitted blend sets its own); the default members need a model
+    tags = {**Simulator.tags, "needs": frozenset({"task", "checkpoints"})}
 
     def __init__(self, members: Sequence[str] = ("linear_mom_log", "tracin_offset"),
                  weight: str | Sequence[float] = "auto", weight_grid: int = 21, val_fraction: float = 0.2,
@@ -117,7 +123,7 @@ class BlendSimulator(Simulator):
         self.member_params = member_params
 
     # ----------------------------------------------------------------------------------- fitting
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, task: Any = None) -> BlendSimulator:
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> BlendSimulator:
         """Choose the weights on validation runs (unless fixed), then fit every member on ``runs``; returns self.
 
         ``task`` is passed to the members that need a model (see :class:`~simfluence.task.Task`).
@@ -125,12 +131,16 @@ class BlendSimulator(Simulator):
         runs = training_runs(runset, runs)
         names = self._member_names()
         fixed = self._fixed_weights(len(names))
+        n_points = self._grid_points(len(names))  # every option checked before any member is fitted
+        val_fraction = self._val_fraction()
+        for name in names:
+            self._build_member(name)  # an option a member does not take is an error naming it
         self.candidates_ = self.validation_mse_ = None
         self.val_runs_ = []
         if fixed is None:
             if len(runs) < 2:
                 raise SimfluenceError("choosing blend weights needs at least 2 training runs (one is for validation)")
-            n_val = min(len(runs) - 1, max(1, round(float(self.val_fraction) * len(runs))))
+            n_val = min(len(runs) - 1, max(1, round(val_fraction * len(runs))))
             fit_runs, val_runs = runs[:-n_val], runs[-n_val:]
             residuals, mask = [], None
             for name in names:
@@ -139,7 +149,7 @@ class BlendSimulator(Simulator):
                     residuals.append(predicted - np.nan_to_num(actual))
             mask = mask.copy()
             mask[:, 0] = False
-            self.candidates_ = simplex_grid(len(names), self._grid_points())
+            self.candidates_ = simplex_grid(len(names), n_points)
             self.validation_mse_ = blend_errors(residuals, mask, self.candidates_)
             if not np.isfinite(self.validation_mse_).any():
                 raise SimfluenceError("every member's rollout of the validation runs was not finite")
@@ -161,7 +171,7 @@ class BlendSimulator(Simulator):
             raise SimfluenceError(f"members name a method twice: {names}")
         for name in names:
             entry = method(name)  # an unknown name is an error listing the known ones
-            if "scores" in entry.needs or "base_run" in entry.needs or entry.simulator_class().tags.get("per_base"):
+            if "scores" in entry.needs or entry.per_base:
                 raise SimfluenceError(f"method {name!r} cannot be a blend member: it needs precomputed scores or is "
                                       "fitted around one base run")
         params = self.member_params
@@ -183,18 +193,29 @@ class BlendSimulator(Simulator):
                                   f"got {self.weight!r}")
         return weights / weights.sum()
 
-    def _grid_points(self) -> int:
+    def _grid_points(self, n_members: int) -> int:
+        """``weight_grid``, checked: an integer >= 2 whose simplex grid has at most ``MAX_CANDIDATES`` points."""
         points = self.weight_grid
         if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
             raise SimfluenceError(f"weight_grid must be an integer >= 2, got {points!r}")
+        n_candidates = math.comb(int(points) + n_members - 2, n_members - 1)
+        if n_candidates > MAX_CANDIDATES:
+            raise SimfluenceError(f"weight_grid={points} gives {n_candidates} weight vectors for {n_members} members, "
+                                  f"more than {MAX_CANDIDATES}: use a coarser grid")
         return int(points)
 
+    def _val_fraction(self) -> float:
+        fraction = self.val_fraction
+        if isinstance(fraction, (bool, str)) or not isinstance(fraction, (int, float, np.number)) \
+                or not 0 < float(fraction) < 1:
+            raise SimfluenceError(f"val_fraction must be a number in (0, 1), got {fraction!r}")
+        return float(fraction)
+
+    def _build_member(self, name: str) -> Simulator:
+        return method(name).build(**dict((self.member_params or {}).get(name, {})))
+
     def _fit_member(self, name: str, runset: RunSet, runs: list[int], task: Any) -> Simulator:
-        entry = method(name)
-        member = entry.build(**dict((self.member_params or {}).get(name, {})))
-        if "task" in entry.needs:
-            return member.fit(runset, runs=runs, task=task)
-        return member.fit(runset, runs=runs)
+        return self._build_member(name).fit(runset, runs=runs, task=task)
 
     def _set_tags(self) -> None:
         self.tags = {**type(self).tags, "exact_loo": all(type(m).tags.get("exact_loo", False) for m in self.members_)}

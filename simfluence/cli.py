@@ -6,6 +6,7 @@ line on stderr and exit status 2, with no traceback and nothing half-written.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -15,7 +16,12 @@ import click
 import numpy as np
 
 from simfluence._io import atomic_write_bytes, atomic_write_json
+from simfluence.apps.lds import DEFAULT_DRAWS, DEFAULT_MOVED, DEFAULT_PROTOCOLS
+from simfluence.apps.verify import DEFAULT_EDIT_SIZE, DEFAULT_N_TARGETS
 from simfluence.errors import SimfluenceError, SimfluenceWarning
+from simfluence.evaluation import DEFAULT_HOLDOUT
+from simfluence.methods import DEFAULT_METHOD, DEFAULT_METHODS
+from simfluence.uncertainty import DEFAULT_LEVEL
 
 
 def _fail(message: str) -> None:
@@ -59,7 +65,7 @@ def _learning_rate_note(runs) -> str | None:
     """One line naming the first step without a learning rate and what that costs; None when every step has one."""
     from simfluence.methods import METHODS
 
-    lacking = [run for run in runs if not np.isfinite(run.learning_rates).all()]
+    lacking = [run for run in runs if run.known_learning_rates is None]
     if not lacking:
         return None
     step = int(np.flatnonzero(~np.isfinite(lacking[0].learning_rates))[0]) + 1
@@ -75,11 +81,62 @@ def generate_group() -> None:
     """Train real models on many curricula and log the runs (built-in workloads or your own task)."""
 
 
-def _checkpoint_steps(text: str) -> tuple[int, ...]:
+def _comma_separated(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[str, ...] | None:
+    """Click callback: ``"a, b,c"`` -> ``("a", "b", "c")`` (blank parts dropped); None (not given) stays None."""
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _comma_separated_ints(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, ...]:
+    """Click callback: ``"10,20"`` -> ``(10, 20)``."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(int(part) for part in _comma_separated(ctx, param, text))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of steps") from None
+
+
+class _LibraryDefault(click.Option):
+    """An option left unset (None) for the library to fill in with its own default: ``library_default`` names it,
+    as ``"module:NAME"`` (a constant) or ``"module:function"`` (the default of its parameter named as the option's
+    value, e.g. ``n_runs`` of ``--runs``). ``--help``
+    shows its value, importing the module only then (it may import torch); the command passes on only the options
+    given (:func:`_given`)."""
+
+    def __init__(self, *args, library_default: str, **kwargs) -> None:
+        super().__init__(*args, default=None, show_default=True, **kwargs)
+        self.library_default = library_default
+
+    def library_value(self):
+        import importlib
+        import inspect
+
+        module, _, name = self.library_default.partition(":")
+        value = getattr(importlib.import_module(module), name)
+        return inspect.signature(value).parameters[self.name].default if inspect.isfunction(value) else value
+
+    def get_help_extra(self, ctx: click.Context):
+        return {**super().get_help_extra(ctx), "default": _shown(self.library_value())}
+
+
+def _library_option(library_default: str):
+    """``click.option`` for options whose defaults are the library's (:class:`_LibraryDefault`)."""
+    return functools.partial(click.option, cls=_LibraryDefault, library_default=library_default)
+
+
+_digits_option = _library_option("simfluence.workloads:generate_digits")
+_facts_option = _library_option("simfluence.workloads:generate_facts")
+_task_runs_option = _library_option("simfluence.training:generate_random_runs")
+
+
+def _given(options: dict) -> dict:
+    """The options the user gave (not None): the library's defaults apply to the others."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _shown(value) -> str:
+    """A library default as the CLI writes it: a list comma-separated, a number in short form."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _ray_option(what: str):
@@ -98,50 +155,50 @@ def _ray_option(what: str):
 
 @generate_group.command("digits")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
-@click.option("--runs", "n_runs", default=48, show_default=True, help="Number of runs (curricula).")
-@click.option("--steps", "n_steps", default=200, show_default=True, help="Training steps per run.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--pool", "pool_size", default=500, show_default=True, help="Training pool size.")
-@click.option("--test", "test_size", default=100, show_default=True, help="Number of test (probe) examples.")
-@click.option("--subset-fraction", default=0.5, show_default=True, help="Share of the pool each run trains on.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@_digits_option("--runs", "n_runs", type=int, help="Number of runs (curricula).")
+@_digits_option("--steps", "n_steps", type=int, help="Training steps per run.")
+@_digits_option("--batch-size", type=int)
+@_digits_option("--pool", "pool_size", type=int, help="Training pool size.")
+@_digits_option("--test", "test_size", type=int, help="Number of test (probe) examples.")
+@_digits_option("--subset-fraction", type=float, help="Share of the pool each run trains on.")
+@_digits_option("--optimizer", type=click.Choice(["sgd", "adam"]))
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: per optimizer).")
-@click.option("--label-noise", default=0.0, show_default=True, help="Fraction of pool labels flipped.")
-@click.option("--seed", default=0, show_default=True, help="Seed of curricula and initial weights.")
-@click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
-@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@_digits_option("--label-noise", type=float, help="Fraction of pool labels flipped.")
+@_digits_option("--seed", type=int, help="Seed of curricula and initial weights.")
+@_digits_option("--log-every", type=int, help="Log test losses every k steps.")
+@click.option("--checkpoint-steps", default="", callback=_comma_separated_ints,
+              help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
-def generate_digits_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
+def generate_digits_command(out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
     from simfluence.workloads import generate_digits
 
-    runset = generate_digits(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **ray,
-                             **options)
+    runset = generate_digits(out, checkpoint_steps=checkpoint_steps, progress=True, **ray, **_given(options))
     click.echo(f"{runset!r}")
 
 
 @generate_group.command("facts")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
-@click.option("--tier", type=click.Choice(["mini", "default"]), default="default", show_default=True,
-              help="World and model size (mini: seconds, for tests; default: a few minutes).")
+@_facts_option("--tier", type=click.Choice(["mini", "default"]),
+               help="World and model size (mini: seconds, for tests; default: a few minutes).")
 @click.option("--runs", "n_runs", type=int, default=None, help="Number of fine-tuning runs (default: per tier).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the curricula.")
-@click.option("--data-seed", default=0, show_default=True, help="Seed of the synthetic fact world.")
-@click.option("--log-every", default=1, show_default=True, help="Log query losses every k steps.")
-@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@_facts_option("--seed", type=int, help="Seed of the curricula.")
+@_facts_option("--data-seed", type=int, help="Seed of the synthetic fact world.")
+@_facts_option("--log-every", type=int, help="Log query losses every k steps.")
+@click.option("--checkpoint-steps", default="", callback=_comma_separated_ints,
+              help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
-def generate_facts_command(out: str, checkpoint_steps: str, ray: dict, **options) -> None:
+def generate_facts_command(out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
     from simfluence.workloads import generate_facts
 
-    runset = generate_facts(out, checkpoint_steps=_checkpoint_steps(checkpoint_steps), progress=True, **ray,
-                            **options)
+    runset = generate_facts(out, checkpoint_steps=checkpoint_steps, progress=True, **ray, **_given(options))
     click.echo(f"{runset!r}")
 
 
@@ -149,25 +206,26 @@ def generate_facts_command(out: str, checkpoint_steps: str, ray: dict, **options
 @click.option("--task", "task_spec", required=True,
               help="Your task: path/to/file.py:function (or package.module:function) returning a simfluence Task.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
-@click.option("--runs", "n_runs", default=48, show_default=True, help="Number of runs (curricula).")
-@click.option("--steps", "n_steps", default=200, show_default=True, help="Training steps per run.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--subset-fraction", default=0.5, show_default=True, help="Share of the pool each run trains on.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of the curricula (the initial weights come from the task's init_seed).")
-@click.option("--log-every", default=1, show_default=True, help="Log test losses every k steps.")
-@click.option("--checkpoint-steps", default="", help="Comma-separated steps at which to save checkpoints.")
+@_task_runs_option("--runs", "n_runs", type=int, help="Number of runs (curricula).")
+@_task_runs_option("--steps", "n_steps", type=int, help="Training steps per run.")
+@_task_runs_option("--batch-size", type=int)
+@_task_runs_option("--subset-fraction", type=float, help="Share of the pool each run trains on.")
+@_task_runs_option("--seed", type=int,
+                   help="Seed of the curricula (the initial weights come from the task's init_seed).")
+@_task_runs_option("--log-every", type=int, help="Log test losses every k steps.")
+@click.option("--checkpoint-steps", default="", callback=_comma_separated_ints,
+              help="Comma-separated steps at which to save checkpoints.")
 @click.option("--workers", type=int, default=None, help="Parallel processes (default: one per core).")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
-def generate_task_command(task_spec: str, out: str, checkpoint_steps: str, ray: dict, **options) -> None:
+def generate_task_command(task_spec: str, out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Runs of your own task: random pool subsets in random order, all from the task's initial weights."""
     from simfluence.task import load_task
-    from simfluence.workloads import generate_random_runs
+    from simfluence.training import generate_random_runs
 
-    runset = generate_random_runs(load_task(task_spec), out, checkpoint_steps=_checkpoint_steps(checkpoint_steps),
-                                  progress=True, **ray, **options)
+    runset = generate_random_runs(load_task(task_spec), out, checkpoint_steps=checkpoint_steps,
+                                  progress=True, **ray, **_given(options))
     click.echo(f"{runset!r}")
 
 
@@ -279,13 +337,17 @@ def _method_help() -> str:
     return "; ".join(f"{name}: {entry.description}" for name, entry in METHODS.items())
 
 
-_TASK_HELP = ("Task of the run set, as path/to/file.py:function returning a simfluence Task (needed by methods "
-              "that use the model, when the run set records no built-in workload).")
+def _task_option(function):
+    """--task FILE.py:FUNCTION, the run set's task for what needs the model (passed on as the library's ``task=``)."""
+    return click.option("--task", "task_spec", default=None,
+                        help="Task of the run set, as path/to/file.py:function returning a simfluence Task (needed by "
+                             "methods that use the model, when the run set records no built-in workload).")(function)
 
 
 # ------------------------------------------------------------------------------------------ fit
-def _parse_lam(value: str) -> float | str:
-    if value == "auto":
+def _lam(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    """Click callback: a ridge strength, or ``"auto"``."""
+    if value is None or value == "auto":
         return value
     try:
         return float(value)
@@ -295,20 +357,20 @@ def _parse_lam(value: str) -> float | str:
 
 @cli.command("fit")
 @click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
-@click.option("--method", default="linear_mom", show_default=True, help="Simulator (list: `simfluence methods`).")
-@click.option("--lam", default=None, help="Ridge strength, or 'auto' (chosen on validation runs).")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Simulator (list: `simfluence methods`).")
+@click.option("--lam", default=None, callback=_lam, help="Ridge strength, or 'auto' (chosen on validation runs).")
 @click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
               help="Any hyper-parameter of the method, e.g. --param momentum=0.8 (repeatable).")
 @click.option("--holdout", default=0, show_default=True, help="Leave the last K runs out of fitting.")
 @click.option("--run", "base_run", default=None,
               help="The one base run of a method fitted around a single run (unrolled).")
-@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
+@_task_option
 @_runset_options
 @click.option("--blocks", "n_blocks", type=click.IntRange(min=1), default=None,
               help="Fit in this many blocks of test examples (linear family; with --ray, default one per CPU).")
 @_ray_option("Fit the test blocks")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
-def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tuple[str, ...], holdout: int,
+def fit_command(runset_dir: str, method: str, lam: float | str | None, param_items: tuple[str, ...], holdout: int,
                 base_run: str | None, task_spec: str | None, include_incomplete: bool, skip_corrupt: bool,
                 n_blocks: int | None, ray: dict, out: str) -> None:
     """Fit a simulator to a run set and save it.
@@ -318,22 +380,23 @@ def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tupl
     """
     from simfluence.evaluation import split_runs
     from simfluence.methods import method as registry_entry
+    from simfluence.simulators.base import is_per_base
 
     entry = registry_entry(method)
     params = _parse_params(param_items)
     if lam is not None:
-        params["lam"] = _parse_lam(lam)
+        params["lam"] = lam
     simulator = entry.build(**params)
     if task_spec is not None and "task" not in entry.needs:
         raise SimfluenceError(f"method {method!r} does not use a model; --task is only for "
                               "tracin, influence, trackstar and their variants")
     runset = _load_runset(runset_dir, skip_corrupt)
-    per_base = bool(type(simulator).tags.get("per_base"))
+    per_base = is_per_base(simulator)
     if per_base != (base_run is not None):
         raise SimfluenceError(f"method {method!r} is fitted around one base run: pass --run NAME" if per_base
                               else f"--run is only for methods fitted around one base run, not {method!r}")
     if per_base:
-        train = [runset.run_names.index(runset[base_run].name)]
+        train = [runset.position(base_run)]
     else:
         used = _usable_runs(runset, include_incomplete)
         train = [used[i] for i in split_runs(len(used), holdout)[0]] if holdout else used
@@ -341,10 +404,8 @@ def fit_command(runset_dir: str, method: str, lam: str | None, param_items: tupl
         from simfluence.sharding import fit_sharded
 
         fit_sharded(simulator, runset, train, n_blocks=n_blocks, progress=True, **ray)
-    elif "task" in entry.needs:
-        simulator.fit(runset, runs=train, task=task_spec)
     else:
-        simulator.fit(runset, runs=train)
+        simulator.fit(runset, runs=train, task=task_spec)
     if simulator.get_params().get("lr_scaled") == "auto" and (note := _learning_rate_note([runset[i] for i in train])):
         click.echo(f"simfluence: warning: {note}", err=True)
     simulator.save(out)
@@ -368,22 +429,25 @@ def methods_command() -> None:
 def _interval_options(function):
     """--intervals N and --level, for the counterfactual commands."""
     function = click.option("--level", type=float, default=None,
-                            help="Coverage of the intervals (default 0.8: 80% intervals).")(function)
+                            help=f"Coverage of the intervals (default {DEFAULT_LEVEL:g}: "
+                                 f"{100 * DEFAULT_LEVEL:g}% intervals).")(function)
     return click.option("--intervals", "n_intervals", type=click.IntRange(min=0), default=0, show_default=True,
                         help="Prediction intervals from N members refitted on halves of the model's training runs "
-                             "(calibrated on held-back runs; 0: off); answers whose interval contains 0 are "
-                             "flagged.")(function)
+                             "(calibrated on held-back runs; 0: off): the library's Bootstrap(model, "
+                             "n_resamples=N, level=LEVEL); answers whose interval contains 0 are flagged.")(function)
 
 
 def _intervals(simulator, runset, n_intervals: int, level: float | None):
-    """A fitted Bootstrap around the loaded simulator (None with --intervals 0), described in one line."""
+    """``--intervals N --level L`` as the library's object: ``Bootstrap(simulator, n_resamples=N, level=L)`` fitted
+    on ``runset`` (None with --intervals 0), described in one line. The one place the count becomes the object."""
     if n_intervals == 0:
         if level is not None:
             raise SimfluenceError("--level applies with --intervals N")
         return None
     from simfluence.uncertainty import Bootstrap
 
-    intervals = Bootstrap(simulator, n_resamples=n_intervals, level=0.8 if level is None else level).fit(runset)
+    intervals = Bootstrap(simulator, n_resamples=n_intervals, level=DEFAULT_LEVEL if level is None else level)
+    intervals.fit(runset)
     click.echo(intervals.describe())
     return intervals
 
@@ -397,38 +461,23 @@ def _intervals(simulator, runset, n_intervals: int, level: float | None):
 def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None, n_intervals: int,
                      level: float | None) -> None:
     """Simulate a logged run's curriculum with a saved model and compare with the real losses."""
-    import pandas as pd
-
-    from simfluence.simulators import rollout_runs
-
     simulator, runset, run = _load_model_and_run(model, runset_dir, run_name)
-    intervals = _intervals(simulator, runset, n_intervals, level)
-    index = runset.run_names.index(run.name)
-    predicted, actual, mask = rollout_runs(simulator, runset, [index])
-    predicted, actual, mask = predicted[0], actual[0], mask[0]
-    low = high = None
-    if intervals is not None:
-        rates = [run.learning_rates] if np.isfinite(run.learning_rates).all() else None  # as rollout_runs
-        low, high = intervals.bounds(predicted, intervals.simulate([run.curriculum], run.initial_losses, rates)[:, 0])
-    steps = np.flatnonzero(mask)
+    rates = run.known_learning_rates
+    frame = simulator.simulate_frame(run.curriculum, run.initial_losses, None if rates is None else [rates],
+                                     intervals=_intervals(simulator, runset, n_intervals, level))
+    actual, logged = run.dense_losses()
+    frame = frame.drop(columns="curriculum").rename(columns={"loss": "predicted"})
+    frame.insert(3, "actual", actual.ravel())
+    bounded = "low" in frame
+    shown = ["predicted", "actual"] + (["low", "high"] if bounded else [])
+    step_means = {column: frame[column].to_numpy().reshape(actual.shape).mean(axis=1) for column in shown}
+    steps = np.flatnonzero(logged)
     show = np.unique(np.linspace(0, steps.size - 1, min(steps.size, 6)).round().astype(int))
     click.echo(f"run {run_name}: mean test loss, simulated vs logged")
-    click.echo(f"{'step':>6} {'simulated':>10} {'logged':>10}" + ("" if low is None else f" {'low':>10} {'high':>10}"))
+    click.echo(f"{'step':>6} {'simulated':>10} {'logged':>10}" + (f" {'low':>10} {'high':>10}" if bounded else ""))
     for step in steps[show]:
-        bounds = "" if low is None else f" {low[step].mean():>10.4f} {high[step].mean():>10.4f}"
-        click.echo(f"{step:>6} {predicted[step].mean():>10.4f} {actual[step].mean():>10.4f}{bounds}")
+        click.echo(f"{step:>6}" + "".join(f" {step_means[column][step]:>10.4f}" for column in shown))
     if out:
-        grid_steps, grid_tests = np.meshgrid(np.arange(predicted.shape[0]), np.arange(predicted.shape[1]),
-                                             indexing="ij")
-        columns = {
-            "step": grid_steps.ravel(),
-            "test": np.asarray(runset.test_ids, dtype=object)[grid_tests.ravel()],
-            "predicted": predicted.ravel(),
-            "actual": actual.ravel(),
-        }
-        if low is not None:
-            columns.update(low=low.ravel(), high=high.ravel())
-        frame = pd.DataFrame(columns)
         atomic_write_bytes(out, frame.to_csv(index=False).encode())
         click.echo(f"wrote {out}")
 
@@ -436,18 +485,18 @@ def simulate_command(model: str, runset_dir: str, run_name: str, out: str | None
 # ------------------------------------------------------------------------------------------ evaluate
 @cli.command("evaluate")
 @click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
-@click.option("--holdout", default=8, show_default=True, help="Score on the last K runs, fit on the rest.")
-@click.option("--methods", default=None,
-              help="Comma-separated methods (default mean_curve,additive,linear,linear_step,linear_mom; "
-                   "list: `simfluence methods`).")
+@click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True,
+              help="Score on the last K runs, fit on the rest.")
+@click.option("--methods", default=None, callback=_comma_separated,
+              help=f"Comma-separated methods (default {_shown(DEFAULT_METHODS)}; list: `simfluence methods`).")
 @click.option("--param", "param_items", multiple=True, metavar="METHOD.NAME=VALUE",
               help="A hyper-parameter of one method, e.g. --param linear.lam=1 (repeatable).")
-@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
+@_task_option
 @_runset_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Also write report.md, metrics.json and plots into this folder.")
-def evaluate_command(runset_dir: str, holdout: int, methods: str | None, param_items: tuple[str, ...],
+def evaluate_command(runset_dir: str, holdout: int, methods: tuple[str, ...] | None, param_items: tuple[str, ...],
                      task_spec: str | None, include_incomplete: bool, skip_corrupt: bool, json_out: str | None,
                      report_dir: str | None) -> None:
     """Fit every method on all but the last K runs and score it on those K."""
@@ -469,12 +518,11 @@ def evaluate_command(runset_dir: str, holdout: int, methods: str | None, param_i
         click.echo(f"wrote {write_report(result, runset, report_dir)}")
 
 
-def _evaluate(runset_dir: str, holdout: int, methods: str | None, param_items: tuple[str, ...] = (),
+def _evaluate(runset_dir: str, holdout: int, methods: tuple[str, ...] | None, param_items: tuple[str, ...] = (),
               task_spec: str | None = None, include_incomplete: bool = False, skip_corrupt: bool = False):
     from simfluence.evaluation import evaluate, parse_methods
-    from simfluence.methods import DEFAULT_METHODS
 
-    names = parse_methods(methods) if methods else list(DEFAULT_METHODS)
+    names = parse_methods(methods or DEFAULT_METHODS)
     params = _parse_params(param_items, prefixed=True)
     stray = [name for name in params if name not in names]
     if stray:
@@ -488,8 +536,10 @@ def _evaluate(runset_dir: str, holdout: int, methods: str | None, param_items: t
 # ------------------------------------------------------------------------------------------ plot
 @cli.command("plot")
 @click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
-@click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs, plot those K.")
-@click.option("--methods", default=None, help="Comma-separated methods to fit (default: as in evaluate).")
+@click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True,
+              help="Fit on all but the last K runs, plot those K.")
+@click.option("--methods", default=None, callback=_comma_separated,
+              help="Comma-separated methods to fit (default: as in evaluate).")
 @click.option("--model", "models", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Plot a saved model instead of fitting (repeatable); scored on the runs it was not fitted on.")
 @click.option("--scenario", "scenarios", multiple=True,
@@ -499,7 +549,7 @@ def _evaluate(runset_dir: str, holdout: int, methods: str | None, param_items: t
 @click.option("--tests", default=None, help="Comma-separated test ids for the loss-curve panels.")
 @_runset_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
-def plot_command(runset_dir: str, holdout: int, methods: str | None, models: tuple[str, ...],
+def plot_command(runset_dir: str, holdout: int, methods: tuple[str, ...] | None, models: tuple[str, ...],
                  scenarios: tuple[str, ...], run_name: str | None, tests: str | None, include_incomplete: bool,
                  skip_corrupt: bool, out: str) -> None:
     """Simulated vs real loss curves, final-loss scatter and error over steps; or what-if scenarios of a run."""
@@ -563,9 +613,7 @@ def _load_model_and_run(model: str, runset_dir: str, run_name: str):
 
     simulator = load_simulator(model)
     runset = RunSet.load(runset_dir)
-    if (simulator.n_pool_, simulator.n_test_) != (runset.n_pool, runset.n_test) or \
-            list(map(str, simulator.pool_ids_)) != list(map(str, runset.pool_ids)):
-        raise SimfluenceError(f"model {model!r} was fitted on another pool/test set than {runset_dir!r}")
+    simulator.check_matches(runset, f"model {model!r}")
     return simulator, runset, runset[run_name]
 
 
@@ -723,34 +771,36 @@ def search_command(model, runset_dir, run_name, tests, drop, subset_size, reorde
 @click.option("--protocol", type=click.Choice(["targeted", "lds"]), default="targeted", show_default=True,
               help="targeted: hand-picked edits of one base run for one method; lds: many random edits of every "
                    "held-out run, every method scored by LDS.")
-@click.option("--method", default="linear_mom", show_default=True, help="Simulator to check (targeted).")
-@click.option("--methods", default=None,
-              help="Comma-separated methods to score (lds; default: mean_curve, additive, linear, linear_step, "
-                   "linear_mom).")
-@click.option("--holdout", default=8, show_default=True, help="Fit on all but the last K runs.")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Simulator to check (targeted).")
+@click.option("--methods", default=None, callback=_comma_separated,
+              help=f"Comma-separated methods to score (lds; default: {_shown(DEFAULT_METHODS)}).")
+@click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True, help="Fit on all but the last K runs.")
 @click.option("--run", "run_name", default=None, help="Held-out base run (targeted; default: the last run).")
-@click.option("--tests", default=None, help="Target test ids (targeted; default: the 10 with the highest final loss).")
+@click.option("--tests", default=None,
+              help=f"Target test ids (targeted; default: the {DEFAULT_N_TARGETS} with the highest final loss).")
 @click.option("--k", type=int, default=None,
-              help="Examples per edit (targeted, default 10) or moved per draw (lds move protocols, default 8).")
-@click.option("--draws", type=int, default=None, help="Draws per protocol and base run (lds; default 40).")
-@click.option("--protocols", default=None,
+              help=f"Examples per edit (targeted, default {DEFAULT_EDIT_SIZE}) or moved per draw (lds move protocols, "
+                   f"default {DEFAULT_MOVED}).")
+@click.option("--draws", type=int, default=None,
+              help=f"Draws per protocol and base run (lds; default {DEFAULT_DRAWS}).")
+@click.option("--protocols", default=None, callback=_comma_separated,
               help="Comma-separated LDS protocols: remove-P (P% of the examples used), move-end, move-start, half, "
                    "subset-P (a random P% of the whole pool; subset-50 is TRAK's) "
-                   "(lds; default: remove-1,remove-5,remove-10,move-end,half).")
+                   f"(lds; default: {_shown(DEFAULT_PROTOCOLS)}).")
 @click.option("--bases", type=int, default=None, help="Score on the last K held-out runs (lds; default: all of them).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random edits.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for results and retrained runs.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--workers", type=int, default=None, help="Parallel training processes.")
-@click.option("--task", "task_spec", default=None,
-              help="The runs' task as path/to/file.py:function (needed when the run set records no built-in workload).")
+@_task_option
 @click.option("--param", "param_items", multiple=True, metavar="NAME=VALUE",
               help="A hyper-parameter of the method, as for fit: NAME=VALUE (targeted, e.g. --param momentum=0.8) or "
                    "METHOD.NAME=VALUE (lds, e.g. --param linear_mom.lam=1; repeatable).")
-@click.option("--replay-tolerance", type=click.FloatRange(min=0.0), default=None,
+@click.option("--replay-tolerance", type=click.FloatRange(min=0.0), cls=_LibraryDefault,
+              library_default="simfluence.task:REPLAY_TOLERANCE",
               help="Largest accepted difference between a retrained base run and its log, as a fraction of its mean "
-                   "loss (default 1e-2); beyond it verify stops: the task is not the one that trained the runs. "
+                   "loss; beyond it verify stops: the task is not the one that trained the runs. "
                    "Raising it goes on with a warning.")
 @click.option("--retrain-seeds", type=click.IntRange(min=1), default=None,
               help="Retrain the base and every draw with this many seeds and average the real changes (lds; "
@@ -769,34 +819,33 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     from simfluence.evaluation import split_runs
     from simfluence.methods import make_simulator
     from simfluence.runlog import RunSet
-    from simfluence.task import task_for_runset
+    from simfluence.workloads import task_for_runset
 
     lds_only = {"--methods": methods, "--draws": draws, "--protocols": protocols, "--bases": bases,
                 "--retrain-seeds": retrain_seeds}
     _check_output_file(json_out, "--json")
     if protocol == "lds":
-        from simfluence.apps.lds import DEFAULT_PROTOCOLS, format_lds_table, lds_json, run_lds, write_lds_report
+        from simfluence.apps.lds import format_lds_table, lds_json, run_lds, write_lds_report
         from simfluence.evaluation import parse_methods
-        from simfluence.methods import DEFAULT_METHODS
 
         if run_name or tests:
             raise SimfluenceError("--run and --tests apply to --protocol targeted (lds edits every held-out run)")
         runset = RunSet.load(runset_dir)
-        names = parse_methods(methods if methods is not None else ",".join(DEFAULT_METHODS))
+        names = parse_methods(DEFAULT_METHODS if methods is None else methods)
         params = _parse_params(param_items, prefixed=True)
         stray = [name for name in params if name not in names]
         if stray:
             raise SimfluenceError(f"--param for {stray[0]!r}, which is not among the methods scored")
         if params:  # the methods with their hyper-parameters, fitted by run_lds as the registry's would be
             names = {name: make_simulator(name, **params.get(name, {})) for name in names}
-        chosen = [part.strip() for part in (protocols or ",".join(DEFAULT_PROTOCOLS)).split(",") if part.strip()]
+        chosen = list(protocols or DEFAULT_PROTOCOLS)
         used = _usable_runs(runset, include_incomplete=False)
         train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
         if bases is not None and not 1 <= bases <= len(heldout):
             raise SimfluenceError(f"--bases must be between 1 and {len(heldout)} (the held-out runs)")
         result = run_lds(runset, names, base_runs=None if bases is None else heldout[-bases:], train_runs=train,
-                         protocols=chosen, n_draws=40 if draws is None else draws, task=task_spec,
-                         out=Path(out) / "retrained", workers=workers, seed=seed, k=8 if k is None else k,
+                         protocols=chosen, n_draws=DEFAULT_DRAWS if draws is None else draws, task=task_spec,
+                         out=Path(out) / "retrained", workers=workers, seed=seed, k=DEFAULT_MOVED if k is None else k,
                          replay_tolerance=replay_tolerance, n_seeds=retrain_seeds or 1)
         paths = write_lds_report(result, out)
         click.echo(format_lds_table(result.table))
@@ -811,16 +860,16 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     if given:
         raise SimfluenceError(f"{given[0]} applies to --protocol lds")
     simulator = make_simulator(method, **_parse_params(param_items))  # bad options fail here, before any work
-    k = 10 if k is None else k
+    k = DEFAULT_EDIT_SIZE if k is None else k
     runset = RunSet.load(runset_dir)
     task = task_for_runset(runset, task_spec)  # before any work: a missing task is one line, nothing written
     used = _usable_runs(runset, include_incomplete=False)
     train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
     base = runset[run_name] if run_name else runset[heldout[-1]]
-    if runset.run_names.index(base.name) in train:
+    if runset.position(base) in train:
         raise SimfluenceError(f"--run {base.name!r} is a training run; choose one of the last {holdout} runs")
     targets = (tests if tests
-               else [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:10]])
+               else [runset.test_ids[i] for i in np.argsort(-np.asarray(base.losses[-1]))[:DEFAULT_N_TARGETS]])
     click.echo(f"fitting {method} on {len(train)} runs")
     simulator.fit(runset, runs=train)
     out_dir = Path(out)  # created when retraining starts, so a failure before it leaves nothing behind
@@ -847,22 +896,24 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
 # ------------------------------------------------------------------------------------------ trace
 @cli.command("trace")
 @click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
-@click.option("--methods", default="bm25,tracin,tracin_cos,trackstar,linear_mom", show_default=True,
+@click.option("--methods", cls=_LibraryDefault, library_default="simfluence.apps.factbench:DEFAULT_METHODS",
+              callback=_comma_separated,
               help="Comma-separated: bm25 and any method of `simfluence methods` (gradient methods score from "
                    "checkpoints, learned simulators by leave-one-out), e.g. trackstar_no_opt, linear.")
 @click.option("--run", "run_index", default=0, show_default=True, help="Run whose checkpoints gradient methods use.")
-@click.option("--task", "task_spec", default=None, help=_TASK_HELP)
+@_task_option
 @click.option("--no-tail-patch", is_flag=True, help="Skip the tail-patch (one-step influence) column.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the table as JSON records.")
 def trace_command(runset_dir, methods, run_index, task_spec, no_tail_patch, json_out) -> None:
     """Fact tracing on a facts run set: MRR, recall@10, precision@10 and tail-patch per method and bucket."""
-    from simfluence.apps.factbench import format_factbench, run_factbench
+    from simfluence.apps import factbench
     from simfluence.runlog import RunSet
 
-    chosen = [method.strip() for method in methods.split(",") if method.strip()]
-    frame = run_factbench(RunSet.load(runset_dir), methods=chosen, run=run_index, tail_patch=not no_tail_patch,
-                          echo=lambda message: click.echo(message, err=True), task=task_spec)
-    click.echo(format_factbench(frame))
+    frame = factbench.run_factbench(RunSet.load(runset_dir),
+                                    methods=factbench.DEFAULT_METHODS if methods is None else list(methods),
+                                    run=run_index, tail_patch=not no_tail_patch,
+                                    echo=lambda message: click.echo(message, err=True), task=task_spec)
+    click.echo(factbench.format_factbench(frame))
     if json_out:
         atomic_write_json(json_out, frame.to_dict(orient="records"))
         click.echo(f"wrote {json_out}")

@@ -1,7 +1,7 @@
 """Ray, for work spread over more than one machine: connecting, and running many tasks with progress.
 
 simfluence uses Ray for two things, each written next to what it distributes:
-:func:`~simfluence.workloads.generator.generate_runs` with ``backend="ray"`` trains runs as Ray tasks, and
+:func:`~simfluence.training.generate_runs` with ``backend="ray"`` trains runs as Ray tasks, and
 :func:`~simfluence.sharding.fit_sharded` with ``backend="ray"`` fits blocks of test examples as Ray tasks.
 This module holds what they share: importing Ray with a clear error when the extra is missing
 (``pip install 'simfluence[ray]'``), connecting to a cluster (or starting a local one) for the duration of

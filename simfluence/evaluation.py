@@ -21,6 +21,9 @@ from simfluence.metrics import bootstrap_intervals, trajectory_metrics
 from simfluence.runlog import RunSet
 from simfluence.simulators import Simulator, rollout_runs
 
+DEFAULT_HOLDOUT = 8
+"""Held-out runs (the last ones) unless told otherwise: methods are fitted on the others and scored on these."""
+
 
 @dataclass
 class Evaluation:
@@ -75,7 +78,7 @@ def complete_positions(runset: RunSet, include_incomplete: bool = False) -> tupl
 def evaluate(
     runset: RunSet,
     methods: Iterable[str] = DEFAULT_METHODS,
-    holdout: int = 8,
+    holdout: int = DEFAULT_HOLDOUT,
     params: dict[str, dict[str, Any]] | None = None,
     progress: bool = False,
     task: Any = None,
@@ -112,10 +115,7 @@ def evaluate(
     for name in tqdm(methods, desc="fit + evaluate", disable=not progress, leave=False):
         simulator = simulators[name]
         start = time.perf_counter()
-        if "task" in METHODS[name].needs:
-            simulator.fit(runset, runs=train, task=task)
-        else:
-            simulator.fit(runset, runs=train)
+        simulator.fit(runset, runs=train, task=task)
         fit_seconds = time.perf_counter() - start
         _score_into(result, name, simulator, runset, heldout)
         result.metrics[name]["fit_seconds"] = fit_seconds
@@ -139,11 +139,7 @@ def score(simulators: dict[str, Simulator], runset: RunSet, runs: Sequence[int])
 
 
 def _score_into(result: Evaluation, name: str, simulator: Simulator, runset: RunSet, runs: Sequence[int]) -> None:
-    simulator.check_fitted()
-    if (getattr(simulator, "n_pool_", runset.n_pool), getattr(simulator, "n_test_", runset.n_test)) != (
-            runset.n_pool, runset.n_test):
-        raise SimfluenceError(f"{name} was fitted on {simulator.n_pool_} pool / {simulator.n_test_} test examples, "
-                              f"the run set has {runset.n_pool} / {runset.n_test}")
+    simulator.check_matches(runset, name)
     predicted, actual, mask = rollout_runs(simulator, runset, runs)
     result.metrics[name] = trajectory_metrics(predicted, actual, mask=mask)
     result.intervals[name] = bootstrap_intervals(predicted, actual, mask=mask)

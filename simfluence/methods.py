@@ -7,28 +7,33 @@ error naming the method's options. Classes are named by import path and imported
 registry costs nothing and the gradient methods' torch code loads only when one is built.
 
 ``needs`` says what fitting requires beyond logged runs: ``"task"`` (the model, data and loss: a
-:class:`~simfluence.task.Task`), ``"checkpoints"`` (saved model states in the run set) or
-``"learning_rates"`` (logged per step).
+:class:`~simfluence.task.Task`), ``"checkpoints"`` (saved model states in the run set) or ``"scores"``
+(precomputed); it is read from the class's ``tags`` (declared once there), as is ``per_base``.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simfluence._io import load_npz
 from simfluence.errors import ModelFileError, SimfluenceError
-from simfluence.simulators.base import MODEL_FORMAT, MODEL_VERSION, Simulator
+from simfluence.simulators.base import MODEL_FORMAT, MODEL_VERSION, Simulator, fit_needs, is_per_base
 
 __all__ = ["DEFAULT_METHODS", "DEFAULT_METHOD", "METHODS", "Method", "load_simulator", "make_simulator"]
 
 _LINEAR = "simfluence.simulators.linear:SimfluenceLinear"
 _LOG_LINEAR = "simfluence.simulators.log_space:LogLinear"
-_GRADIENT_NEEDS = frozenset({"task", "checkpoints"})
+# the time-aware preset of the linear family: alpha shrunk towards 1, per-step terms, learning-rate-scaled effects
+_STEP = {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +46,22 @@ class Method:
     cls : ``"module:Class"`` of the simulator.
     description : one line for help texts and reports.
     preset : hyper-parameters that differ from the class defaults (overridable).
-    needs : what fitting needs besides logged runs (``"task"``, ``"checkpoints"``, ``"learning_rates"``).
     """
 
     name: str
     cls: str
     description: str
     preset: Mapping[str, Any] = field(default_factory=dict)
-    needs: frozenset[str] = frozenset()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What fitting needs besides logged runs: the class's ``tags["needs"]`` (imports the class)."""
+        return fit_needs(self.simulator_class())
+
+    @property
+    def per_base(self) -> bool:
+        """Whether the method is fitted around one base run: the class's ``tags["per_base"]`` (imports the class)."""
+        return is_per_base(self.simulator_class())
 
     def simulator_class(self) -> type[Simulator]:
         module, _, name = self.cls.partition(":")
@@ -80,11 +93,11 @@ METHODS: dict[str, Method] = _registry(
            {"alpha_center": 1.0}),
     Method("linear_step", _LINEAR,
            "alpha shrunk towards 1, per-step terms shared across runs, effects scaled by the learning rate",
-           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "clip_negative": True}),
+           {**_STEP, "clip_negative": True}),
     Method("linear_mom", _LINEAR,
            "linear_step plus a velocity (momentum) term, second-order like the optimizer; mu chosen on "
            "validation runs",
-           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "momentum": "auto", "clip_negative": True}),
+           {**_STEP, "momentum": "auto", "clip_negative": True}),
     # the linear family on log losses: multiplicative dynamics, every simulated loss > 0 by construction
     Method("linear_log", _LOG_LINEAR,
            "Simfluence-Linear on log losses (the paper's form there): L_t = L_{t-1}^(sum A_i) exp(sum B_i), "
@@ -94,63 +107,56 @@ METHODS: dict[str, Method] = _registry(
            "factor; always > 0"),
     Method("linear_mom_log", _LOG_LINEAR,
            "linear_mom on log losses: multiplicative dynamics, simulated losses > 0 by construction",
-           {"alpha_center": 1.0, "step_terms": True, "lr_scaled": "auto", "momentum": "auto"}),
+           {**_STEP, "momentum": "auto"}),
     Method("fixed_effects", "simfluence.simulators.fixed_effects:FixedEffectsSimulator",
            "any precomputed (n_pool, n_test) scores as an additive simulator, scale fitted on training runs "
-           "(Python only: set_scores() before fit())", needs=frozenset({"scores"})),
+           "(Python only: set_scores() before fit())"),
     Method("tracin", "simfluence.attribution.simulators:TracInSimulator",
            "TracIn-CP (gradient dot products x learning rate) as an additive simulator, scale fitted on training "
-           "runs", needs=_GRADIENT_NEEDS),
+           "runs"),
     Method("tracin_cos", "simfluence.attribution.simulators:TracInSimulator",
-           "TracIn-CP with gradient cosine similarity", {"variant": "cosine"}, needs=_GRADIENT_NEEDS),
+           "TracIn-CP with gradient cosine similarity", {"variant": "cosine"}),
     Method("influence", "simfluence.attribution.simulators:InfluenceSimulator",
-           "influence functions (Gauss-Newton Hessian + damping, final checkpoint) as an additive simulator",
-           needs=_GRADIENT_NEEDS),
+           "influence functions (Gauss-Newton Hessian + damping, final checkpoint) as an additive simulator"),
     Method("trackstar", "simfluence.attribution.simulators:TrackStarSimulator",
-           "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity",
-           needs=_GRADIENT_NEEDS),
+           "TrackStar-style unit-normalised, projected, Hessian-corrected gradient similarity"),
     # the fair variants: the mean training-run change as the baseline trajectory (the role linear_mom's step terms
     # play) and one scale per test example, fitted on training runs only; TrackStar on every saved checkpoint
     Method("tracin_offset", "simfluence.attribution.simulators:TracInSimulator",
            "TracIn-CP explaining the runs' differences from the mean curve, one scale per test example",
-           {"offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+           {"offset": "mean_curve", "scale": "per_test"}),
     Method("tracin_cos_offset", "simfluence.attribution.simulators:TracInSimulator",
            "gradient cosine (TracIn-CP) explaining the differences from the mean curve, per-test scale",
-           {"variant": "cosine", "offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+           {"variant": "cosine", "offset": "mean_curve", "scale": "per_test"}),
     Method("influence_offset", "simfluence.attribution.simulators:InfluenceSimulator",
            "influence functions explaining the differences from the mean curve, per-test scale",
-           {"offset": "mean_curve", "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+           {"offset": "mean_curve", "scale": "per_test"}),
     Method("trackstar_offset", "simfluence.attribution.simulators:TrackStarSimulator",
            "TrackStar averaged over every saved checkpoint, explaining the differences from the mean curve, "
-           "per-test scale", {"checkpoints": "all", "offset": "mean_curve", "scale": "per_test"},
-           needs=_GRADIENT_NEEDS),
+           "per-test scale", {"checkpoints": "all", "offset": "mean_curve", "scale": "per_test"}),
     Method("tracin_cos_final", "simfluence.attribution.simulators:TracInSimulator",
            "control for TrackStar: plain gradient cosine at the final checkpoint only",
-           {"variant": "cosine", "checkpoints": "final"}, needs=_GRADIENT_NEEDS),
+           {"variant": "cosine", "checkpoints": "final"}),
     Method("tracin_cos_final_offset", "simfluence.attribution.simulators:TracInSimulator",
            "control for TrackStar: plain gradient cosine at the final checkpoint only, mean-curve offset, "
            "per-test scale", {"variant": "cosine", "checkpoints": "final", "offset": "mean_curve",
-                              "scale": "per_test"}, needs=_GRADIENT_NEEDS),
+                              "scale": "per_test"}),
     Method("trackstar_no_opt", "simfluence.attribution.simulators:TrackStarSimulator",
-           "TrackStar without the optimizer second-moment correction", {"optimizer_correction": False},
-           needs=_GRADIENT_NEEDS),
+           "TrackStar without the optimizer second-moment correction", {"optimizer_correction": False}),
     Method("trackstar_no_hessian", "simfluence.attribution.simulators:TrackStarSimulator",
-           "TrackStar without the task-specific Hessian", {"hessian": "none"}, needs=_GRADIENT_NEEDS),
+           "TrackStar without the task-specific Hessian", {"hessian": "none"}),
     Method("trackstar_train_hessian", "simfluence.attribution.simulators:TrackStarSimulator",
-           "TrackStar with the training-gradient Hessian only", {"hessian": "train"}, needs=_GRADIENT_NEEDS),
+           "TrackStar with the training-gradient Hessian only", {"hessian": "train"}),
     Method("trackstar_no_unit", "simfluence.attribution.simulators:TrackStarSimulator",
-           "TrackStar without unit normalisation (inner products, not cosines)", {"unit_normalize": False},
-           needs=_GRADIENT_NEEDS),
+           "TrackStar without unit normalisation (inner products, not cosines)", {"unit_normalize": False}),
     Method("unrolled", "simfluence.attribution.unrolled_simulator:UnrolledSimulator",
-           "exact first-order effects by differentiating through a replay of one base run (fit on that run only)",
-           needs=frozenset({"task"})),
+           "exact first-order effects by differentiating through a replay of one base run (fit on that run only)"),
     Method("blend", "simfluence.blend:BlendSimulator",
            "convex blend of linear_mom_log's and tracin_offset's trajectories, one weight chosen on validation runs "
-           "carved from the training runs", needs=_GRADIENT_NEEDS),
+           "carved from the training runs"),
     Method("blend_influence", "simfluence.blend:BlendSimulator",
            "convex blend of linear_mom_log's and influence_offset's trajectories (influence functions cost more "
-           "than TracIn), one weight chosen on validation runs", {"members": ("linear_mom_log", "influence_offset")},
-           needs=_GRADIENT_NEEDS),
+           "than TracIn), one weight chosen on validation runs", {"members": ("linear_mom_log", "influence_offset")}),
 )
 
 # the methods `simfluence evaluate` runs by default (learned simulators and the baseline: no model needed)
@@ -183,7 +189,10 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
     if not path.is_file():
         raise ModelFileError(f"{label}: no such simulator file")
     try:
+        _check_archive(path, label)
         arrays, meta = load_npz(path)
+    except ModelFileError:
+        raise
     except (OSError, ValueError, RecursionError, EOFError) as err:
         raise ModelFileError(f"{label} is not a simulator file: {err}") from None
     except Exception as err:  # zip/npz readers raise many types on corrupt input
@@ -193,6 +202,38 @@ def load_simulator(path: str | os.PathLike) -> Simulator:
     if meta.get("version") != MODEL_VERSION:
         raise ModelFileError(f"{label}: simulator format version {meta.get('version')!r} is not supported")
     return _restore(label, meta, arrays)
+
+
+# the arrays of a model file may hold at most this many times the file's bytes (np.savez stores them uncompressed;
+# a compressed member that would inflate past it, a zip bomb, is refused before it is read)
+MAX_INFLATION = 16
+_SMALL_FILE = 2**20  # bytes below which any inflation is allowed
+
+
+def _check_archive(path: Path, label: str) -> None:
+    """Refuse a model file whose arrays would take more memory than the file can honestly hold, before reading it.
+
+    The uncompressed sizes the zip directory declares must total at most ``MAX_INFLATION`` times the file's size
+    (or ``_SMALL_FILE``), and every member's ``.npy`` header must declare no more data than the member holds.
+    """
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        declared = sum(member.file_size for member in members)
+        limit = max(MAX_INFLATION * path.stat().st_size, _SMALL_FILE)
+        if declared > limit:
+            raise ModelFileError(f"{label}: its arrays would inflate to {declared} bytes, more than {limit} "
+                                 f"({MAX_INFLATION}x the file)")
+        for member in members:
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                wanted = math.prod(shape) * dtype.itemsize
+                if wanted > member.file_size - handle.tell():
+                    raise ModelFileError(f"{label}: array {member.filename!r} declares {wanted} bytes of data, "
+                                         f"its member holds {member.file_size - handle.tell()}")
 
 
 def _restore(label: str, meta: Any, arrays: dict) -> Simulator:
@@ -235,14 +276,18 @@ def _restore(label: str, meta: Any, arrays: dict) -> Simulator:
                                                 and not name.startswith("_"))]
     if bad_state:
         raise ModelFileError(f"{label}: state key {bad_state[0]!r} is not a fitted attribute")
+    try:
+        cls.check_saved(arrays, state)
+    except SimfluenceError as err:
+        raise ModelFileError(f"{label}: {err}") from None
     for name in (*cls._fitted_arrays, *optional):
         if name in arrays:
             setattr(sim, name, arrays[name])
     sim._set_state(state)
-    if "pool_ids_" not in state and "n_pool_" in state:  # files of version 1 written before ids were saved
-        sim.pool_ids_ = list(range(int(state["n_pool_"])))
-    if "test_ids_" not in state and "n_test_" in state:
-        sim.test_ids_ = list(range(int(state["n_test_"])))
+    if "pool_ids_" not in state:  # files of version 1 written before ids were saved (an array confirmed the size)
+        sim.pool_ids_ = list(range(state["n_pool_"]))
+    if "test_ids_" not in state:
+        sim.test_ids_ = list(range(state["n_test_"]))
     if "train_runs_" not in state:
         sim.train_runs_ = []
     try:

@@ -139,23 +139,25 @@ def _map_blocks(template: Simulator, runset: RunSet, runs: list[int], blocks: li
 def _joint_choice(fitted: list[Simulator], sizes: list[int]) -> tuple[float, float] | None:
     """The (lam, momentum) with the lowest all-tests validation error, or None when nothing was chosen.
 
-    Each block's ``validation_`` holds the mean error over its tests of every candidate; weighting by block
-    size gives the mean over all tests. Candidates are visited in the order an unsharded fit tries them
-    (strong to weak lam, momenta in grid order) and the first strictly best one wins, as there.
+    Each block's ``validation_`` holds the mean error over its tests of every candidate it tried; weighting by
+    block size gives the mean over all tests. Blocks may extend the lam grid differently (a lam at the grid's
+    edge extends it), so tables are matched by ``(lam, momentum)``, over the candidates every block tried; a
+    candidate non-finite in any block is non-finite. Candidates are visited in the order an unsharded fit tries
+    them (strong to weak lam, momenta in grid order) and the first strictly best one wins, as there.
     """
-    tables = [sim.validation_ for sim in fitted]
-    if not tables[0]:
+    if not fitted[0].validation_:
         return None
-    total = np.zeros(len(tables[0]))
-    finite = np.ones(len(tables[0]), dtype=bool)
-    for table, size in zip(tables, sizes, strict=True):
-        for index, entry in enumerate(table):
-            if entry["mse"] is None:
-                finite[index] = False
-            else:
-                total[index] += entry["mse"] * size
-    combined = [{**entry, "mse": float(total[index] / sum(sizes)) if finite[index] else None}
-                for index, entry in enumerate(tables[0])]
+    tables = [{(entry["lam"], entry["momentum"]): entry["mse"] for entry in sim.validation_} for sim in fitted]
+    combined = []
+    for entry in fitted[0].validation_:
+        key = (entry["lam"], entry["momentum"])
+        if not all(key in table for table in tables):
+            continue
+        errors = [table[key] for table in tables]
+        mse = None
+        if all(error is not None for error in errors):
+            mse = float(sum(error * size for error, size in zip(errors, sizes, strict=True)) / sum(sizes))
+        combined.append({**entry, "mse": mse})
     momenta = list(dict.fromkeys(entry["momentum"] for entry in combined))
     best = None
     for lam in sorted({entry["lam"] for entry in combined}, reverse=True):

@@ -9,7 +9,8 @@ The built-in workloads (:mod:`simfluence.workloads`) are Tasks and are rebuilt f
 Your own task is a function returning a Task, in a file of yours; :func:`load_task` loads it from
 ``path/to/file.py:function`` (the CLI's ``--task``), :meth:`Task.aligned_to` matches its rows to a run set's
 ids (an imported run set may list only the examples it used, in another order), and
-:func:`task_for_runset` picks the task of a run set: the one given, or the built-in one it records.
+:func:`simfluence.workloads.task_for_runset` picks the task of a run set: the one given, or the built-in one it
+records (this module imports nothing above it; the trainer is :mod:`simfluence.training`).
 
 Whether a task is the one that trained a run set is checked, not assumed: :func:`task_fingerprint` hashes what
 determines training (initial weights, model, data, loss, optimizer, schedule) so that resumed work refuses
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["REPLAY_TOLERANCE", "ReplayWarning", "Task", "check_checkpoint_losses", "check_recorded_settings",
            "check_replay", "check_schedule", "fingerprint_change", "fingerprint_digest", "initial_model", "load_task",
-           "probe_losses", "recorded_init_seed", "task_fingerprint", "task_fingerprint_parts", "task_for_runset"]
+           "probe_losses", "recorded_init_seed", "task_fingerprint", "task_fingerprint_parts"]
 
 TASK_HINT = "pass --task path/to/file.py:function (Python: task=...)"
 
@@ -252,43 +253,6 @@ def load_task(spec: str) -> Task:
     return task
 
 
-def task_for_runset(runset: RunSet, task: Task | str | None = None) -> Task:
-    """The task of a run set, its rows aligned to the run set's pool and test ids.
-
-    Parameters
-    ----------
-    runset : the logged (or imported) runs.
-    task : a Task, or a spec for :func:`load_task`; it is aligned to the run set (:meth:`Task.aligned_to`).
-        Default: the built-in workload the run set records (manifest metadata ``"workload"``), rebuilt.
-
-    Returns
-    -------
-    Task whose pool / test rows are the run set's pool / test positions.
-
-    Raises
-    ------
-    TaskError : no task given and the run set records no built-in workload (the message says to pass
-        ``--task``), or the given task lacks an id of the run set.
-    """
-    if isinstance(task, str):
-        task = load_task(task)
-    if task is not None:
-        if not isinstance(task, Task):
-            raise TaskError(f"task must be a simfluence.task.Task or a 'file.py:function' spec, "
-                            f"got a {type(task).__name__}")
-        return task.aligned_to(runset)
-    from simfluence.workloads import TASK_FROM_RUNSET, task_from_runset  # workloads build on this module
-
-    workload = runset.metadata.get("workload")
-    where = f"run set {str(runset.path)!r}" if runset.path is not None else "the run set"
-    if workload is None:
-        raise TaskError(f"{where} records no task; {TASK_HINT}")
-    if workload not in TASK_FROM_RUNSET:
-        raise TaskError(f"{where} records workload {workload!r}, which is not built in "
-                        f"(built in: {', '.join(TASK_FROM_RUNSET)}); {TASK_HINT}")
-    return task_from_runset(runset)
-
-
 def recorded_init_seed(runset: RunSet, task: Task) -> int:
     """Seed of the initial weights a run set's runs share: the one its generator recorded, else ``task.init_seed``."""
     recorded = (runset.metadata.get("generator") or {}).get("init_seed")
@@ -348,6 +312,10 @@ def _tensor_bytes(value: Any) -> bytes:
     return f"{value.dtype}{tuple(value.shape)}".encode() + raw
 
 
+# library classes that moved, by their name before the move: fingerprints recorded before it stay valid
+_FORMER_NAMES = {"simfluence.training.WarmupCosine": "simfluence.workloads.generator.WarmupCosine"}
+
+
 def _identity(obj: Any) -> str:
     """Qualified name of a callable (plus its code, bound arguments or fields): what it is, not where it lives.
 
@@ -361,6 +329,7 @@ def _identity(obj: Any) -> str:
     kind = obj if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
     module = getattr(kind, "__module__", "") or ""
     name = f"{'task-file' if module.startswith('_simfluence_task_') else module}.{getattr(kind, '__qualname__', '?')}"
+    name = _FORMER_NAMES.get(name, name)
     code = getattr(obj, "__code__", None)
     if code is not None:
         consts = tuple(c for c in code.co_consts if not hasattr(c, "co_code"))

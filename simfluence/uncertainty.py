@@ -46,6 +46,7 @@ around one base run cannot be refitted on resampled runs; asking for their inter
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -56,9 +57,13 @@ import numpy as np
 from simfluence.curriculum import Curriculum
 from simfluence.errors import NotFittedError, SimfluenceError
 from simfluence.runlog import RunSet
-from simfluence.simulators.base import Simulator, clone, rollout_runs, training_runs
+from simfluence.simulators.base import Simulator, clone, fit_needs, is_per_base, rollout_runs, training_runs
 
 RESAMPLING = ("half", "runs")
+DEFAULT_RESAMPLES = 20
+"""Members of a :class:`Bootstrap` unless told otherwise (the CLI's ``--intervals N`` gives N)."""
+DEFAULT_LEVEL = 0.8
+"""Nominal coverage of the intervals unless told otherwise (0.8: 80% intervals; the CLI's ``--level``)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,10 @@ class Bootstrap:
     ----------
     simulator : the point simulator. A fitted one (the usual case) stays the point predictor and its training
         runs are resampled; an unfitted one is cloned and fitted first.
-    n_resamples : number of members (>= 2).
+    n_resamples : number of members (>= 2). This is the count the CLI's ``--intervals N`` takes: there
+        ``--intervals N --level L`` is ``Bootstrap(model, n_resamples=N, level=L).fit(runset)`` around the saved
+        model, built in one place (``simfluence.cli``); in Python the counterfactual functions and
+        :meth:`~simfluence.simulators.Simulator.simulate_frame` take that fitted object as ``intervals=``.
     level : nominal coverage of the intervals, in (0, 1).
     resample : ``"half"`` (each member on a random half of the training runs, without replacement) or
         ``"runs"`` (as many runs drawn with replacement).
@@ -139,8 +147,8 @@ class Bootstrap:
     def __init__(
         self,
         simulator: Simulator,
-        n_resamples: int = 20,
-        level: float = 0.8,
+        n_resamples: int = DEFAULT_RESAMPLES,
+        level: float = DEFAULT_LEVEL,
         resample: str = "half",
         calibrate: bool = True,
         val_fraction: float = 0.2,
@@ -155,10 +163,9 @@ class Bootstrap:
         self.seed = seed
 
     def __repr__(self) -> str:
-        defaults = {"n_resamples": 20, "level": 0.8, "resample": "half", "calibrate": True, "val_fraction": 0.2,
-                    "seed": 0}
-        shown = [f"{name}={getattr(self, name)!r}" for name, default in defaults.items()
-                 if getattr(self, name) != default]
+        defaults = inspect.signature(type(self).__init__).parameters
+        shown = [f"{name}={getattr(self, name)!r}" for name in list(defaults)[2:]
+                 if getattr(self, name) != defaults[name].default]
         return f"Bootstrap({', '.join([repr(self.simulator), *shown])})"
 
     # ----------------------------------------------------------------------------------- fitting
@@ -380,22 +387,17 @@ def frozen_params(simulator: Simulator) -> dict[str, Any]:
 
 def _check_refittable(simulator: Simulator) -> None:
     """Only simulators fitted from logs alone can be refitted on resampled runs."""
-    from simfluence.methods import METHODS
-
-    entry = METHODS.get(simulator.kind)
-    if bool(type(simulator).tags.get("per_base", False)) or simulator.kind == "unrolled":
+    if is_per_base(simulator):
         raise SimfluenceError(f"{simulator.kind!r} is fitted around one base run: there are no runs to resample "
                               "for intervals")
-    if entry is not None and entry.needs:
+    if needs := fit_needs(simulator):
         raise SimfluenceError(f"intervals refit the simulator on resampled runs; {simulator.kind!r} needs "
-                              f"{', '.join(sorted(entry.needs))} to fit, which a resample cannot give it")
+                              f"{', '.join(sorted(needs))} to fit, which a resample cannot give it")
 
 
 def _fitted_runs(simulator: Simulator, runset: RunSet, runs: Sequence[int] | None) -> list[int]:
     """Positions in ``runset`` of the runs a fitted simulator was fitted on (``runs``, if given, must be those)."""
-    if list(map(str, simulator.pool_ids_)) != list(map(str, runset.pool_ids)) or \
-            list(map(str, simulator.test_ids_)) != list(map(str, runset.test_ids)):
-        raise SimfluenceError(f"{simulator!r} was fitted on other pool or test ids than the run set's")
+    simulator.check_matches(runset, repr(simulator))
     names = list(getattr(simulator, "train_runs_", []) or [])
     if runs is not None:
         chosen = training_runs(runset, runs)
@@ -408,7 +410,7 @@ def _fitted_runs(simulator: Simulator, runset: RunSet, runs: Sequence[int] | Non
     missing = [name for name in dict.fromkeys(names) if name not in runset.run_names]
     if missing:
         raise SimfluenceError(f"the simulator was fitted on run {missing[0]!r}, which the run set does not hold")
-    return [runset.run_names.index(name) for name in dict.fromkeys(names)]
+    return [runset.position(name) for name in dict.fromkeys(names)]
 
 
 def _final_losses(simulator: Simulator, runset: RunSet, runs: list[int]) -> np.ndarray:

@@ -151,3 +151,35 @@ def test_unknown_solver_is_a_clear_error(small_mlp_problem):
     model, inputs, targets = small_mlp_problem
     with pytest.raises(SimfluenceError, match="solver must be one of"):
         influence_scores(model, cross_entropy, inputs, targets, inputs, targets, solver="svd")
+
+
+def test_auto_solves_matrix_free_above_the_parameter_threshold_and_agrees_with_the_dense_solve(small_mlp_problem,
+                                                                                                monkeypatch):
+    from simfluence.attribution import influence
+
+    model, inputs, targets = small_mlp_problem
+    test_x, test_y = inputs[:5] + 0.1, targets[:5]
+    dense, dense_info = influence_scores(model, cross_entropy, inputs, targets, test_x, test_y, damping=0.5,
+                                         hessian="gauss_newton", return_info=True)
+    assert dense_info["solver"] == "exact"  # 51 parameters: small enough for the dense solve
+    monkeypatch.setattr(influence, "DENSE_MAX_PARAMS", 50)
+
+    def no_dense_hessian(*args, **kwargs):
+        raise AssertionError("the dense Hessian was built")
+    monkeypatch.setattr(influence, "hessian_matrix", no_dense_hessian)
+    free, free_info = influence_scores(model, cross_entropy, inputs, targets, test_x, test_y, damping=0.5,
+                                       hessian="gauss_newton", return_info=True)
+    assert free_info["solver"] == "cg" and free_info["n_params"] == 51
+    np.testing.assert_allclose(free, dense, rtol=1e-6, atol=1e-8 * np.abs(dense).max())
+
+
+def test_a_dense_hessian_too_large_for_memory_is_refused_before_it_is_allocated():
+    torch.manual_seed(0)
+    model = nn.Linear(300, 330).double()  # 99,330 parameters, as a tiny GPT-2: an 88 GB dense Hessian
+    inputs, targets = torch.randn(8, 300, dtype=torch.float64), torch.randint(0, 330, (8,))
+    for call in (lambda: influence_scores(model, cross_entropy, inputs, targets, inputs[:2], targets[:2],
+                                          solver="exact"),
+                 lambda: hessian_matrix(model, cross_entropy, inputs, targets)):
+        with pytest.raises(SimfluenceError, match=r"a dense Hessian of 99330 parameters needs 73.5 GiB \(more than 4 "
+                                                  r"GiB\): use solver='cg' or 'auto'"):
+            call()  # (an attempt to allocate 73.5 GiB would have failed with the allocator's error instead)

@@ -167,3 +167,18 @@ def test_mean_curve_offset_makes_zero_scores_the_mean_curve(tmp_path):
     np.testing.assert_array_equal(loaded.offset_, fitted.offset_)
     np.testing.assert_array_equal(loaded.simulate(run.curriculum, run.initial_losses),
                                   fitted.simulate(run.curriculum, run.initial_losses))
+
+
+@pytest.mark.parametrize("make", [TracInSimulator, InfluenceSimulator, TrackStarSimulator])
+def test_a_task_whose_checkpoints_do_not_give_the_logged_losses_is_refused(tiny_digits, make):
+    """Shuffled test rows: the checkpoints' test losses are not the logged ones, so scores would belong to
+    other test examples than the run set's; the fit stops with one line instead."""
+    from dataclasses import replace
+
+    from simfluence.errors import TaskError
+
+    task = task_from_runset(tiny_digits)
+    order = torch.arange(task.n_test).flip(0)
+    shuffled = replace(task, test_inputs=task.test_inputs[order], test_targets=task.test_targets[order])
+    with pytest.raises(TaskError):
+        make().fit(tiny_digits, [0], task=shuffled)

@@ -18,7 +18,8 @@ from simfluence.errors import SimfluenceError, TaskError
 from simfluence.methods import METHODS, load_simulator, make_simulator
 from simfluence.simulators.base import Simulator
 from simfluence.task import Task, check_replay
-from simfluence.workloads import generate_digits, generate_runs, task_from_runset
+from simfluence.training import generate_runs
+from simfluence.workloads import generate_digits, task_from_runset
 
 
 # ------------------------------------------------------------------ a tiny smooth float64 task

@@ -119,11 +119,21 @@ def test_a_tampered_blend_file_is_one_clear_error(tmp_path, fixed_blend, edit_me
         ({"members": ("linear", "additive"), "weight": [0.5, 0.6]}, "summing to 1"),
         ({"members": ("linear", "additive"), "weight": [1.0]}, "2 non-negative numbers"),
         ({"members": ("linear", "additive"), "weight_grid": 1}, "weight_grid must be an integer >= 2"),
+        ({"members": ("linear", "additive"), "weight_grid": 1e8}, "weight_grid must be an integer >= 2, got 1000000"),
+        ({"members": ("linear", "additive"), "weight_grid": 10**8}, "weight_grid=100000000 gives 100000000 weight "
+                                                                    "vectors for 2 members, more than 100000"),
+        ({"members": ("linear", "additive", "mean_curve"), "weight_grid": 500}, "gives 125250 weight vectors"),
+        ({"members": ("linear", "additive"), "weight": [0.5, 0.5], "weight_grid": 10**8}, "more than 100000"),
+        ({"members": ("linear", "additive"), "val_fraction": "x"}, "val_fraction must be a number in \\(0, 1\\)"),
+        ({"members": ("linear", "additive"), "val_fraction": 1.5}, "val_fraction must be a number in"),
         ({"members": ("linear", "additive"), "member_params": {"mean_curve": {}}}, "member_params must map"),
         ({"members": ("linear", "additive"), "member_params": {"linear": {"hessian": 1}}}, "no option 'hessian'"),
     ],
 )
-def test_bad_options_are_one_clear_error(linear_runs, params, message):
+def test_bad_options_are_one_clear_error(linear_runs, params, message, monkeypatch):
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a member was fitted before the options were checked")
+    monkeypatch.setattr(BlendSimulator, "_fit_member", no_fitting)
     with pytest.raises(SimfluenceError, match=message):
         BlendSimulator(**params).fit(linear_runs)
 

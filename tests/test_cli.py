@@ -444,7 +444,7 @@ def test_verify_refuses_bad_params_in_one_line_before_any_work(runset_dir, tmp_p
 def test_verify_fits_the_method_with_the_params_given(runset_dir, tmp_path, monkeypatch):
     import simfluence.apps.lds
     import simfluence.apps.verify
-    import simfluence.task
+    import simfluence.workloads
     from simfluence.errors import SimfluenceError
 
     seen = {}
@@ -455,7 +455,7 @@ def test_verify_fits_the_method_with_the_params_given(runset_dir, tmp_path, monk
             raise SimfluenceError("stopped before retraining")
         return record
 
-    monkeypatch.setattr(simfluence.task, "task_for_runset", lambda runset, spec: None)
+    monkeypatch.setattr(simfluence.workloads, "task_for_runset", lambda runset, spec: None)
     monkeypatch.setattr(simfluence.apps.verify, "verify_counterfactuals", stop("targeted"))
     monkeypatch.setattr(simfluence.apps.lds, "run_lds", lambda runset, methods, **kwargs: stop("lds")(methods))
     out = str(tmp_path / "out")
@@ -483,3 +483,57 @@ def test_whatif_moves_every_occurrence_or_one_and_warns_about_unseen_batch_sizes
     assert main(["whatif", str(model), runset_dir, "--run", "run-009", "--scenario", crowded]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("simfluence: warning: ") and "step 3 has a batch of 10" in err[0]
+
+
+def test_simulate_prints_and_writes_the_library_simulate_frame_with_its_intervals(runset_dir, tmp_path, capsys):
+    """`simulate --intervals N` is simulate_frame(intervals=Bootstrap(model, n_resamples=N)) plus the logged losses."""
+    from simfluence.methods import load_simulator
+    from simfluence.runlog import RunSet
+    from simfluence.uncertainty import Bootstrap
+
+    model, csv = tmp_path / "model.npz", tmp_path / "sim.csv"
+    assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(model), runset_dir, "--run", "run-009", "--intervals", "3", "--out", str(csv)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    runset, simulator = RunSet.load(runset_dir), load_simulator(str(model))
+    run = runset["run-009"]
+    expected = simulator.simulate_frame(run.curriculum, run.initial_losses, [run.learning_rates],
+                                        intervals=Bootstrap(simulator, n_resamples=3).fit(runset))
+    frame = pd.read_csv(csv)
+    assert np.allclose(frame["predicted"], expected["loss"]) and np.allclose(frame["low"], expected["low"])
+    assert np.allclose(frame["high"], expected["high"])
+    assert np.allclose(frame["actual"], run.dense_losses()[0].ravel())
+    last = printed[-2].split()  # the final step's means: step, simulated, logged, low, high
+    assert int(last[0]) == 20 and np.allclose([float(v) for v in last[1:]],
+                                              [expected[expected.step == 20][c].mean() for c in ("loss",)]
+                                              + [run.losses[-1].mean()]
+                                              + [expected[expected.step == 20][c].mean() for c in ("low", "high")],
+                                              atol=1e-4)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The CLI restates no library default: its options' defaults are the library's constants."""
+    import inspect
+    from pathlib import Path
+
+    import simfluence.cli as cli_module
+    from simfluence.evaluation import DEFAULT_HOLDOUT
+    from simfluence.methods import DEFAULT_METHOD
+
+    def default(command: str, option: str):
+        return next(p.default for p in cli_module.cli.commands[command].params if p.name == option)
+
+    assert default("fit", "method") == default("verify", "method") == DEFAULT_METHOD
+    assert default("evaluate", "holdout") == default("plot", "holdout") == default("verify", "holdout") \
+        == DEFAULT_HOLDOUT
+    commands = [*cli_module.cli.commands.values(), *cli_module.cli.commands["generate"].commands.values()]
+    left_to_the_library = [param for command in commands for param in command.params
+                           if isinstance(param, cli_module._LibraryDefault)]
+    assert len(left_to_the_library) >= 20
+    for param in left_to_the_library:  # each names a library default that exists, which --help shows
+        assert param.default is None and param.library_value() is not inspect.Parameter.empty, param.name
+    source = Path(cli_module.__file__).read_text()
+    for literal in (f'"{DEFAULT_METHOD}"', "default 0.8", "0.8 if", "8 if k", "10 if k", "40 if", "bm25,tracin",
+                    "default=48", "default=200", "default=0.5"):
+        assert literal not in source, literal

@@ -32,7 +32,7 @@ def local_ray():
 
 def test_a_session_starts_its_own_local_ray_and_closes_it():  # first in the file: no Ray is running yet
     from simfluence.cluster import ray_session, run_tasks
-    from simfluence.workloads.generator import default_run_names  # any function the workers can import
+    from simfluence.training import default_run_names  # any function the workers can import
 
     assert not ray.is_initialized()
     with ray_session(None, num_cpus=2):
@@ -94,7 +94,7 @@ def make_task():
 
 def test_a_failing_task_is_the_same_one_error_as_locally(local_ray, tmp_path):
     from simfluence.task import load_task
-    from simfluence.workloads.generator import generate_random_runs
+    from simfluence.training import generate_random_runs
 
     (tmp_path / "failing_task.py").write_text(FAILING_TASK)
     task = load_task(f"{tmp_path / 'failing_task.py'}:make_task")

@@ -265,3 +265,18 @@ def test_queries_far_outside_the_batch_sizes_seen_in_training_warn(fitted):
 
 def _present(run) -> int:
     return pid(int(run.curriculum.ids[0]))
+
+
+def test_the_edit_language_knows_no_simulator_and_queries_know_no_search():
+    import ast
+    from pathlib import Path
+
+    import simfluence.counterfactual as package
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((Path(package.__file__).parent / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert not {name for name in imported("edits") if name.startswith(("simfluence.counterfactual", "simfluence.sim"))}
+    assert "simfluence.counterfactual.search" not in imported("queries")
+    assert {"simfluence.counterfactual.edits", "simfluence.counterfactual.queries"} <= imported("search")

@@ -39,3 +39,24 @@ def test_parse_methods():
     assert parse_methods("linear, additive") == ["linear", "additive"]
     with pytest.raises(SimfluenceError, match="unknown method 'x'"):
         parse_methods("x")
+
+
+def test_a_model_is_scored_only_on_a_run_set_with_its_pool_and_test_ids():
+    """One check (Simulator.check_matches): the same sizes with other ids are refused, not scored by position."""
+    import copy
+
+    from simfluence.evaluation import score
+    from simfluence.methods import make_simulator
+
+    runset, _, _ = known_linear_runset(n_pool=10, n_test=3, n_runs=4, n_steps=8, batch_size=3, seed=0)
+    simulator = make_simulator("mean_curve").fit(runset, runs=[0, 1])
+    simulator.check_matches(runset)
+    assert set(score({"mean_curve": simulator}, runset, [2, 3]).metrics) == {"mean_curve"}
+    renamed = copy.copy(runset)
+    renamed.pool_ids = [f"doc-{i}" for i in range(10)]
+    with pytest.raises(SimfluenceError, match=r"^mean_curve was fitted on other pool or test ids than the run set's "
+                                              r"\(10 pool / 3 test examples vs 10 / 3\)$"):
+        score({"mean_curve": simulator}, renamed, [2, 3])
+    other, _, _ = known_linear_runset(n_pool=12, n_test=3, n_runs=4, n_steps=8, batch_size=3, seed=0)
+    with pytest.raises(SimfluenceError, match="MeanCurve was fitted on other pool or test ids"):
+        simulator.check_matches(other)

@@ -1,4 +1,7 @@
-"""Fact tracing: hand-checked metrics, BM25 finding exact copies, the benchmark end to end on the mini tier."""
+"""Fact tracing: BM25 finding exact copies, gold labels, the benchmark end to end on the mini tier.
+
+The retrieval metrics themselves are checked by hand in test_metrics_retrieval.py.
+"""
 from __future__ import annotations
 
 import json
@@ -13,12 +16,11 @@ from simfluence.apps.factbench import (
     candidate_mask,
     format_factbench,
     gold_matrix,
-    rank_positions,
-    retrieval_metrics,
     run_factbench,
 )
 from simfluence.cli import main
 from simfluence.errors import SimfluenceError
+from simfluence.metrics import rank_positions
 from simfluence.workloads.facts import generate_facts, load_corpus
 
 
@@ -31,48 +33,6 @@ def mini_runset(tmp_path_factory):
     """
     return generate_facts(tmp_path_factory.mktemp("factbench") / "rs", tier="mini", n_runs=3, workers=1,
                           checkpoint_steps=(0, 60), data_seed=1, progress=False)
-
-
-def _gold(n_docs: int, columns: list[list[int]]) -> np.ndarray:
-    gold = np.zeros((n_docs, len(columns)), dtype=bool)
-    for query, docs in enumerate(columns):
-        gold[docs, query] = True
-    return gold
-
-
-def test_ranks_break_ties_by_document_position_and_put_nan_last():
-    scores = np.array([[0.1], [0.9], [0.5], [0.5], [np.nan]])
-    assert rank_positions(scores)[:, 0].tolist() == [4, 1, 2, 3, 5]
-
-
-def test_metrics_match_hand_computed_values_at_10():
-    scores = np.repeat(-np.arange(12.0)[:, None], 2, axis=1)  # document i is ranked i + 1 for both queries
-    gold = _gold(12, [[3, 10], [10, 11]])
-    metrics = retrieval_metrics(scores, gold, k=10)
-    assert np.allclose(metrics["mrr"], [1 / 4, 1 / 11])
-    assert np.allclose(metrics["recall@10"], [1.0, 0.0])  # hit rate: one gold document in the top 10 suffices
-    assert np.allclose(metrics["strict_recall@10"], [0.5, 0.0])  # fraction of the gold documents retrieved
-    assert np.allclose(metrics["precision@10"], [0.1, 0.0])  # fraction of the top 10 that is gold
-
-
-def test_metrics_with_ties_are_deterministic_and_candidates_rerank():
-    scores = np.array([[0.1, 0.0], [0.9, 0.0], [0.5, 0.0], [0.5, 0.0], [0.0, 1.0]])
-    gold = _gold(5, [[2, 3], [0]])
-    metrics = retrieval_metrics(scores, gold, k=2)
-    assert np.allclose(metrics["mrr"], [0.5, 0.5])  # doc 2 beats doc 3 on the tie; doc 0 the zeros
-    assert np.allclose(metrics["recall@2"], [1.0, 1.0])
-    assert np.allclose(metrics["strict_recall@2"], [0.5, 1.0])
-    assert np.allclose(metrics["precision@2"], [0.5, 0.5])
-    candidates = np.ones_like(gold)
-    candidates[1, 0] = candidates[4, 1] = False  # drop each query's top non-gold document
-    reranked = retrieval_metrics(scores, gold, k=2, candidates=candidates)
-    assert np.allclose(reranked["mrr"], [1.0, 1.0])
-    assert np.allclose(reranked["strict_recall@2"], [1.0, 1.0])
-
-
-def test_metrics_reject_a_query_without_gold():
-    with pytest.raises(SimfluenceError, match="no gold"):
-        retrieval_metrics(np.zeros((3, 1)), np.zeros((3, 1), dtype=bool))
 
 
 def test_bm25_ranks_an_exact_copy_of_a_document_first(mini_runset):

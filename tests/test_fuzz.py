@@ -1,8 +1,11 @@
-"""Property-based fuzzing of the run-set reader, the importers and the CLI with mutated files.
+"""Property-based fuzzing of the run-set reader, the importers, ``install_run``, the model loader and the CLI with
+mutated files.
 
-The claim: whatever bytes a run set or an import table holds, reading it ends in a result or a
-``SimfluenceError`` (on the command line: one ``simfluence: error:`` line and exit status 2) -- never
-another exception, a crash, a hang or a write outside the target folder.
+The claim: whatever bytes a run set, an import table, an exported run or a saved model of any method holds,
+reading it ends in a result or a ``SimfluenceError`` (on the command line: one ``simfluence: error:`` line and exit
+status 2) -- never another exception, a crash, a hang or a write outside the target folder; a model that loads
+answers every question (simulate, leave-one-out, what-if) with a result or a ``SimfluenceError``, and a run that
+``install_run`` accepts leaves its run set loadable.
 
 The budget is small by default (part of ``make test``). ``make fuzz`` raises it: the environment variable
 ``SIMFLUENCE_FUZZ_EXAMPLES`` sets the examples per test, and ``SIMFLUENCE_FUZZ_REPORT`` names a JSON file
@@ -16,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +35,7 @@ from simfluence.design import FeatureSpec, build_transitions
 from simfluence.errors import SimfluenceError
 from simfluence.importers import import_gptdynamics, import_tables, read_gptdynamics_losses
 from simfluence.runlog import Run, RunSet
+from simfluence.simulators.base import Simulator
 
 LONG = os.environ.get("SIMFLUENCE_FUZZ_EXAMPLES")
 OUTCOMES: Counter = Counter()
@@ -52,7 +57,8 @@ def fuzz_report():
     yield
     report = os.environ.get("SIMFLUENCE_FUZZ_REPORT")
     if report:
-        inputs = sum(count for outcome, count in OUTCOMES.items() if "skipped" not in outcome)
+        inputs = sum(count for outcome, count in OUTCOMES.items()  # uses of a loaded model are not inputs
+                     if "skipped" not in outcome and ": use " not in outcome)
         summary = {"inputs_tried": inputs, "outcomes": dict(sorted(OUTCOMES.items()))}
         Path(report).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -436,3 +442,265 @@ def test_cli_import_of_mutated_tables_is_a_result_or_one_error_line(changes, ove
         OUTCOMES[f"cli import: exit {code}"] += 1
         if overwrite_kind == "user-folder":
             assert code == 2 and (out / "precious.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------- model files
+# One fitted model of every method family, fitted on a small run set that follows a known linear model. The
+# claim: whatever a model file holds, loading it ends in a ModelFileError (one line naming the file) or in a
+# model whose every use (simulate, leave-one-out, what-if) gives a result or a SimfluenceError.
+MODEL_KINDS = ("linear", "linear_mom", "additive", "linear_log", "additive_log", "linear_mom_log", "mean_curve",
+               "sharded", "blend", "unrolled", "fixed_effects", "tracin", "influence", "trackstar")
+
+
+def handmade_unrolled(runset: RunSet) -> Simulator:
+    """An unrolled simulator around run 0 built from consistent arrays (a replay needs a model; the loader does not
+    care where the numbers came from)."""
+    from simfluence.attribution.unrolled_simulator import UnrolledSimulator
+
+    rng = np.random.default_rng(0)
+    base = runset[0].curriculum
+    sim = UnrolledSimulator(target_steps=2, insertion_steps=[1, base.n_steps])
+    sim.base_offsets_, sim.base_ids_ = np.asarray(base.offsets, np.int64), np.asarray(base.ids, np.int64)
+    sim.base_losses_ = runset[0].dense_losses()[0]
+    sim.target_steps_ = np.array([base.n_steps // 2, base.n_steps])
+    sim.occurrence_effects_ = rng.normal(scale=0.01, size=(len(base.ids), 2, runset.n_test))
+    sim.insertion_steps_ = np.array([1, base.n_steps])
+    sim.insertion_effects_ = rng.normal(scale=0.01, size=(2, runset.n_pool, 2, runset.n_test)).astype(np.float32)
+    sim._remember_ids(runset, [0])
+    sim.base_run_, sim.optimizer_, sim.init_seed_, sim.seed_, sim.replay_error_ = runset[0].name, {}, 0, 0, 0.0
+    sim.fitted_ = True
+    return sim
+
+
+def fitted_model(kind: str, runset: RunSet) -> Simulator:
+    from simfluence.blend import BlendSimulator
+    from simfluence.methods import make_simulator
+    from simfluence.sharding import fit_sharded
+
+    scores = np.random.default_rng(1).normal(size=(2, runset.n_pool, runset.n_test))
+    gradient = {"weighting": "batch_mean", "offset": "mean_curve", "scale": "per_test"}
+    if kind in ("tracin", "influence", "trackstar", "fixed_effects"):
+        return make_simulator(kind, **gradient).set_scores(scores, [0, 4]).calibrate(runset)
+    if kind == "unrolled":
+        return handmade_unrolled(runset)
+    if kind == "sharded":
+        return fit_sharded(make_simulator("linear_mom", lam=1.0, momentum=0.5), runset, n_blocks=2)
+    if kind == "blend":
+        return BlendSimulator(members=("linear_mom_log", "additive"), weight_grid=5,
+                              member_params={"linear_mom_log": {"lam": 1.0, "momentum": 0.5},
+                                             "additive": {"lam": 1.0}}).fit(runset)
+    fixed = {"lam": 1.0} if kind == "mean_curve" or "mom" not in kind else {"lam": 1.0, "momentum": 0.5}
+    if kind == "linear":
+        fixed["step_terms"] = True
+    return make_simulator(kind, **({} if kind == "mean_curve" else fixed)).fit(runset)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """(run set, {kind: saved model file}) for every kind of MODEL_KINDS."""
+    from simfluence.synthetic import known_linear_runset
+
+    runset, _, _ = known_linear_runset(n_pool=10, n_test=3, n_runs=4, n_steps=8, batch_size=3, seed=0)
+    folder = tmp_path_factory.mktemp("models")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fit warnings (a lam at the grid's edge) say nothing about the files
+        return runset, {kind: fitted_model(kind, runset).save(folder / f"{kind}.npz") for kind in MODEL_KINDS}
+
+
+def json_dicts(meta: dict) -> list[dict]:
+    """The JSON objects of a model file a mutation may edit: state and params, also those of blend members."""
+    found = [meta["state"], meta["params"]]
+    for member in meta["state"].get("members_", []):
+        found += [member["state"], member["params"]]
+    return found
+
+
+def changed_array(array: np.ndarray, how: int, number: int) -> np.ndarray:
+    """``array`` with its shape, dtype or one value changed (``how`` picks which, ``number`` where and to what)."""
+    axis = number % max(array.ndim, 1)
+    if how == 0 and array.ndim:  # one row fewer or more on one axis
+        if number % 2 and array.shape[axis]:
+            return np.delete(array, 0, axis=axis)
+        return np.concatenate([array, np.take(array, [0], axis=axis) if array.shape[axis] else array], axis=axis)
+    if how == 1:
+        return [array.ravel(), array.reshape(array.shape[::-1]), np.asarray(array.ravel()[:1].sum()),
+                array[None], np.zeros((0,) * max(array.ndim, 1), array.dtype)][number % 5]
+    if how == 2:
+        return array.astype([np.float32, np.int64, np.bool_, np.complex128, "<U3", np.uint8][number % 6])
+    flat = array.ravel().copy()
+    if flat.size:
+        if flat.dtype.kind == "f":
+            flat[number % flat.size] = [np.nan, np.inf, -np.inf, 1e308, -1.0, 0.0, 3e7][number % 7]
+        elif flat.dtype.kind in "iu":
+            flat[number % flat.size] = [0, -1, 1, 2**62, -(2**63), 3 * 10**7, 10**6][number % 7]
+    return flat.reshape(array.shape)
+
+
+def inflating_member(archive_path: Path, number: int, lying: bool) -> None:
+    """Add a member that inflates to many MiB (a zip bomb) or whose header declares far more data than it holds."""
+    import zipfile
+
+    with zipfile.ZipFile(archive_path, "a", compression=zipfile.ZIP_STORED if lying else zipfile.ZIP_DEFLATED) as zf:
+        with zf.open(f"extra{number}-{len(zf.namelist())}.npy", "w", force_zip64=True) as member:
+            size = (number % 24 + 2) * 2**20
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                          "shape": (size * (1000 if lying else 1),)})
+            for _ in range(1 if lying else size // 2**20):
+                member.write(bytes(2**20))
+
+
+MODEL_MUTATIONS = ("state-value", "state-drop", "param-value", "array-shape", "array-reshape", "array-dtype",
+                   "array-value", "array-drop", "array-extra", "bytes", "truncate", "inflate", "lying-header")
+
+
+def mutate_model(path: Path, kind: str, number: int, value, data: bytes) -> None:
+    from simfluence._io import atomic_savez, load_npz
+
+    if kind in ("bytes", "truncate"):
+        raw = bytearray(path.read_bytes())
+        if kind == "truncate":
+            path.write_bytes(bytes(raw[: number % len(raw)]))
+            return
+        for offset, byte in enumerate(data):
+            raw[(number + offset * 7919) % len(raw)] ^= byte or 0xFF
+        path.write_bytes(bytes(raw))
+        return
+    if kind in ("inflate", "lying-header"):
+        inflating_member(path, number, lying=kind == "lying-header")
+        return
+    arrays, meta = load_npz(path)
+    if kind.startswith("array-"):
+        names = sorted(arrays)
+        name = names[number % len(names)]
+        if kind == "array-drop":
+            del arrays[name]
+        elif kind == "array-extra":
+            arrays[f"{name}x"] = np.zeros(2)
+        else:
+            how = {"array-shape": 0, "array-reshape": 1, "array-dtype": 2, "array-value": 3}[kind]
+            arrays[name] = changed_array(arrays[name], how, number)
+    else:
+        targets = json_dicts(meta)
+        target = targets[number % len(targets)] if kind != "param-value" else meta["params"]
+        keys = sorted(target)
+        key = keys[number % len(keys)] if keys else "n_pool_"
+        if kind == "state-drop":
+            target.pop(key, None)
+        elif isinstance(target.get(key), list) and target[key] and number % 2:
+            target[key][number % len(target[key])] = value
+        else:
+            target[key] = value
+    with contextlib.suppress(TypeError, ValueError):  # values JSON cannot hold (NaN) leave the file as it was
+        atomic_savez(path, arrays, meta)
+
+
+def use_model(sim: Simulator, runset: RunSet, outcome: str) -> None:
+    """Every use of a loaded model the command line makes: a result or a SimfluenceError, nothing else."""
+    from simfluence.counterfactual import influence_table, loo_effects, whatif
+
+    run = runset[0]
+    everything = Curriculum.from_batches([list(range(runset.n_pool))] * (run.n_steps + 3), n_pool=runset.n_pool)
+    uses = [
+        lambda: sim.simulate([r.curriculum for r in runset], np.stack([r.initial_losses for r in runset])),
+        lambda: sim.simulate(everything, run.initial_losses),
+        lambda: sim.leave_one_out(run.curriculum, run.initial_losses),
+        lambda: whatif(sim, run, {"edited": f"remove:{runset.pool_ids[1]};duplicate:{runset.pool_ids[2]}",
+                                  "reversed": "reverse"}).summary(),
+        lambda: loo_effects(sim, run).top(3),
+        lambda: influence_table(sim, runset, run.name, tests=runset.test_ids[:2], top=2),
+        lambda: sim.simulate_frame(run.curriculum, run.initial_losses),
+    ]
+    for use in uses:
+        try:
+            use()
+            OUTCOMES[f"{outcome}: use gave a result"] += 1
+        except SimfluenceError as err:
+            assert "\n" not in str(err), str(err)
+            OUTCOMES[f"{outcome}: use gave a SimfluenceError"] += 1
+
+
+@pytest.mark.parametrize("model_kind", MODEL_KINDS)
+@budget(8)
+@given(changes=st.lists(st.tuples(st.sampled_from(MODEL_MUTATIONS), st.integers(0, 2**16),
+                                  json_values | st.integers(-2, 40), st.binary(min_size=1, max_size=16)),
+                        min_size=1, max_size=3))
+def test_any_mutated_model_file_loads_or_fails_with_one_model_file_error(model_files, model_kind, changes):
+    import tracemalloc
+
+    from simfluence.errors import ModelFileError
+    from simfluence.methods import load_simulator
+
+    runset, files = model_files
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.npz"
+        shutil.copyfile(files[model_kind], path)
+        for kind, number, value, data in changes:
+            if path.stat().st_size:
+                # a mutation of an already broken file may not apply; a cast of NaN to int is what it is
+                with contextlib.suppress(Exception), np.errstate(all="ignore"):
+                    mutate_model(path, kind, number, value, data)
+        inflating = any(kind in ("inflate", "lying-header") for kind, *_ in changes)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # as outside the tests: numeric warnings are not errors
+            if inflating:
+                tracemalloc.start()
+            try:
+                sim = load_simulator(path)
+            except ModelFileError as err:
+                assert "\n" not in str(err) and str(err).startswith(repr(str(path))), str(err)
+                OUTCOMES[f"model {model_kind}: ModelFileError"] += 1
+                return
+            finally:
+                if inflating:
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                    assert peak < 2 * path.stat().st_size + 32 * 2**20, peak  # no more than what the file holds
+            OUTCOMES[f"model {model_kind}: loaded"] += 1
+            use_model(sim, runset, f"model {model_kind}")
+
+
+# ------------------------------------------------------------------------------------------- install_run
+@budget(40)
+@given(data=st.data(), replace=st.booleans(),
+       structure=st.sampled_from([None, None, None, "drop", "extra", "text-value", "none-value"]))
+def test_any_mutated_exported_run_installs_into_a_loadable_set_or_fails_with_a_simfluence_error(saved_base, data,
+                                                                                                replace, structure):
+    from simfluence.runlog import export_run, install_run
+
+    files = export_run(saved_base, "run-1")
+    changes = data.draw(st.lists(mutation(sorted(files)), min_size=0 if structure else 1, max_size=3))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "rs"
+        shutil.copytree(saved_base, root, symlinks=True)
+        if not replace:  # install as a new run
+            shutil.rmtree(root / "runs" / "run-1")
+        staging, outside = tmp / "staging", tmp / "outside.bin"
+        staging.mkdir()
+        outside.write_bytes(np.arange(32, dtype="<i8").tobytes())
+        for filename, content in files.items():
+            (staging / filename).write_bytes(content)
+        for target, kind, number, value, raw in changes:
+            apply(staging, target, kind, number, value, raw, outside)
+        files = {path.name: path.read_bytes() for path in sorted(staging.iterdir()) if path.exists()}
+        key = sorted(files)[0] if files else "run.json"
+        if structure == "drop":
+            files.pop(key, None)
+        elif structure == "extra":
+            files["extra.bin"] = b"x"
+        elif structure == "text-value":
+            files[key] = files.get(key, b"").decode("latin-1")
+        elif structure == "none-value":
+            files[key] = None
+        before = {entry: value for entry, value in snapshot(root).items() if ".locks" not in entry}
+        try:
+            install_run(root, "run-1", files)
+        except SimfluenceError as err:
+            assert "\n" not in str(err), str(err)
+            after = {entry: value for entry, value in snapshot(root).items() if ".locks" not in entry}
+            assert after == before, set(after) ^ set(before)  # a refused run changes nothing
+            OUTCOMES["install_run: SimfluenceError"] += 1
+            return
+        runset = RunSet.load(root)  # an installed run never breaks its run set
+        exercise(runset, validated=True)
+        OUTCOMES["install_run: installed"] += 1

@@ -43,7 +43,7 @@ from simfluence.integrations.huggingface import (
 from simfluence.methods import make_simulator
 from simfluence.runlog import RunSet
 from simfluence.task import Task
-from simfluence.workloads.generator import generate_runs
+from simfluence.training import generate_runs
 
 N_POOL, N_TEST, SEQ_LEN, VOCAB, LR = 24, 6, 8, 50, 0.5
 CONFIG = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, resid_pdrop=0.0,

@@ -22,7 +22,7 @@ from simfluence.integrations.lightning import SimfluenceLightningCallback
 from simfluence.methods import make_simulator
 from simfluence.runlog import RunSet
 from simfluence.task import Task
-from simfluence.workloads.generator import generate_runs
+from simfluence.training import generate_runs
 
 N_POOL, N_TEST, SEQ_LEN, VOCAB, LR = 24, 6, 8, 50, 0.5
 CONFIG = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, resid_pdrop=0.0,
@@ -104,3 +104,27 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
     with pytest.raises(ImportError, match=r"pip install 'simfluence\[lightning\]'"):
         importlib.import_module("simfluence.integrations.lightning")
+
+
+def test_both_callbacks_take_the_recording_options_defined_once():
+    """The HF and Lightning callbacks share one definition of their options (RecordingOptions): same names,
+    same defaults, each adding only its own; and the keyword arguments users pass keep working."""
+    import dataclasses
+    import inspect
+
+    from simfluence.integrations._recording import RecordingOptions
+    from simfluence.integrations.huggingface import SimfluenceCallback
+
+    shared = [field.name for field in dataclasses.fields(RecordingOptions)]
+    assert shared == ["runset", "run_name", "probe", "n_pool", "pool_ids", "test_ids", "log_every", "metadata",
+                      "runset_metadata", "overwrite", "id_column"]
+    for callback, own in ((SimfluenceCallback, ["checkpoint_steps"]), (SimfluenceLightningCallback, ["ids_of"])):
+        assert issubclass(callback, RecordingOptions)
+        assert list(inspect.signature(callback).parameters) == shared + own
+    def probe(module):
+        return np.zeros(2)
+
+    callback = SimfluenceLightningCallback(runset="somewhere", run_name="r", probe=probe, log_every=3,
+                                           id_column="ids", ids_of=None)
+    assert (callback.log_every, callback.id_column, callback.recorder.log_every) == (3, "ids", 3)
+    assert callback != SimfluenceLightningCallback(runset="somewhere", run_name="r", probe=probe)  # identity

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from simfluence.apps.lds import format_lds_table, lds_draws, lds_scores, run_lds, write_lds_report
+from simfluence.apps.lds import format_lds_table, lds_draws, run_lds, write_lds_report
 from simfluence.cli import main
 from simfluence.curriculum import Curriculum, shuffled_epochs
 from simfluence.errors import SimfluenceError, TaskError
@@ -107,42 +107,6 @@ def test_bad_draws_are_errors(base, protocol, options, message):
         lds_draws(base, protocol, 2, **options)
 
 
-# ----------------------------------------------------------------------------------------------- scores
-def test_an_exact_or_monotone_predictor_scores_one():
-    actual = np.random.default_rng(0).normal(size=(3, 20, 7))
-    exact = lds_scores(actual, actual, n_boot=200)
-    assert exact["lds"] == exact["lds_low"] == exact["lds_high"] == 1.0
-    assert exact["sign_agreement"] == 1.0 and exact["magnitude_ratio"] == 1.0
-    cubed = lds_scores(2 * actual**3, actual, n_boot=0)
-    assert cubed["lds"] == 1.0 and cubed["magnitude_ratio"] > 1.0
-    assert lds_scores(-actual, actual, n_boot=0)["lds"] == -1.0
-
-
-def test_a_noisy_predictor_gets_a_reproducible_interval_around_its_score():
-    rng = np.random.default_rng(0)
-    actual = rng.normal(size=(3, 40, 20))
-    predicted = actual + rng.normal(size=actual.shape)
-    scores = lds_scores(predicted, actual, n_boot=300)
-    assert 0.4 < scores["lds_low"] < scores["lds"] < scores["lds_high"] < 0.9
-    assert lds_scores(predicted, actual, n_boot=300) == scores
-
-
-def test_a_constant_predictor_is_undefined_not_a_warning():
-    actual = np.random.default_rng(0).normal(size=(2, 10, 4))
-    scores = lds_scores(np.zeros_like(actual), actual, n_boot=100)
-    assert np.isnan(scores["lds"]) and np.isnan(scores["lds_low"]) and np.isnan(scores["lds_high"])
-    assert scores["sign_agreement"] == 0.0 and scores["magnitude_ratio"] == 0.0
-
-
-def test_a_test_the_predictor_ignores_counts_as_zero_and_a_test_that_never_moves_is_left_out():
-    actual = np.random.default_rng(0).normal(size=(1, 10, 3))
-    predicted = actual.copy()
-    predicted[..., 1] = 0.0  # no opinion on test 1: correlation 0
-    assert lds_scores(predicted, actual, n_boot=0)["lds"] == pytest.approx(2 / 3)
-    actual[..., 2] = 0.5  # test 2 never moves: it cannot rank anything
-    assert lds_scores(predicted, actual, n_boot=0)["lds"] == pytest.approx(1 / 2)
-
-
 # ----------------------------------------------------------------------------------------------- end to end
 class Oracle(Simulator):
     """Predicts the losses the draws really had (looked up in the retrained run sets)."""
@@ -152,7 +116,7 @@ class Oracle(Simulator):
     def __init__(self, folders: tuple = ()) -> None:
         self.folders = folders
 
-    def fit(self, runset, runs=None):
+    def fit(self, runset, runs=None, *, task=None):
         self.lookup_ = {}
         for folder in self.folders:
             for run in RunSet.load(folder):
@@ -176,7 +140,7 @@ class PerBase(Simulator):
     def __init__(self) -> None:
         pass
 
-    def fit(self, runset, runs=None):
+    def fit(self, runset, runs=None, *, task=None):
         PerBase.fitted_on.append(list(runs))
         self._remember_ids(runset, runs)
         self.fitted_ = True

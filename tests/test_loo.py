@@ -75,3 +75,27 @@ def test_loo_is_exact_for_adjacent_repeated_and_last_step_occurrences(runset, mo
     brute = _brute_force(sim, curriculum, initial, 30)
     np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-8 * max(1.0, np.abs(brute).max()))
     assert np.all(np.abs(brute[:4]).max(axis=1) > 1e-6)  # each constructed case has an effect
+
+
+def test_the_simulators_package_has_no_import_circle():
+    """dynamics uses loo, loo uses the step coefficients: no import (even inside a function) runs back."""
+    import ast
+    from pathlib import Path
+
+    import simfluence.simulators as package
+
+    folder = Path(package.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("simfluence.simulators."):
+                names.add(node.module.rsplit(".", 1)[1])
+        imports[path.stem] = names - {"__init__"}
+
+    def reaches(start: str, target: str, seen: frozenset = frozenset()) -> bool:
+        return any(name == target or (name not in seen and reaches(name, target, seen | {name}))
+                   for name in imports.get(start, ()))
+
+    assert "loo" in imports["dynamics"] and "coefficients" in imports["loo"]
+    assert [name for name in imports if reaches(name, name)] == []

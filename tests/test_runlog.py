@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import simfluence.runlog as runlog
+import simfluence.runlog.model as runlog_model
+import simfluence.runlog.store as runlog_store
 from simfluence.curriculum import Curriculum
 from simfluence.errors import RunLogError, SimfluenceError
 from simfluence.runlog import MANIFEST, Run, RunLogger, RunSet, natural_key, run_status
@@ -255,6 +257,44 @@ def test_select_by_name_position_and_slice_shares_the_arrays(tmp_runset):
         tmp_runset.pool_ids, tmp_runset.test_ids, tmp_runset.n_pool, tmp_runset.path)
     with pytest.raises(RunLogError, match="no run named 'run-999'"):
         tmp_runset.select(["run-999"])
+
+
+def test_position_resolves_a_name_a_position_or_a_run_of_the_set_to_one_index(tmp_runset):
+    n_runs = len(tmp_runset)
+    assert tmp_runset.position("run-002") == 2
+    assert tmp_runset.position(1) == tmp_runset.position(np.int64(1)) == 1
+    assert tmp_runset.position(-1) == n_runs - 1
+    assert tmp_runset.position(tmp_runset["run-003"]) == 3
+    assert tmp_runset.select([2, 3]).position("run-003") == 1  # positions are within the set asked
+
+
+@pytest.mark.parametrize("run, message", [
+    ("run-999", "no run named 'run-999' in run set"),
+    (99, "base run 99 is not a run of the run set .*: positions are -4..3"),
+    (-5, "base run -5 is not a run of the run set"),
+    (True, "base run True is not a run name or position"),
+    (1.0, "base run 1.0 is not a run name or position"),
+])
+def test_position_of_anything_else_is_one_error_naming_it(tmp_runset, run, message):
+    assert len(tmp_runset) == 4
+    with pytest.raises(RunLogError, match=message):
+        tmp_runset.position(run, what="base run")
+
+
+def test_position_of_a_run_of_another_set_is_an_error(tmp_runset):
+    other = make_run("run-001", [[0]], [0, 1], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    with pytest.raises(RunLogError, match="run 'run-001' is not a run of the run set"):
+        tmp_runset.position(other)
+
+
+def test_known_learning_rates_are_the_rates_only_when_every_step_has_one():
+    batches = [[0], [1], [0]]
+    known = make_run("run-1", batches, [0, 3], [[1.0], [0.5]], learning_rates=[0.1, 0.2, 0.0])
+    assert known.known_learning_rates.tolist() == [0.1, 0.2, 0.0]
+    assert make_run("run-2", batches, [0, 3], [[1.0], [0.5]], learning_rates=[0.1, np.nan, 0.1]).known_learning_rates \
+        is None
+    assert make_run("run-3", batches, [0, 3], [[1.0], [0.5]]).known_learning_rates is None  # none logged
+    assert make_run("run-4", [], [0], [[1.0]]).known_learning_rates.shape == (0,)  # no steps: all known
 
 
 def test_create_with_exist_ok_reopens_the_same_runset_only(tmp_path):
@@ -646,7 +686,7 @@ def test_failed_save_leaves_the_destination_as_it_was(tmp_path, small_runset, mo
     before = RunSet([make_run("old", [[0]], [1], [[1.0, 2.0, 3.0]])], n_pool=small_runset.n_pool, test_ids=range(3))
     if existing:
         before.save(tmp_path / "rs")
-    write_run, calls = runlog._write_run, []
+    write_run, calls = runlog_model._write_run, []
 
     def fail_on_third_run(run_dir, run, n_test):
         calls.append(run.name)
@@ -654,7 +694,7 @@ def test_failed_save_leaves_the_destination_as_it_was(tmp_path, small_runset, mo
             raise OSError("disk full")
         write_run(run_dir, run, n_test)
 
-    monkeypatch.setattr(runlog, "_write_run", fail_on_third_run)
+    monkeypatch.setattr(runlog_model, "_write_run", fail_on_third_run)
     with pytest.raises(OSError, match="disk full"):
         small_runset.save(tmp_path / "rs", overwrite=True)
     assert os.listdir(tmp_path) == (["rs"] if existing else [])
@@ -739,7 +779,7 @@ def sparse_file(path: Path, nbytes: int, tail: bytes = b"") -> None:
 def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path, monkeypatch):
     import tracemalloc
 
-    monkeypatch.setattr(runlog, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
+    monkeypatch.setattr(runlog_store, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
     n_test, n_logged = 1024, 2**17  # losses.bin: 512 MiB of holes (a few KB on disk), a NaN in the last cell
     path = write_raw_runset(tmp_path / "rs", test_ids=[f"t{j}" for j in range(n_test)], n_test=n_test)
     run_dir = path / "runs" / "run-1"
@@ -764,7 +804,7 @@ def test_sparse_huge_losses_are_rejected_without_allocating(tmp_path, monkeypatc
 def test_sparse_huge_batch_sizes_are_checked_without_allocating(tmp_path, monkeypatch):
     import tracemalloc
 
-    monkeypatch.setattr(runlog, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
+    monkeypatch.setattr(runlog_store, "_SPARSE_MIN_BYTES", 1 << 62)  # the chunked checks, as for a real file this large
     path = write_raw_runset(tmp_path / "rs")  # n_entries = 4; the sparse sizes add up to 0
     run_dir = path / "runs" / "run-1"
     set_run_json(path, n_steps=2**25)
@@ -1298,7 +1338,7 @@ def test_an_error_while_building_aside_or_at_any_rename_keeps_the_old_set_or_put
             raise OSError("busy")
         real_rmtree(folder, *args, **kwargs)
 
-    monkeypatch.setattr(runlog.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(runlog_store.shutil, "rmtree", rmtree)
     with pytest.raises(OSError, match="busy"), runlog.runset_destination(path, overwrite=True) as staging:
         tmp_runset.select([1]).save(staging, overwrite=True)
     monkeypatch.undo()

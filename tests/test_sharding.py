@@ -79,3 +79,21 @@ def test_fit_with_blocks_on_the_cli(runset, tmp_path):
                  "--out", str(tmp_path / "whole.npz")]) == 0
     sharded, whole = load_simulator(tmp_path / "sharded.npz"), load_simulator(tmp_path / "whole.npz")
     np.testing.assert_allclose(sharded.A_, whole.A_, rtol=1e-6, atol=1e-9)
+
+
+def test_blocks_that_extended_the_lam_grid_differently_are_combined_by_candidate():
+    """Validation tables are matched by (lam, momentum), over the candidates every block tried, not by position."""
+    from types import SimpleNamespace
+
+    from simfluence.sharding import _joint_choice
+
+    def block(errors: dict[float, float | None]) -> SimpleNamespace:
+        return SimpleNamespace(validation_=[{"lam": lam, "momentum": 0.0, "mse": mse} for lam, mse in errors.items()])
+
+    first = block({100.0: 0.5, 10.0: 0.2, 1.0: 0.1})  # extended towards weak lam
+    second = block({1000.0: 0.3, 100.0: 0.4, 10.0: 0.1})  # extended towards strong lam
+    assert _joint_choice([first, second], [1, 3]) == (10.0, 0.0)
+    assert first.validation_ == second.validation_ == [{"lam": 100.0, "momentum": 0.0, "mse": (0.5 + 3 * 0.4) / 4},
+                                                        {"lam": 10.0, "momentum": 0.0, "mse": (0.2 + 3 * 0.1) / 4}]
+    with_gap = [block({100.0: 0.01, 10.0: 0.2}), block({100.0: None, 10.0: 0.3})]
+    assert _joint_choice(with_gap, [1, 1]) == (10.0, 0.0) and with_gap[0].validation_[0]["mse"] is None

@@ -451,3 +451,26 @@ def test_a_run_set_without_test_examples_is_one_clear_error():
     for name in ("linear", "linear_mom", "additive", "linear_mom_log"):
         with pytest.raises(SimfluenceError, match=r"no test examples \(n_test = 0\)"):
             make_simulator(name).fit(runset)
+
+
+def test_the_linear_family_takes_its_options_from_one_table():
+    """One signature (LINEAR_OPTIONS): every class of the family takes those options, or fewer with fixed values."""
+    import inspect
+
+    from simfluence.simulators import LogAdditive, LogLinear
+    from simfluence.simulators.linear import ADDITIVE_FIXED, LINEAR_OPTIONS
+
+    table = {name: default for name, (_, default) in LINEAR_OPTIONS.items()}
+    for cls, extra in ((SimfluenceLinear, {}), (SimfluenceAdditive, {}), (LogLinear, {"min_loss": 1e-6}),
+                       (LogAdditive, {"min_loss": 1e-6})):
+        params = cls().get_params()
+        assert params == {name: default for name, default in {**table, **extra}.items() if name in params}, cls
+        assert [name for name in params if name != "min_loss"] == [name for name in table if name in params], cls
+        assert inspect.signature(cls).parameters.keys() == params.keys(), cls
+    assert set(SimfluenceAdditive().get_params()) == set(table) - set(ADDITIVE_FIXED)
+    additive = SimfluenceAdditive(0.5, True)  # positional, in signature order
+    assert (additive.lam, additive.step_terms) == (0.5, True)
+    assert (additive.multiplicative, additive.alpha_center, additive.momentum) == (False, 1.0, 0.0)
+    assert "clip_negative" not in LogLinear().get_params() and LogLinear().clip_negative is False
+    with pytest.raises(TypeError, match="momentum"):
+        SimfluenceAdditive(momentum=0.5)

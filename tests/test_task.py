@@ -36,8 +36,8 @@ from simfluence.task import (
     load_task,
     task_fingerprint,
     task_fingerprint_parts,
-    task_for_runset,
 )
+from simfluence.workloads import task_for_runset
 
 # a task the package does not ship: examples/wine_task.py (the README's "Your own task"), written to a
 # temporary folder so that nothing of the repository is on its import path
@@ -341,7 +341,7 @@ def test_a_replay_beyond_the_tolerance_is_an_error_and_a_raised_tolerance_warns(
 def test_checkpoints_of_another_model_or_test_rows_are_refused(tmp_path):
     from simfluence.attribution import load_checkpoints
     from simfluence.curriculum import random_curricula
-    from simfluence.workloads import generate_runs
+    from simfluence.training import generate_runs
 
     task = _digits()
     runset = generate_runs(task, random_curricula(1, 40, 4, 6, seed=0), tmp_path / "runs", checkpoint_steps=[0, 6],

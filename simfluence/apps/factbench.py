@@ -18,12 +18,12 @@ corpus's gold labels (documents stating the query's exact triple):
     (each run trains on a random half of the documents, so one base run would leave half the documents
     unscored); a document in no run scores ``-inf``.
 
-Metrics, per query (``retrieval_metrics``, vectorised over queries), then averaged overall and per frequency
-bucket: ``mrr`` (reciprocal rank of the first gold document), ``recall@10`` (TrackStar's hit rate: at
-least one gold document in the top 10), ``strict_recall@10`` and ``precision@10`` (FTRACE's: the fraction
-of the gold documents in the top 10; the fraction of the top 10 that is gold). Ties are broken by document
-position (lower first), so results are deterministic. The ``candidates`` setting is FTRACE's reranking
-variant: each query ranks only gold + BM25 top-100 + same-object documents + random documents.
+Metrics (:mod:`simfluence.metrics.retrieval`), per query, then averaged overall and per frequency bucket:
+``mrr`` (reciprocal rank of the first gold document), ``recall@10`` (TrackStar's hit rate: at least one gold
+document in the top 10), ``strict_recall@10`` and ``precision@10`` (FTRACE's: the fraction of the gold
+documents in the top 10; the fraction of the top 10 that is gold). Ties are broken by document position (lower
+first), so results are deterministic. The ``candidates`` setting is FTRACE's reranking variant: each query
+ranks only gold + BM25 top-100 + same-object documents + random documents.
 
 **Tail-patch** (the *influence* side, TrackStar): from the pretrained base, one AdamW step (fresh optimizer
 state, so the step is ``lr * g / (|g| + eps)``, at the runs' peak learning rate) on a single document, and
@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from simfluence.errors import SimfluenceError
+from simfluence.metrics import rank_positions, retrieval_metrics, top_k_mean
 from simfluence.runlog import RunSet
 
 __all__ = ["DEFAULT_METHODS", "bm25_scores", "candidate_mask", "format_factbench", "gold_matrix",
@@ -55,50 +56,7 @@ DEFAULT_METHODS = ("bm25", "tracin", "tracin_cos", "trackstar", "linear_mom")
 METRICS = ("mrr", "recall@10", "strict_recall@10", "precision@10")
 
 
-# --------------------------------------------------------------------------------------------- metrics
-def rank_positions(scores: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
-    """(n_docs, n_queries) 1-based rank of every document for every query (1 = highest score).
-
-    Ties go to the lower document position; NaN scores and, with a ``candidates`` mask, non-candidates rank
-    after every real score (their ranks are still filled in, in position order).
-    """
-    keyed = np.where(np.isnan(scores), -np.inf, np.asarray(scores, dtype=np.float64))
-    if candidates is not None:
-        keyed = np.where(candidates, keyed, -np.inf)
-    order = np.argsort(-keyed, axis=0, kind="stable")  # stable: ties keep position order; -inf sorts last
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, keyed.shape[0] + 1)[:, None], axis=0)
-    return ranks
-
-
-def retrieval_metrics(scores: np.ndarray, gold: np.ndarray, k: int = 10,
-                      candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-query MRR term, hit rate, strict recall and precision at ``k``.
-
-    Parameters
-    ----------
-    scores : (n_docs, n_queries) higher = ranked first.
-    gold : (n_docs, n_queries) bool, the documents stating each query's fact (every query needs one).
-    k : cut-off.
-    candidates : optional (n_docs, n_queries) bool, the documents each query may rank (others rank last).
-
-    Returns
-    -------
-    ``{"mrr", "recall@k", "strict_recall@k", "precision@k"}`` each (n_queries,) float64.
-    """
-    gold = np.asarray(gold, dtype=bool)
-    if gold.shape != np.shape(scores):
-        raise SimfluenceError(f"scores {np.shape(scores)} and gold {gold.shape} differ in shape")
-    n_gold = gold.sum(axis=0)
-    if (n_gold == 0).any():
-        raise SimfluenceError(f"query {int(np.argmax(n_gold == 0))} has no gold document")
-    ranks = rank_positions(scores, candidates)
-    first = np.where(gold, ranks, ranks.shape[0] + 1).min(axis=0)
-    retrieved = (gold & (ranks <= k)).sum(axis=0)
-    return {"mrr": 1.0 / first, f"recall@{k}": (retrieved > 0).astype(np.float64),
-            f"strict_recall@{k}": retrieved / n_gold, f"precision@{k}": retrieved / k}
-
-
+# --------------------------------------------------------------------------------------------- gold labels
 def gold_matrix(corpus: dict, label: str = "gold") -> np.ndarray:
     """(n_docs, n_queries) bool: document i carries ``label`` (``gold``, ``same_object``, ...) for query m."""
     queries = corpus["queries"]
@@ -222,12 +180,6 @@ def tail_patch_deltas(task, lr: float, eps: float = 1e-8, chunk_size: int = 64) 
     return deltas
 
 
-def _top_k_mean(scores: np.ndarray, values: np.ndarray, k: int = 10) -> np.ndarray:
-    """(n_queries,) mean of ``values`` over each query's top-``k`` documents by ``scores``."""
-    top = rank_positions(scores) <= k
-    return (values * top).sum(axis=0) / top.sum(axis=0)
-
-
 # --------------------------------------------------------------------------------------------- the benchmark
 def run_factbench(
     runset: RunSet,
@@ -267,7 +219,7 @@ def run_factbench(
     ``2``, ``4``, ``8``; ``seconds`` is the time to score the method.
     """
     from simfluence.methods import METHODS
-    from simfluence.task import task_for_runset
+    from simfluence.workloads import task_for_runset
     from simfluence.workloads.facts import load_corpus
 
     for method in methods:
@@ -304,7 +256,7 @@ def run_factbench(
             per_query = pd.DataFrame(retrieval_metrics(scores, gold, k, mask))
             if deltas is not None:
                 ranked = scores if mask is None else np.where(mask, scores, -np.inf)
-                per_query["tail_patch"] = _top_k_mean(ranked, deltas, k)
+                per_query["tail_patch"] = top_k_mean(ranked, deltas, k)
             by_bucket = per_query.groupby(buckets).mean()
             table = pd.concat([per_query.mean().to_frame().T, by_bucket])
             table.insert(0, "bucket", ["all", *by_bucket.index.astype(str)])

@@ -6,7 +6,8 @@ steps; keep a random half, datamodels' protocol), retrain every draw for real wi
 initial weights and run seed, and ask each method to predict the same draws. Per (method, protocol), for
 each test example, the Spearman correlation over draws between the predicted and the real change of its
 final loss (both against the unedited base curriculum: the simulated base for predictions, the retrained
-base for reality) is averaged over test examples and base runs (:func:`lds_scores`); a bootstrap over
+base for reality) is averaged over test examples and base runs
+(:func:`~simfluence.metrics.lds_scores`); a bootstrap over
 draws gives its 95% interval. Sign agreement of the mean change over test examples and |predicted| /
 |actual| say whether the predictions also get the direction and the size right.
 
@@ -22,10 +23,8 @@ what is missing. ``out / lds-state.json`` records the fingerprint of the task th
 with another task, or on a run whose files were edited since, is refused with one line saying what differs.
 :func:`write_lds_report` writes report.md, lds.json and one predicted-vs-actual plot per protocol.
 
-Conventions for degenerate cases (no RuntimeWarning is raised): a test example whose real change does
-not vary over the draws says nothing about ranking and is left out; one whose predicted change does not
-vary (or is not finite) counts as correlation 0; a method whose predictions vary for no test example
-(``mean_curve``) has an undefined LDS (NaN), sign agreement 0 and magnitude ratio 0.
+The score itself, and its conventions for degenerate cases (a method whose predictions never vary has an
+undefined LDS), live in :mod:`simfluence.metrics.lds`; this module draws, retrains, predicts and reports.
 """
 from __future__ import annotations
 
@@ -51,18 +50,22 @@ from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError, TaskError
 from simfluence.evaluation import complete_positions, split_runs
 from simfluence.methods import METHODS
-from simfluence.metrics import spearman
-from simfluence.runlog import RUNS_DIR, Run, RunSet, run_file_names, run_status
+from simfluence.metrics import lds_scores
+from simfluence.runlog import RUNS_DIR, RunSet, run_file_names, run_status
 from simfluence.simulators import Simulator
-from simfluence.simulators.base import clone
+from simfluence.simulators.base import clone, is_per_base
 
 if TYPE_CHECKING:
     from simfluence.task import Task
 
-__all__ = ["DEFAULT_PROTOCOLS", "LDSResult", "describe_protocol", "fits_per_base", "format_lds_table", "lds_draws",
-           "lds_json", "lds_scores", "run_lds", "write_lds_report"]
+__all__ = ["DEFAULT_DRAWS", "DEFAULT_MOVED", "DEFAULT_PROTOCOLS", "LDSResult", "describe_protocol",
+           "format_lds_table", "lds_draws", "lds_json", "lds_scores", "run_lds", "write_lds_report"]
 
 DEFAULT_PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
+DEFAULT_DRAWS = 40
+"""Draws per protocol and base run unless told otherwise (the field uses >= 40)."""
+DEFAULT_MOVED = 8
+"""Examples moved per draw by the move protocols unless told otherwise (``k``)."""
 _REMOVE = re.compile(r"remove-(\d+(?:\.\d+)?)")
 _SUBSET = re.compile(r"subset-(\d+(?:\.\d+)?)")
 BASE_NAME = "base"
@@ -72,7 +75,7 @@ TABLE_COLUMNS = ("method", "protocol", "lds", "lds_low", "lds_high", "sign_agree
                  "n_draws", "n_bases", "seconds")
 
 
-def describe_protocol(protocol: str, k: int = 8) -> str:
+def describe_protocol(protocol: str, k: int = DEFAULT_MOVED) -> str:
     """One line saying what a protocol's draws are; an unknown protocol is a ``SimfluenceError``."""
     removed = _REMOVE.fullmatch(protocol)
     if removed:
@@ -103,7 +106,7 @@ def lds_draws(
     n_draws: int,
     seed: int = 0,
     n_pool: int | None = None,
-    k: int = 8,
+    k: int = DEFAULT_MOVED,
 ) -> list[Curriculum]:
     """Random edits of a base curriculum under one LDS protocol.
 
@@ -183,108 +186,6 @@ def _subset_curriculum(base: Curriculum, chosen: np.ndarray, rng: np.random.Gene
     return Curriculum(np.asarray(base.offsets), order.astype(np.int64), base.n_pool)
 
 
-# ----------------------------------------------------------------------------------------------- scoring
-def _per_test_rho(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spearman over draws per test example, with the degenerate cases of the module docstring.
-
-    Parameters
-    ----------
-    predicted, actual : (..., n_draws, n_test) changes of the final loss.
-
-    Returns
-    -------
-    rho : (..., n_test) correlation, 0 where the predictions do not vary.
-    informative : (..., n_test) True where the real change varies over the draws (the tests that count).
-    varies : (..., n_test) True where the predicted change varies over the draws.
-    """
-    rho = spearman(predicted, actual, axis=-2)
-    informative = actual.max(axis=-2) > actual.min(axis=-2)  # False where NaN
-    varies = predicted.max(axis=-2) > predicted.min(axis=-2)
-    return np.where(np.isnan(rho), 0.0, rho), informative, varies
-
-
-def _mean_lds(total: np.ndarray, count: np.ndarray, any_varies: np.ndarray) -> np.ndarray:
-    """LDS from summed correlations and counts of informative tests; NaN where undefined."""
-    lds = np.full(np.shape(total), np.nan)
-    np.divide(total, count, out=lds, where=(count > 0) & any_varies)
-    return lds
-
-
-def lds_scores(
-    predicted: np.ndarray,
-    actual: np.ndarray,
-    n_boot: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict[str, float]:
-    """LDS with a bootstrap interval, sign agreement and magnitude ratio of predicted vs real changes.
-
-    Parameters
-    ----------
-    predicted, actual : (n_bases, n_draws, n_test) change of each test example's final loss under each draw
-        of each base run, against that base (predicted: simulated draw - simulated base; actual: retrained
-        draw - retrained base).
-    n_boot : bootstrap resamples (draws resampled with replacement within each base run; the same
-        resamples for every call with the same shapes and seed, so methods are compared on paired resamples).
-        0 skips the interval.
-    seed : seed of the resamples.
-    confidence : coverage of the interval.
-
-    Returns
-    -------
-    scores : ``lds`` (mean over base runs and informative test examples of the per-test Spearman over
-        draws), ``lds_low`` / ``lds_high`` (bootstrap interval, recentred on ``lds``), ``sign_agreement`` (fraction of
-        (base, draw) pairs where the mean-over-tests predicted change has the sign of the real one),
-        ``magnitude_ratio`` (mean |predicted change| / mean |actual change|). NaN where undefined.
-    """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    actual = np.asarray(actual, dtype=np.float64)
-    if predicted.shape != actual.shape or predicted.ndim != 3:
-        raise SimfluenceError(f"predicted and actual changes must both be (n_bases, n_draws, n_test), got "
-                              f"{predicted.shape} and {actual.shape}")
-    rho, informative, varies = _per_test_rho(predicted, actual)
-    lds = float(_mean_lds((rho * informative).sum(), informative.sum(), np.asarray(varies.any())))
-    low = high = float("nan")
-    if n_boot > 0 and np.isfinite(lds):
-        low, high = _bootstrap_interval(predicted, actual, lds, n_boot, seed, confidence)
-    with np.errstate(invalid="ignore"):
-        same_sign = np.sign(predicted.mean(axis=2)) == np.sign(actual.mean(axis=2))
-    real_size = float(np.abs(actual).mean())
-    ratio = float(np.abs(predicted).mean()) / real_size if real_size > 0 else float("nan")
-    return {"lds": lds, "lds_low": low, "lds_high": high, "sign_agreement": float(same_sign.mean()),
-            "magnitude_ratio": ratio}
-
-
-def _bootstrap_interval(predicted: np.ndarray, actual: np.ndarray, lds: float, n_boot: int, seed: int,
-                        confidence: float) -> tuple[float, float]:
-    """Percentile interval of the LDS over resamples of the draws within each base run, recentred on ``lds``.
-
-    Resampling with replacement repeats draws, and the ties pull a rank correlation down: the resampled scores
-    sit below the score (for a good method the plain percentile interval misses it). The interval keeps their
-    spread and moves their median onto ``lds`` (clipped to [-1, 1]).
-    """
-    n_bases, n_draws, n_test = predicted.shape
-    rng = np.random.default_rng([int(seed), 7])
-    resamples = rng.integers(0, n_draws, size=(n_bases, n_boot, n_draws))
-    total, count = np.zeros(n_boot), np.zeros(n_boot)
-    any_varies = np.zeros(n_boot, dtype=bool)
-    chunk = max(1, 2_000_000 // max(1, n_draws * n_test))  # bounds memory: (chunk, n_draws, n_test) arrays
-    for base in range(n_bases):
-        for start in range(0, n_boot, chunk):
-            index = resamples[base, start:start + chunk]
-            rho, informative, varies = _per_test_rho(predicted[base][index], actual[base][index])
-            total[start:start + chunk] += (rho * informative).sum(axis=1)
-            count[start:start + chunk] += informative.sum(axis=1)
-            any_varies[start:start + chunk] |= varies.any(axis=1)
-    values = _mean_lds(total, count, any_varies)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    tail = 50.0 * (1.0 - confidence)
-    low, middle, high = np.percentile(values, [tail, 50.0, 100.0 - tail])
-    return float(np.clip(low + lds - middle, -1.0, 1.0)), float(np.clip(high + lds - middle, -1.0, 1.0))
-
-
 # ----------------------------------------------------------------------------------------------- running
 @dataclass
 class LDSResult:
@@ -324,42 +225,6 @@ class LDSResult:
         return max(self.reproduction.values(), default=float("nan"))
 
 
-def fits_per_base(name: str, simulator: Simulator | None = None) -> bool:
-    """Whether a method is fitted around one base run (``fit(runset, runs=[base])``), not on training runs.
-
-    True for ``unrolled``, for a registry entry whose ``needs`` holds ``"base_run"``, and for a simulator
-    class tagged ``tags["per_base"]``.
-    """
-    entry = METHODS.get(name)
-    tagged = simulator is not None and bool(type(simulator).tags.get("per_base", False))
-    return name == "unrolled" or (entry is not None and "base_run" in entry.needs) or tagged
-
-
-def _needs_task(name: str, simulator: Simulator) -> bool:
-    entry = METHODS.get(name) or METHODS.get(simulator.kind)
-    return entry is not None and "task" in entry.needs
-
-
-def _fit(name: str, simulator: Simulator, runset: RunSet, runs: list[int], task: Task) -> Simulator:
-    if _needs_task(name, simulator):
-        return simulator.fit(runset, runs=runs, task=task)
-    return simulator.fit(runset, runs=runs)
-
-
-def _positions(runset: RunSet, runs: Sequence[int | str], what: str) -> list[int]:
-    names = runset.run_names
-    positions = []
-    for run in runs:
-        if isinstance(run, str):
-            runset[run]  # an unknown name raises RunLogError naming it
-            positions.append(names.index(run))
-        elif isinstance(run, int | np.integer) and -len(names) <= int(run) < len(names):
-            positions.append(int(run) % len(names))
-        else:
-            raise SimfluenceError(f"{what}: {run!r} is not a run of the run set ({len(names)} runs)")
-    return positions
-
-
 def _choose_runs(runset: RunSet, base_runs: Sequence[int | str] | None, train_runs: Sequence[int | str] | None,
                  holdout: int) -> tuple[list[int], list[int]]:
     """Positions of the training runs and of the base runs (disjoint)."""
@@ -367,7 +232,7 @@ def _choose_runs(runset: RunSet, base_runs: Sequence[int | str] | None, train_ru
     if train_runs is None:
         train, heldout = ([used[i] for i in part] for part in split_runs(len(used), holdout))
     else:
-        train = _positions(runset, train_runs, "train_runs")
+        train = [runset.position(run, "train_runs") for run in train_runs]
         heldout = [position for position in used if position not in train]
     if base_runs is None:
         if len(heldout) < 3:
@@ -375,7 +240,7 @@ def _choose_runs(runset: RunSet, base_runs: Sequence[int | str] | None, train_ru
                                   f"{len(heldout)} (hold out more runs or name the base runs)")
         bases = heldout
     else:
-        bases = _positions(runset, base_runs, "base_runs")
+        bases = [runset.position(run, "base_runs") for run in base_runs]
     if not bases:
         raise SimfluenceError("no base runs to score on")
     if len(set(bases)) != len(bases):
@@ -388,31 +253,11 @@ def _choose_runs(runset: RunSet, base_runs: Sequence[int | str] | None, train_ru
     return train, bases
 
 
-def _check_matches(name: str, simulator: Simulator, runset: RunSet) -> None:
-    simulator.check_fitted()
-    if list(simulator.pool_ids_) != list(runset.pool_ids) or list(simulator.test_ids_) != list(runset.test_ids):
-        raise SimfluenceError(f"method {name!r} was fitted on other pool or test ids than the run set's "
-                              f"({len(simulator.pool_ids_)} / {len(simulator.test_ids_)} vs {runset.n_pool} / "
-                              f"{runset.n_test})")
-
-
 def _final_changes(trajectories: np.ndarray) -> np.ndarray:
     """(1 + n, T + 1, n_test) trajectories, base first -> (n, n_test) change of the final loss against the base."""
     final = np.asarray(trajectories, dtype=np.float64)[:, -1]
     with np.errstate(invalid="ignore"):  # inf - inf of a diverged prediction is NaN, scored as such
         return final[1:] - final[:1]
-
-
-def _retraining_seeds(runset: RunSet, task: Task, run: Run) -> tuple[int, int]:
-    """Seed of the run set's initial weights and torch seed of ``run``, as :func:`generate_runs` used them.
-
-    The init seed is the one the generator recorded (else ``task.init_seed``); the run seed is the run's
-    ``metadata["seed"]`` (else ``init_seed + 1``).
-    """
-    from simfluence.task import recorded_init_seed
-
-    init_seed = recorded_init_seed(runset, task)
-    return init_seed, int(run.metadata.get("seed", init_seed + 1))
 
 
 
@@ -505,14 +350,14 @@ def run_lds(
     base_runs: Sequence[int | str] | None = None,
     train_runs: Sequence[int | str] | None = None,
     protocols: Sequence[str] = DEFAULT_PROTOCOLS,
-    n_draws: int = 40,
+    n_draws: int = DEFAULT_DRAWS,
     task: Task | str | None = None,
     out: str | os.PathLike | None = None,
     workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
     holdout: int = 8,
-    k: int = 8,
+    k: int = DEFAULT_MOVED,
     n_boot: int = 1000,
     replay_tolerance: float | None = None,
     n_seeds: int = 1,
@@ -525,7 +370,7 @@ def run_lds(
     methods : method names of :data:`~simfluence.methods.METHODS` (a list or ``"a,b"``), or {name: simulator}.
         A fitted simulator is used as it is (it must not have seen the base runs); an unfitted one is fitted
         like a named method.
-        Methods are fitted on the training runs, except per-base ones (:func:`fits_per_base`, e.g.
+        Methods are fitted on the training runs, except per-base ones (:func:`~simfluence.simulators.is_per_base`, e.g.
         ``unrolled``), fitted on each base run in turn; methods that need a model get the ``task``.
     base_runs : base runs (positions or names); default every held-out run, at least 3.
     train_runs : runs to fit on (positions or names); default the complete runs but the last ``holdout``.
@@ -534,7 +379,7 @@ def run_lds(
     task : the runs' task (a Task or ``file.py:function``); default the built-in workload the run set records.
     out : folder of the retrained runs, one run set per base run (``out / <base name>``); a second call on
         it trains only what is missing. Default: a temporary folder, removed afterwards.
-    workers : training processes (see :func:`~simfluence.workloads.generator.generate_runs`).
+    workers : training processes (see :func:`~simfluence.training.generate_runs`).
     seed : seed of the draws and of the bootstrap.
     progress : show progress bars.
     holdout : runs held out at the end of the run set when ``train_runs`` is not given.
@@ -558,8 +403,9 @@ def run_lds(
         ``TaskError`` when no task is known, it does not describe the base runs (recorded settings, schedule,
         or retraining a base run does not reproduce its log), or ``out`` holds runs retrained with another task.
     """
-    from simfluence.task import check_recorded_settings, check_replay, check_schedule, task_for_runset
-    from simfluence.workloads.generator import generate_runs
+    from simfluence.task import check_recorded_settings, check_replay, check_schedule
+    from simfluence.training import generate_runs, retraining_seeds
+    from simfluence.workloads import task_for_runset
 
     protocols = list(dict.fromkeys(protocols))
     if not protocols:
@@ -574,7 +420,7 @@ def run_lds(
     task = task_for_runset(runset, task)  # before any work: a missing task is one error, nothing written
     train, bases = _choose_runs(runset, base_runs, train_runs, holdout)
     base_list = [runset[position] for position in bases]
-    seeds = {base.name: _retraining_seeds(runset, task, base) for base in base_list}
+    seeds = {base.name: retraining_seeds(runset, task, base) for base in base_list}
     for base in base_list:
         check_schedule(task, base)
         check_recorded_settings(task, runset, base, seeds[base.name][0])
@@ -668,10 +514,8 @@ def _simulators(methods: Sequence[str] | Mapping[str, Simulator]) -> dict[str, S
 def _per_base(name: str, given: Simulator | None) -> bool:
     """Whether to fit the method around each base run (never for a simulator given already fitted)."""
     if given is None:
-        return fits_per_base(name)
-    if getattr(given, "fitted_", False):
-        return False
-    return fits_per_base(name, given) or fits_per_base(given.kind)
+        return METHODS[name].per_base
+    return not getattr(given, "fitted_", False) and is_per_base(given)
 
 
 def _predict(
@@ -695,19 +539,17 @@ def _predict(
             if given is not None and getattr(given, "fitted_", False):
                 fitted = given
             else:
-                fitted = _fit(name, clone(template), runset, train, task)
-            _check_matches(name, fitted, runset)
+                fitted = clone(template).fit(runset, runs=train, task=task)
+            fitted.check_matches(runset, f"method {name!r}")
         changes[name] = {}
         for position in bases:
             base = runset[position]
             simulator = fitted
             if per_base:
-                simulator = _fit(name, clone(template), runset, [position], task)
-                _check_matches(name, simulator, runset)
+                simulator = clone(template).fit(runset, runs=[position], task=task)
+                simulator.check_matches(runset, f"method {name!r}")
             curricula = [base.curriculum, *draws[base.name]]
-            rates = None
-            if np.isfinite(base.learning_rates).all():
-                rates = [base.learning_rates] * len(curricula)
+            rates = None if base.known_learning_rates is None else [base.known_learning_rates] * len(curricula)
             trajectories = simulator.simulate(curricula, base.initial_losses, rates)
             changes[name][base.name] = _final_changes(trajectories)
         seconds[name] = time.perf_counter() - start

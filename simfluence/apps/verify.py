@@ -13,7 +13,7 @@ a task that does not reproduce the logged run is one error, not a table that rea
 
 The model comes from a :class:`~simfluence.task.Task`: the one given (``task=``; a Task of your own, or a
 ``file.py:function`` spec), else the built-in workload the run set records
-(:func:`~simfluence.task.task_for_runset`). An imported run set records none, so there a task must be given.
+(:func:`~simfluence.workloads.task_for_runset`). An imported run set records none, so there a task must be given.
 
 Per edit type: ``all_mse`` of the predicted trajectories, ``rho_change`` (Spearman across test examples
 of predicted vs actual change of the final loss against the retrained base curriculum) and, for the
@@ -40,6 +40,11 @@ from simfluence.simulators import Simulator
 
 if TYPE_CHECKING:
     from simfluence.task import Task
+
+DEFAULT_EDIT_SIZE = 10
+"""Examples per edit (``k``: removed, moved, dropped by the search) unless told otherwise."""
+DEFAULT_N_TARGETS = 10
+"""Target test examples when none are named: the base run's highest final losses (the CLI's default)."""
 
 
 @dataclass
@@ -70,7 +75,7 @@ def counterfactual_curricula(
     simulator: Simulator,
     base: Run,
     tests: Sequence,
-    k: int = 10,
+    k: int = DEFAULT_EDIT_SIZE,
     seed: int = 0,
 ) -> dict[str, Curriculum]:
     """The edited curricula to verify, by name (``base`` first); ``tests`` are the target test ids."""
@@ -101,7 +106,7 @@ def verify_counterfactuals(
     runset: RunSet,
     run: int | str,
     tests: Sequence,
-    k: int = 10,
+    k: int = DEFAULT_EDIT_SIZE,
     out: str | os.PathLike | None = None,
     seed: int = 0,
     workers: int | None = None,
@@ -125,7 +130,7 @@ def verify_counterfactuals(
     out : folder for the retrained runs (default: a temporary folder, removed afterwards); created only
         when training starts.
     seed : seed of the random (control) edit.
-    workers : training processes (see :func:`~simfluence.workloads.generator.generate_runs`).
+    workers : training processes (see :func:`~simfluence.training.generate_runs`).
     progress : show a progress bar.
     task : the runs' task (a Task or ``file.py:function``); default: the built-in workload the run set records.
     replay_tolerance : largest accepted difference between the retrained base curriculum and the logged run,
@@ -138,22 +143,16 @@ def verify_counterfactuals(
         learning-rate schedule or a setting the base run records (optimizer, weight decay, clipping, init
         seed) differs from the run's, or retraining the base curriculum does not reproduce the logged run.
     """
-    from simfluence.task import (
-        check_recorded_settings,
-        check_replay,
-        check_schedule,
-        recorded_init_seed,
-        task_for_runset,
-    )
-    from simfluence.workloads.generator import generate_runs
+    from simfluence.task import check_recorded_settings, check_replay, check_schedule
+    from simfluence.training import generate_runs, retraining_seeds
+    from simfluence.workloads import task_for_runset
 
     base_run = runset[run]
     task = task_for_runset(runset, task)
-    init_seed = recorded_init_seed(runset, task)
-    run_seed = int(base_run.metadata.get("seed", init_seed + 1))
+    init_seed, run_seed = retraining_seeds(runset, task, base_run)
     check_schedule(task, base_run)
     check_recorded_settings(task, runset, base_run, init_seed)
-    lrs = base_run.learning_rates if np.isfinite(base_run.learning_rates).all() else None
+    lrs = base_run.known_learning_rates
     initial = base_run.initial_losses
     columns = [int(i) for i in simulator.test_index.positions(tests)]
     curricula = counterfactual_curricula(simulator, base_run, tests, k, seed)

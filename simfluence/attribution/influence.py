@@ -1,10 +1,12 @@
 """Influence functions (Koh & Liang 2017): ``g_test^T (H + damping I)^{-1} g_train`` at one set of weights.
 
 H is the Hessian of the mean training loss over the chosen parameters (all, or a subset such as the last
-layer) at the given weights. Three ways to apply its damped inverse:
+layer) at the given weights. Three ways to apply its damped inverse (``solver="auto"``, the default, is
+``"exact"`` up to ``DENSE_MAX_PARAMS`` parameters and ``"cg"`` above):
 
 - ``solver="exact"``: build H (``torch.func.hessian``, or the Gauss-Newton matrix ``J^T H_out J``) and solve
-  directly -- small models or parameter subsets only (n_params^2 memory);
+  directly -- small models or parameter subsets only (n_params^2 memory; refused, before anything is
+  allocated, when the matrix would exceed ``DENSE_MAX_BYTES``);
 - ``solver="cg"``: batched conjugate gradient on Hessian-vector products (``jvp`` of ``grad``), one column
   per test example, no matrix formed;
 - ``solver="lissa"``: the LiSSA recursion ``h <- v + h - (H + damping I) h / scale`` on Hessian-vector
@@ -42,7 +44,9 @@ from simfluence.errors import SimfluenceError
 __all__ = ["hessian_matrix", "hvp_function", "influence_scores", "solve_cg", "solve_exact", "solve_lissa"]
 
 HESSIANS = ("exact", "gauss_newton")
-SOLVERS = ("exact", "cg", "lissa")
+SOLVERS = ("auto", "exact", "cg", "lissa")
+DENSE_MAX_PARAMS = 8192  # solver="auto" builds the Hessian up to this many parameters (512 MiB in float64), else CG
+DENSE_MAX_BYTES = 4 * 2**30  # a dense Hessian larger than this is refused (a ~100k-parameter model would need 80 GB)
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -104,6 +108,7 @@ def hessian_matrix(
     with _EvalMode(model):
         objective = _Objective(model, loss_fn, inputs, targets, params, dtype, chunk_size)
         n_params = objective.theta.numel()
+        _check_dense_size(n_params, objective.theta.dtype)
         total = torch.zeros(n_params, n_params, dtype=objective.theta.dtype)
         for x, y, weight in objective.chunks():
             if kind == "exact":
@@ -111,6 +116,15 @@ def hessian_matrix(
             else:
                 total += weight * _gauss_newton_chunk(objective, x, y)
     return 0.5 * (total + total.T)
+
+
+def _check_dense_size(n_params: int, dtype: torch.dtype) -> None:
+    """Refuse a dense (n_params, n_params) Hessian larger than ``DENSE_MAX_BYTES``, before it is allocated."""
+    needed = n_params * n_params * torch.finfo(dtype).bits // 8
+    if needed > DENSE_MAX_BYTES:
+        raise SimfluenceError(f"a dense Hessian of {n_params} parameters needs {needed / 2**30:.3g} GiB (more than "
+                              f"{DENSE_MAX_BYTES / 2**30:g} GiB): use solver='cg' or 'auto' (matrix-free), or fewer "
+                              "parameters (params='last_layer')")
 
 
 def _gauss_newton_chunk(objective: _Objective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -280,7 +294,7 @@ def influence_scores(
     params: ParamSpec = None,
     damping: float = 1e-3,
     hessian: str = "exact",
-    solver: str = "exact",
+    solver: str = "auto",
     hessian_inputs: torch.Tensor | None = None,
     hessian_targets: torch.Tensor | None = None,
     chunk_size: int = 64,
@@ -303,7 +317,8 @@ def influence_scores(
     params : parameter subset for gradients and Hessian (e.g. ``last_layer(model)``).
     damping : added to the Hessian's diagonal (an L2 penalty of the training objective belongs here).
     hessian : ``"exact"`` or ``"gauss_newton"``.
-    solver : ``"exact"`` (dense), ``"cg"`` or ``"lissa"``.
+    solver : ``"auto"`` (dense up to ``DENSE_MAX_PARAMS`` parameters, else CG), ``"exact"`` (dense), ``"cg"`` or
+        ``"lissa"``.
     hessian_inputs, hessian_targets : data of the Hessian (default: the pool).
     chunk_size : examples per vectorised Hessian pass (gradients use the automatic chunk size).
     dtype : compute dtype.
@@ -327,8 +342,11 @@ def influence_scores(
     h_targets = pool_targets if hessian_targets is None else hessian_targets
     test_grads = per_example_gradients(model, loss_fn, test_inputs, test_targets, params, dtype=dtype)
     rhs = test_grads.T.contiguous()                                                     # (P, n_test)
+    if solver == "auto":
+        solver = "exact" if rhs.shape[0] <= DENSE_MAX_PARAMS else "cg"
     info: dict = {"solver": solver, "hessian": hessian, "n_params": rhs.shape[0]}
     if solver == "exact":
+        _check_dense_size(rhs.shape[0], rhs.dtype)
         matrix = hessian_matrix(model, loss_fn, h_inputs, h_targets, params, hessian, chunk_size, dtype)
         solved = solve_exact(matrix, rhs, damping)
     else:

@@ -5,7 +5,7 @@ saved, and becomes a :class:`~simfluence.simulators.fixed_effects.FixedEffectsSi
 simulator whose per-example effects are the scores times one scale fitted on the training runs. The model,
 data and loss come from a :class:`~simfluence.task.Task`: the one given to ``fit(task=...)`` (or
 ``--task file.py:function`` on the command line), else the built-in workload recorded in the run set
-(:func:`simfluence.task.task_for_runset`).
+(:func:`simfluence.workloads.task_for_runset`).
 
 **Which checkpoints.** Only training runs are used (held-out runs' checkpoints would leak their curricula):
 scores are computed on the checkpoints of the first ``checkpoint_runs`` training runs and averaged. All runs
@@ -30,6 +30,7 @@ from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import training_runs
 from simfluence.simulators.fixed_effects import FixedEffectsSimulator
+from simfluence.task import check_checkpoint_losses
 
 __all__ = ["InfluenceSimulator", "TracInSimulator", "TrackStarSimulator"]
 
@@ -40,10 +41,18 @@ def _template(task):
         return task.make_model(0)
 
 
+def _task_data(task) -> tuple:
+    """``loss_fn, pool_inputs, pool_targets, test_inputs, test_targets`` of a task: the arguments every scoring
+    function (:func:`tracin_scores`, :func:`influence_scores`, :func:`trackstar_scores`) takes after the model."""
+    return task.loss_fn, task.pool_inputs, task.pool_targets, task.test_inputs, task.test_targets
+
+
 class _GradientMethod(FixedEffectsSimulator):
     """Shared ``fit`` of the methods that compute their scores from a run set's checkpoints."""
 
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, task=None) -> _GradientMethod:
+    tags = {**FixedEffectsSimulator.tags, "needs": frozenset({"task", "checkpoints"})}
+
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> _GradientMethod:
         """Compute scores on the training runs' checkpoints, then calibrate on the training runs; returns self.
 
         Parameters
@@ -53,7 +62,7 @@ class _GradientMethod(FixedEffectsSimulator):
         task : the :class:`~simfluence.task.Task` (model, data, loss) of the runs, or a
             ``"file.py:function"`` spec; default: the built-in workload recorded in the run set.
         """
-        from simfluence.task import task_for_runset
+        from simfluence.workloads import task_for_runset
 
         start = time.perf_counter()
         runs = training_runs(runset, runs)
@@ -82,9 +91,9 @@ class _GradientMethod(FixedEffectsSimulator):
         scores : (K, n_pool, n_test), positive = proponent.
         steps : the K checkpoint steps the score matrices belong to.
         """
-        from simfluence.task import task_for_runset
+        from simfluence.workloads import task_for_runset
 
-        position = run if isinstance(run, int) else runset.run_names.index(runset[run].name)
+        position = runset.position(run)
         return self._scores(task_for_runset(runset, task), runset, position)
 
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
@@ -151,9 +160,9 @@ class TracInSimulator(_GradientMethod):
 
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         checkpoints = load_checkpoints(runset, position, self._chosen_steps(runset, position))
+        check_checkpoint_losses(task, runset, runset[position], checkpoints)
         model = _template(task)
-        terms = tracin_scores(model, task.loss_fn, task.pool_inputs, task.pool_targets, task.test_inputs,
-                              task.test_targets, checkpoints, variant=self.variant,
+        terms = tracin_scores(model, *_task_data(task), checkpoints, variant=self.variant,
                               params=self._param_spec(model), per_checkpoint=True, chunk_size=self.chunk_size)
         steps = [c.step for c in checkpoints]
         if self.time_varying:
@@ -170,7 +179,9 @@ class InfluenceSimulator(_GradientMethod):
     checkpoint : ``"final"`` (the last saved step) or a saved step.
     damping : added to the Hessian's diagonal.
     hessian : ``"gauss_newton"`` (default: positive semi-definite away from a minimum) or ``"exact"``.
-    solver : ``"exact"``, ``"cg"`` or ``"lissa"`` (see :mod:`simfluence.attribution.influence`).
+    solver : ``"auto"`` (a dense solve for small models, conjugate gradient above
+        ``influence.DENSE_MAX_PARAMS`` parameters), ``"exact"``, ``"cg"`` or ``"lissa"`` (see
+        :mod:`simfluence.attribution.influence`).
     params : ``"all"``, ``"last_layer"`` or a list of parameter names.
     checkpoint_runs : number of training runs whose scores are averaged.
     chunk_size : examples per vectorised pass.
@@ -180,7 +191,7 @@ class InfluenceSimulator(_GradientMethod):
     kind = "influence"
 
     def __init__(self, checkpoint: str | int = "final", damping: float = 0.01, hessian: str = "gauss_newton",
-                 solver: str = "exact", params: str | Sequence[str] = "all", checkpoint_runs: int = 1,
+                 solver: str = "auto", params: str | Sequence[str] = "all", checkpoint_runs: int = 1,
                  chunk_size: int = 64, weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
                  clip_negative: bool = True, offset: str = "none") -> None:
         super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
@@ -199,9 +210,9 @@ class InfluenceSimulator(_GradientMethod):
 
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         (checkpoint,) = load_checkpoints(runset, position, self._chosen_steps(runset, position))
+        check_checkpoint_losses(task, runset, runset[position], [checkpoint])
         model = model_at(_template(task), checkpoint)
-        scores = influence_scores(model, task.loss_fn, task.pool_inputs, task.pool_targets, task.test_inputs,
-                                  task.test_targets, params=self._param_spec(model), damping=self.damping,
+        scores = influence_scores(model, *_task_data(task), params=self._param_spec(model), damping=self.damping,
                                   hessian=self.hessian, solver=self.solver, chunk_size=self.chunk_size)
         return scores[None], [checkpoint.step]
 
@@ -253,10 +264,11 @@ class TrackStarSimulator(_GradientMethod):
 
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         checkpoints = load_checkpoints(runset, position, self._chosen_steps(runset, position))
+        check_checkpoint_losses(task, runset, runset[position], checkpoints)
         model = _template(task)
         scores, info = trackstar_scores(
-            model, task.loss_fn, task.pool_inputs, task.pool_targets, task.test_inputs, task.test_targets,
-            checkpoints, optimizer_correction=self.optimizer_correction, projection_dim=self.projection_dim,
+            model, *_task_data(task), checkpoints, optimizer_correction=self.optimizer_correction,
+            projection_dim=self.projection_dim,
             hessian=self.hessian, lam=self.hessian_mix, crossing_k=self.crossing_k, damping=self.damping,
             unit_normalize=self.unit_normalize, params=self._param_spec(model), seed=self.seed,
             chunk_size=self.chunk_size, return_info=True,

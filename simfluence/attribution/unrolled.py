@@ -4,7 +4,7 @@ Every (example, step) occurrence j of a run's curriculum gets a weight w_j in it
 
     loss of step t = (1 / |c_t|) * sum_{j in c_t} w_j * loss_j(theta_{t-1}),        base: every w_j = 1,
 
-and the run is replayed exactly as :mod:`simfluence.workloads.generator` trains it (same initial weights,
+and the run is replayed exactly as :mod:`simfluence.training` trains it (same initial weights,
 torch seed, optimizer, learning-rate schedule; an empty batch makes no update at all), with the optimizer
 written as a pure function of (parameters, optimizer state, gradient). Reverse mode through the replay gives,
 for every test example z at once and for chosen *target steps* s, the exact derivatives (MAGIC, Ilyas &
@@ -54,7 +54,7 @@ from simfluence.attribution.gradients import auto_chunk_size
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.task import Task
-from simfluence.workloads.generator import _single_thread_deterministic
+from simfluence.training import single_thread_deterministic
 
 __all__ = ["UnrolledEffects", "insertion_step_list", "replay_losses", "target_step_list", "unrolled_effects"]
 
@@ -491,7 +491,7 @@ def replay_losses(
     init_seed : seed of the initial weights (default ``task.init_seed``).
     seed : the run's torch seed (``run.metadata["seed"]`` of a generated run; matters for random layers).
     dtype : compute precision (model and floating data converted); None keeps the task's own, which reproduces
-        the losses :func:`~simfluence.workloads.generate_runs` logged.
+        the losses :func:`~simfluence.training.generate_runs` logged.
     deterministic : replay as the generator trains: one thread, deterministic algorithms (and so the same
         rounding); False keeps torch's thread settings.
 
@@ -499,7 +499,7 @@ def replay_losses(
     -------
     (T + 1, n_test) float64 test losses after every step (step 0 first).
     """
-    with _single_thread_deterministic() if deterministic else contextlib.nullcontext():
+    with single_thread_deterministic() if deterministic else contextlib.nullcontext():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
                          None)
         state = replay.start()
@@ -565,7 +565,7 @@ def unrolled_effects(
         raise SimfluenceError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if task.n_test == 0:
         raise SimfluenceError("the task has no test examples to differentiate")
-    with _single_thread_deterministic() if deterministic else contextlib.nullcontext(), _twice_differentiable():
+    with single_thread_deterministic() if deterministic else contextlib.nullcontext(), _twice_differentiable():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
                          chunk_size)
         checkpoints, losses = _forward(replay, every)

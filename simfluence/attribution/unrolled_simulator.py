@@ -61,6 +61,10 @@ class UnrolledSimulator(Simulator):
     chunk_size : examples per vectorised pass of per-example gradients (default: about 64 MiB).
     deterministic : replay as the generator trains (one thread, deterministic algorithms).
     progress : progress bar over the backward pass.
+    replay_tolerance : how far the replayed base run's test losses may differ from the logged ones, relative to
+        the run's mean logged loss (default :data:`simfluence.task.REPLAY_TOLERANCE`); beyond it ``fit`` stops
+        before the backward pass (a task that does not reproduce its run). Raising it lets a run pass with a
+        ``ReplayWarning``.
 
     Attributes
     ----------
@@ -77,12 +81,18 @@ class UnrolledSimulator(Simulator):
     kind = "unrolled"
     _fitted_arrays = ("base_offsets_", "base_ids_", "base_losses_", "target_steps_", "occurrence_effects_",
                       "insertion_steps_", "insertion_effects_")
-    tags = {"exact_loo": True, "per_base": True}  # fitted around one base run (see fit)
+    _array_specs = {"base_offsets_": ("int", ("n_steps+1",)), "base_ids_": ("int", ("n_entries",)),
+                    "base_losses_": ("float", ("n_steps+1", "n_test_")), "target_steps_": ("int", ("n_targets",)),
+                    "occurrence_effects_": ("float", ("n_entries", "n_targets", "n_test_")),
+                    "insertion_steps_": ("int", ("n_insertions",)),
+                    "insertion_effects_": ("float", ("n_insertions", "n_pool_", "n_targets", "n_test_"))}
+    _state_specs = {"base_run_": "str", "replay_error_": "number|null"}
+    tags = {**Simulator.tags, "exact_loo": True, "needs": frozenset({"task"}), "per_base": True}  # see fit
 
     def __init__(self, target_steps: str | int | Sequence[int] = "final",
                  insertion_steps: str | Sequence[int] = "ends", precision: str = "float64",
                  checkpoint_every: int | None = None, chunk_size: int | None = None, deterministic: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, replay_tolerance: float | None = None) -> None:
         self.target_steps = target_steps
         self.insertion_steps = insertion_steps
         self.precision = precision
@@ -90,9 +100,10 @@ class UnrolledSimulator(Simulator):
         self.chunk_size = chunk_size
         self.deterministic = deterministic
         self.progress = progress
+        self.replay_tolerance = replay_tolerance
 
     # --------------------------------------------------------------------- fit
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, task=None) -> UnrolledSimulator:
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> UnrolledSimulator:
         """Replay the one base run at ``runs`` and differentiate every test loss through it; returns self.
 
         Parameters
@@ -101,12 +112,15 @@ class UnrolledSimulator(Simulator):
         runs : ``[position]`` of the base run (default: the only run of a one-run run set).
         task : the :class:`~simfluence.task.Task` of the runs, or a ``"file.py:function"`` spec; default: the
             built-in workload recorded in the run set. The initial weights come from the run set's recorded
-            generator ``init_seed`` (else ``task.init_seed``), the torch seed from the run's ``seed``.
+            generator ``init_seed`` (else ``task.init_seed``), the torch seed from the run's ``seed`` (else
+            ``init_seed + 1``; :func:`~simfluence.training.retraining_seeds`).
         """
         import torch
 
         from simfluence.attribution.unrolled import replay_losses, unrolled_effects
-        from simfluence.task import check_schedule, recorded_init_seed, task_for_runset
+        from simfluence.task import check_recorded_settings, check_replay, check_schedule
+        from simfluence.training import retraining_seeds
+        from simfluence.workloads import task_for_runset
 
         start = time.perf_counter()
         if runs is None and len(runset) != 1:
@@ -120,10 +134,9 @@ class UnrolledSimulator(Simulator):
             raise SimfluenceError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         run = runset[runs[0]]
         task = task_for_runset(runset, task)
-        init_seed = recorded_init_seed(runset, task)
-        seed = run.metadata.get("seed")
-        seed = None if seed is None else int(seed)
+        init_seed, seed = retraining_seeds(runset, task, run)  # the seeds verify and LDS retrain the run with
         check_schedule(task, run)
+        check_recorded_settings(task, runset, run, init_seed)
         dtype = {"float64": torch.float64, "float32": torch.float32, "task": None}[self.precision]
         initial = replay_losses(task, run.curriculum.truncate(0), init_seed=init_seed, seed=seed, dtype=dtype,
                                 deterministic=self.deterministic)[0]
@@ -131,7 +144,8 @@ class UnrolledSimulator(Simulator):
         effects = unrolled_effects(
             task, run.curriculum, target_steps=self.target_steps, insertion_steps=self.insertion_steps,
             init_seed=init_seed, seed=seed, dtype=dtype, checkpoint_every=self.checkpoint_every,
-            chunk_size=self.chunk_size, deterministic=self.deterministic, progress=self.progress)
+            chunk_size=self.chunk_size, deterministic=self.deterministic, progress=self.progress,
+            replay_check=lambda losses: check_replay(runset, run, losses, self.replay_tolerance))
         self.replay_error_ = self._replay_error(run, effects.losses)
 
         self._remember_ids(runset, runs)
@@ -246,7 +260,21 @@ class UnrolledSimulator(Simulator):
         return np.einsum("k,nkm->nm", weights, effects.reshape(self.n_pool_, n_targets, self.n_test_))
 
     def _self_check(self) -> None:
-        """The loader's consistency check: simulate the base curriculum (the only one certainly in range)."""
+        """The loader's check of the values (shapes are checked by ``_array_specs``), then a simulation of the base
+        curriculum (the only one certainly in range)."""
+        n_steps = len(self.base_offsets_) - 1
+        try:
+            self._base()
+        except SimfluenceError as err:
+            raise SimfluenceError(f"base_offsets_, base_ids_: {err}") from None
+        for name, last in (("target_steps_", True), ("insertion_steps_", False)):
+            steps = getattr(self, name)
+            if steps.size and (np.any(steps < 1) or np.any(steps > n_steps) or np.any(steps[1:] <= steps[:-1])
+                               or (last and steps[-1] != n_steps)):  # comparisons: differences of int64 can wrap
+                raise SimfluenceError(f"{name} must be increasing steps in 1..{n_steps}"
+                                      f"{f' ending at {n_steps}' if last else ''}, got {steps.tolist()}")
+        if self.target_steps_.size == 0:
+            raise SimfluenceError("target_steps_ is empty")
         self.simulate(self._base(), self.base_losses_[0])
 
     # --------------------------------------------------------------------- internals

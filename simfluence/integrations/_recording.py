@@ -9,15 +9,18 @@ step with its learning rate, and every ``log_every`` steps the probe losses, thr
 :class:`~simfluence.runlog.RunLogger`, on a background thread (the probe itself is evaluated in the training
 thread). The Hugging Face and Lightning callbacks only translate their
 framework's events into :meth:`StepRecorder.start`, :meth:`~StepRecorder.end_step` and
-:meth:`~StepRecorder.finish`.
+:meth:`~StepRecorder.finish`; the options both take (where to log, what to probe, which ids) are defined once,
+in :class:`RecordingOptions`, the dataclass both derive from.
 """
 from __future__ import annotations
 
 import collections
 import io
+import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,9 @@ from torch import nn
 
 from simfluence._io import atomic_write_bytes
 from simfluence.errors import RunLogError
+from simfluence.integrations.sampler import ID_COLUMN
 from simfluence.runlog import RunLogger, RunSet
-from simfluence.workloads.generator import CHECKPOINTS_DIR
+from simfluence.training import CHECKPOINTS_DIR
 
 ProbeFn = Callable[[nn.Module], np.ndarray]
 
@@ -343,3 +347,52 @@ class StepRecorder:
                 if losses is not None:
                     self._probed_step = step
         self._pending = []
+
+
+@dataclass(eq=False)  # eq=False: a callback compares (and hashes) by identity, as frameworks expect
+class RecordingOptions:
+    """The options every run-logging callback takes: where to log the run, how to probe, which pool ids.
+
+    :class:`~simfluence.integrations.huggingface.SimfluenceCallback` and
+    :class:`~simfluence.integrations.lightning.SimfluenceLightningCallback` are dataclasses deriving from this
+    one, so these keyword arguments (and their defaults) are written once; each callback adds its own after them.
+    Creating one builds its :class:`StepRecorder` (``recorder``).
+
+    Parameters
+    ----------
+    runset : run-set folder; created (``RunSet.create(..., exist_ok=True)``) on rank 0 if missing.
+    run_name : name of this run in the run set.
+    probe : ``probe(model) -> (n_test,)`` per-example losses of the test examples, e.g. a
+        :class:`~simfluence.integrations.probes.ProbeSet` (Lightning passes the LightningModule); evaluated on
+        rank 0 only.
+    n_pool : size of the training pool; default the length of the training dataloader's dataset.
+    pool_ids : (n_pool,) external ids of the pool examples for the manifest (default ``0..n_pool-1``).
+    test_ids : (n_test,) external ids of the probe examples (default ``0..len(probe)-1``).
+    log_every : probe-loss logging interval in optimizer steps.
+    metadata : JSON metadata added to the run's (which records the training settings that matter).
+    runset_metadata : JSON metadata of a run set created by the callback.
+    overwrite : replace an existing run of that name.
+    id_column : the batch column of pool positions.
+    """
+
+    runset: str | os.PathLike
+    run_name: str
+    probe: ProbeFn
+    n_pool: int | None = None
+    pool_ids: Sequence | None = None
+    test_ids: Sequence | None = None
+    log_every: int = 1
+    metadata: dict | None = None
+    runset_metadata: dict | None = None
+    overwrite: bool = False
+    id_column: str = ID_COLUMN
+
+    def __post_init__(self) -> None:
+        self.recorder = StepRecorder(self.probe, self.log_every)
+        self._learning_rate: float | None = None
+
+    def open_logger(self, dataset: Any, metadata: dict) -> RunLogger:
+        """Create (or reuse) the run set and open this run's logger (rank 0); ``dataset`` the training set."""
+        return open_run_logger(self.runset, self.run_name, self.probe, n_pool=self.n_pool, pool_ids=self.pool_ids,
+                               test_ids=self.test_ids, dataset=dataset, runset_metadata=self.runset_metadata,
+                               metadata=metadata, overwrite=self.overwrite, who=type(self).__name__)

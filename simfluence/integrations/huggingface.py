@@ -45,16 +45,14 @@ from simfluence.curriculum import Curriculum
 from simfluence.errors import CurriculumError, RunLogError, TaskError
 from simfluence.integrations._recording import (
     IdTap,
-    ProbeFn,
-    StepRecorder,
+    RecordingOptions,
     distributed_rank_and_size,
-    open_run_logger,
     write_checkpoint,
 )
 from simfluence.integrations.sampler import ID_COLUMN, CurriculumBatchSampler, IndexedDataset
 from simfluence.runlog import MANIFEST, Run, RunLogger, RunSet
 from simfluence.task import Task
-from simfluence.workloads.generator import CHECKPOINTS_DIR
+from simfluence.training import CHECKPOINTS_DIR
 
 try:
     import transformers
@@ -125,7 +123,8 @@ class IdCollator:
         return f"IdCollator({self.collator!r}, id_column={self.id_column!r})"
 
 
-class SimfluenceCallback(TrainerCallback):
+@dataclasses.dataclass(eq=False)  # the options are RecordingOptions' fields, then checkpoint_steps
+class SimfluenceCallback(RecordingOptions, TrainerCallback):
     """Log a ``Trainer`` run into a run set: each optimizer step's pool ids and learning rate, probe losses.
 
     The batches must carry their pool positions in ``id_column`` and the model must not receive it: use
@@ -140,59 +139,26 @@ class SimfluenceCallback(TrainerCallback):
     thread (a killed process loses at most the last ~50 ms of steps); a training that raises inside
     :class:`CurriculumTrainer` leaves the run ``aborted`` with every completed step readable.
 
+    It takes the options of every run-logging callback (``runset``, ``run_name``, ``probe``, ..., ``id_column``;
+    see :class:`~simfluence.integrations._recording.RecordingOptions`), here with ``probe(model)`` and
+    ``metadata`` added to the run's (which records the training arguments that matter); then its own:
+
     Parameters
     ----------
-    runset : run-set folder; created (``RunSet.create(..., exist_ok=True)``) on rank 0 if missing.
-    run_name : name of this run in the run set.
-    probe : ``probe(model) -> (n_test,)`` per-example losses of the test examples, e.g. a
-        :class:`~simfluence.integrations.probes.ProbeSet`; evaluated on rank 0 only.
-    n_pool : size of the training pool; default the length of the training dataset.
-    pool_ids : (n_pool,) external ids of the pool examples for the manifest (default ``0..n_pool-1``).
-    test_ids : (n_test,) external ids of the probe examples (default ``0..len(probe)-1``).
-    log_every : probe-loss logging interval in optimizer steps.
-    metadata : JSON metadata added to the run's (which records the training arguments that matter).
-    runset_metadata : JSON metadata of a run set created by the callback.
-    overwrite : replace an existing run of that name.
-    id_column : the batch column of pool positions.
     checkpoint_steps : optimizer steps after which rank 0 saves the model and optimizer state (0 = before
         training) in the run set's checkpoint format (``RUNSET/checkpoints/<run>/step-<t>.pt``, listed in the
         run's ``metadata["checkpoints"]``; see ``runs/README.md``), for ``tracin``, influence and ``blend``.
     """
 
-    def __init__(
-        self,
-        runset: str | os.PathLike,
-        run_name: str,
-        probe: ProbeFn,
-        n_pool: int | None = None,
-        pool_ids: Sequence | None = None,
-        test_ids: Sequence | None = None,
-        log_every: int = 1,
-        metadata: dict | None = None,
-        runset_metadata: dict | None = None,
-        overwrite: bool = False,
-        id_column: str = ID_COLUMN,
-        checkpoint_steps: Sequence[int] = (),
-    ) -> None:
-        self.runset = runset
-        self.run_name = run_name
-        self.probe = probe
-        self.n_pool = n_pool
-        self.pool_ids = pool_ids
-        self.test_ids = test_ids
-        self.log_every = log_every
-        self.metadata = metadata
-        self.runset_metadata = runset_metadata
-        self.overwrite = overwrite
-        self.id_column = id_column
-        self.checkpoint_steps = checkpoint_steps
-        steps = [int(step) for step in checkpoint_steps]
+    checkpoint_steps: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        steps = [int(step) for step in self.checkpoint_steps]
         if any(step < 0 for step in steps):
             raise RunLogError(f"checkpoint step {min(steps)} is negative")
+        super().__post_init__()
         self._checkpoint_steps = frozenset(steps)
-        self.recorder = StepRecorder(probe, log_every)
         self._open_logger: RunLogger | None = None  # a logger opened by the caller (TrainerTask), else None
-        self._learning_rate: float | None = None
         self._optimizer: Any = None
 
     def _run_metadata(self, args: TrainingArguments, optimizer: Any) -> dict:
@@ -221,10 +187,7 @@ class SimfluenceCallback(TrainerCallback):
         logger.metadata["checkpoints"].append({"step": int(step), "path": path})
 
     def _logger(self, args: TrainingArguments, optimizer: Any, train_dataloader: Any) -> RunLogger:
-        return open_run_logger(self.runset, self.run_name, self.probe, n_pool=self.n_pool, pool_ids=self.pool_ids,
-                               test_ids=self.test_ids, dataset=getattr(train_dataloader, "dataset", None),
-                               runset_metadata=self.runset_metadata, metadata=self._run_metadata(args, optimizer),
-                               overwrite=self.overwrite, who=type(self).__name__)
+        return self.open_logger(getattr(train_dataloader, "dataset", None), self._run_metadata(args, optimizer))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         rank, _ = distributed_rank_and_size()
@@ -555,8 +518,8 @@ class TrainerTask(Task):
         if not isinstance(arguments, dict):
             raise TaskError(f"run {logged.name!r} of {str(runset.path)!r} records no training arguments (log it with "
                             "SimfluenceCallback, or build the TrainerTask with training_kwargs)")
-        rates = np.asarray(logged.learning_rates, dtype=np.float64)
-        if rates.size == 0 or not np.isfinite(rates).all():
+        rates = logged.known_learning_rates
+        if rates is None or rates.size == 0:
             raise TaskError(f"run {logged.name!r} of {str(runset.path)!r} has steps without a logged learning rate")
         training_kwargs = {key: value for key, value in arguments.items() if key != "seed"}
         defaults = {
@@ -603,7 +566,7 @@ class TrainerTask(Task):
                          seed: int) -> None:
         """Train ``model`` on ``curriculum`` with ``Trainer``, logging steps 1 and on into ``logger``.
 
-        The hook :func:`~simfluence.workloads.generator.generate_runs` calls instead of its plain loop, after
+        The hook :func:`~simfluence.training.generate_runs` calls instead of its plain loop, after
         logging the initial losses (and saving the checkpoint of step 0). The checkpoints of later steps that
         the run set's generator settings ask for are saved as :class:`SimfluenceCallback` saves them. The model
         is back on the CPU afterwards.

@@ -14,15 +14,15 @@ Needs the ``lightning`` extra (``pip install 'simfluence[lightning]'``); ``light
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from simfluence.integrations._recording import ProbeFn, StepRecorder, distributed_rank_and_size, open_run_logger
-from simfluence.integrations.sampler import ID_COLUMN, batch_ids
+from simfluence.integrations._recording import RecordingOptions, distributed_rank_and_size
+from simfluence.integrations.sampler import batch_ids
 from simfluence.runlog import RunLogger
 
 try:
@@ -38,60 +38,29 @@ except ImportError:
 __all__ = ["SimfluenceLightningCallback"]
 
 
-class SimfluenceLightningCallback(pl.Callback):
+@dataclass(eq=False)
+class SimfluenceLightningCallback(RecordingOptions, pl.Callback):
     """Log a Lightning run into a run set: each optimizer step's pool ids and learning rate, probe losses.
 
     Step 0 holds the probe losses before training; they are logged again every ``log_every`` optimizer steps
     and at the last step. The learning rate of a step is the first parameter group's when its optimizer steps.
     Probe losses are computed on rank 0 with the LightningModule (the full model must be on rank 0).
 
+    It takes the options of every run-logging callback (``runset``, ``run_name``, ``probe``, ..., ``id_column``;
+    see :class:`~simfluence.integrations._recording.RecordingOptions`), here with ``probe(pl_module)``, e.g.
+    ``lambda module: probe_set(module.model)`` with a :class:`~simfluence.integrations.probes.ProbeSet`, and
+    ``id_column`` read from dict batches; then its own:
+
     Parameters
     ----------
-    runset : run-set folder; created (``RunSet.create(..., exist_ok=True)``) on rank 0 if missing.
-    run_name : name of this run in the run set.
-    probe : ``probe(pl_module) -> (n_test,)`` per-example losses of the test examples, e.g.
-        ``lambda module: probe_set(module.model)`` with a :class:`~simfluence.integrations.probes.ProbeSet`.
-    n_pool : size of the training pool; default the length of the training dataloader's dataset.
-    pool_ids : (n_pool,) external ids of the pool examples for the manifest (default ``0..n_pool-1``).
-    test_ids : (n_test,) external ids of the probe examples (default ``0..len(probe)-1``).
-    log_every : probe-loss logging interval in optimizer steps.
-    metadata : JSON metadata added to the run's.
-    runset_metadata : JSON metadata of a run set created by the callback.
-    overwrite : replace an existing run of that name.
     ids_of : ``ids_of(batch) -> (batch,)`` pool positions of a training batch; default
         :func:`~simfluence.integrations.sampler.batch_ids` with ``id_column``.
-    id_column : the column of pool positions in dict batches.
     """
 
-    def __init__(
-        self,
-        runset: str | os.PathLike,
-        run_name: str,
-        probe: ProbeFn,
-        n_pool: int | None = None,
-        pool_ids: Sequence | None = None,
-        test_ids: Sequence | None = None,
-        log_every: int = 1,
-        metadata: dict | None = None,
-        runset_metadata: dict | None = None,
-        overwrite: bool = False,
-        ids_of: Callable[[Any], np.ndarray] | None = None,
-        id_column: str = ID_COLUMN,
-    ) -> None:
-        self.runset = runset
-        self.run_name = run_name
-        self.probe = probe
-        self.n_pool = n_pool
-        self.pool_ids = pool_ids
-        self.test_ids = test_ids
-        self.log_every = log_every
-        self.metadata = metadata
-        self.runset_metadata = runset_metadata
-        self.overwrite = overwrite
-        self.ids_of = ids_of
-        self.id_column = id_column
-        self.recorder = StepRecorder(probe, log_every)
-        self._learning_rate: float | None = None
+    ids_of: Callable[[Any], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self._global_step = 0
 
     def _logger(self, trainer: pl.Trainer) -> RunLogger:
@@ -102,10 +71,7 @@ class SimfluenceLightningCallback(pl.Callback):
             "gradient_clip_val": trainer.gradient_clip_val, "log_every": self.log_every,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None, **(self.metadata or {}),
         }
-        return open_run_logger(self.runset, self.run_name, self.probe, n_pool=self.n_pool, pool_ids=self.pool_ids,
-                               test_ids=self.test_ids, dataset=getattr(trainer.train_dataloader, "dataset", None),
-                               runset_metadata=self.runset_metadata, metadata=metadata, overwrite=self.overwrite,
-                               who=type(self).__name__)
+        return self.open_logger(getattr(trainer.train_dataloader, "dataset", None), metadata)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         rank, _ = distributed_rank_and_size()

@@ -63,6 +63,18 @@ def as_initial(initial_losses: np.ndarray, n_curricula: int, n_test: int) -> np.
     return initial
 
 
+def fit_needs(simulator: Simulator | type[Simulator]) -> frozenset[str]:
+    """What fitting a simulator (or class) needs besides logged runs: its ``tags["needs"]``."""
+    cls = simulator if isinstance(simulator, type) else type(simulator)
+    return frozenset(cls.tags.get("needs", frozenset()))
+
+
+def is_per_base(simulator: Simulator | type[Simulator]) -> bool:
+    """Whether a simulator (or class) is fitted around one base run (``runs=[base]``): its ``tags["per_base"]``."""
+    cls = simulator if isinstance(simulator, type) else type(simulator)
+    return bool(cls.tags.get("per_base", False))
+
+
 def training_runs(runset: RunSet, runs: Sequence[int] | None) -> list[int]:
     """Positions of the runs to fit on (default all), checked non-empty and in range."""
     chosen = list(range(len(runset))) if runs is None else [int(i) for i in runs]
@@ -83,7 +95,16 @@ class Simulator:
 
     kind: ClassVar[str] = "simulator"
     _fitted_arrays: ClassVar[tuple[str, ...]] = ()
-    tags: ClassVar[dict[str, Any]] = {"exact_loo": False}
+    # What a model file must hold, checked by the loader (:meth:`check_saved`) before anything is built from it:
+    # per saved array its kind ("float": a real dtype, "int": an integer dtype) and shape, each axis an int, the
+    # name of an int of the saved state ("n_pool_", "n_test_", "n_step_terms_"), or another name ("n_steps"): a
+    # size every array naming it must agree on; "n_steps+1" is one more than that size.
+    _array_specs: ClassVar[dict[str, tuple[str, tuple[str | int, ...]]]] = {}
+    # The kind of each JSON state value a later use reads (see ``_STATE_KINDS``), checked by the loader likewise.
+    _state_specs: ClassVar[dict[str, str]] = {}
+    # ``exact_loo``: leave-one-out effects are exact without re-simulation; ``needs``: what fitting needs besides
+    # logged runs ("task", "checkpoints", "scores"); ``per_base``: fitted around one base run (``runs=[base]``)
+    tags: ClassVar[dict[str, Any]] = {"exact_loo": False, "needs": frozenset(), "per_base": False}
 
     # --------------------------------------------------------------------- scikit-learn-like params
     @classmethod
@@ -120,8 +141,13 @@ class Simulator:
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # --------------------------------------------------------------------- protocol
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> Simulator:
-        """Fit to the runs at positions ``runs`` of ``runset`` (default all); returns self."""
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> Simulator:
+        """Fit to the runs at positions ``runs`` of ``runset`` (default all); returns self.
+
+        ``task``: the :class:`~simfluence.task.Task` of the runs (or a ``"file.py:function"`` spec) for the
+        methods whose ``tags["needs"]`` holds ``"task"``; the others accept and ignore it, so every caller
+        calls ``fit(runset, runs, task=task)`` on whatever simulator it holds.
+        """
         raise NotImplementedError
 
     def simulate(
@@ -215,8 +241,63 @@ class Simulator:
         return effects
 
     def _self_check(self) -> None:
-        """Simulate a one-step curriculum: raises if loaded state or arrays are inconsistent (used by the loader)."""
+        """Simulate a one-step curriculum: raises if loaded state or arrays are inconsistent (used by the loader,
+        after :meth:`check_saved`; subclasses add the checks of their values, not of shapes)."""
         self.simulate(Curriculum.from_batches([[0]], n_pool=int(self.n_pool_)), np.zeros(int(self.n_test_)))
+
+    @classmethod
+    def check_saved(cls, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        """Check a model file's arrays against ``_array_specs`` and its declared sizes, before any is used.
+
+        Parameters
+        ----------
+        arrays : the file's arrays of this simulator (not of its parts).
+        state : its JSON state.
+
+        Raises
+        ------
+        SimfluenceError : one line naming the field at fault: a declared size that is not an int >= 0 (the pool
+            >= 1), ids that are not a list of that many ints or strings, an array of another kind or shape than
+            the declared sizes and the other arrays give. Without ``pool_ids_`` (``test_ids_``), an array must
+            confirm ``n_pool_`` (``n_test_``): the ids are then made from it.
+        """
+        sizes = {name: _saved_size(state, name, minimum) for name, minimum in (("n_pool_", 1), ("n_test_", 0))}
+        confirmed = set()
+        for name, (kind, axes) in cls._array_specs.items():
+            if name not in arrays:
+                continue  # a missing array is the loader's error
+            array = np.asarray(arrays[name])
+            if array.dtype.kind not in _ARRAY_KINDS[kind]:
+                raise SimfluenceError(f"array {name!r} has dtype {array.dtype}, expected {kind}")
+            shown = f"({', '.join(str(axis) for axis in axes)}{',' if len(axes) == 1 else ''})"
+            if array.ndim != len(axes):
+                raise SimfluenceError(f"array {name!r} has shape {array.shape}, expected {shown}")
+            expected = tuple(_expected_length(axis, length, state, sizes) for axis, length in zip(axes, array.shape,
+                                                                                                  strict=True))
+            if array.shape != expected:
+                raise SimfluenceError(f"array {name!r} has shape {array.shape}, expected {shown} = {expected}")
+            confirmed.update(axis for axis in axes if axis in ("n_pool_", "n_test_"))
+        for ids, size in (("pool_ids_", "n_pool_"), ("test_ids_", "n_test_")):
+            if ids in state:
+                values = state[ids]
+                if not isinstance(values, list) or len(values) != sizes[size]:
+                    got = f"{len(values)} ids" if isinstance(values, list) else type(values).__name__
+                    raise SimfluenceError(f"state {ids!r} must be a list of {size} = {sizes[size]} ids, got {got}")
+                bad = next((value for value in values if isinstance(value, bool) or not isinstance(value, (int, str))),
+                           None)
+                if bad is not None:
+                    raise SimfluenceError(f"state {ids!r} holds {bad!r}: ids are ints or strings")
+            elif size not in confirmed:
+                raise SimfluenceError(f"state {ids!r} is missing and no array confirms {size} = {sizes[size]}")
+        runs = state.get("train_runs_", [])
+        if not isinstance(runs, list) or not all(isinstance(run, str) for run in runs):
+            raise SimfluenceError("state 'train_runs_' must be a list of run names")
+        for name, kind in cls._state_specs.items():
+            description, accepts = _STATE_KINDS[kind]
+            if name in state and not accepts(state[name]):
+                shown = repr(state[name])
+                raise SimfluenceError(f"state {name!r} must be {description}, got "
+                                      f"{shown if len(shown) <= 24 else shown[:21] + '...'}")
 
     def check_fitted(self) -> None:
         if not getattr(self, "fitted_", False):
@@ -228,6 +309,18 @@ class Simulator:
         self.n_pool_, self.n_test_ = runset.n_pool, runset.n_test
         self.pool_ids_, self.test_ids_ = list(runset.pool_ids), list(runset.test_ids)
         self.train_runs_ = [runset[i].name for i in runs]
+
+    def check_matches(self, runset: RunSet, label: str | None = None) -> None:
+        """Raise unless fitted on the pool and test ids of ``runset``, in order (compared as text, as saved).
+
+        ``label`` names the simulator in the one-line error (default its class name).
+        """
+        self.check_fitted()
+        if list(map(str, self.pool_ids_)) != list(map(str, runset.pool_ids)) or \
+                list(map(str, self.test_ids_)) != list(map(str, runset.test_ids)):
+            raise SimfluenceError(f"{label or type(self).__name__} was fitted on other pool or test ids than the run "
+                                  f"set's ({len(self.pool_ids_)} pool / {len(self.test_ids_)} test examples vs "
+                                  f"{runset.n_pool} / {runset.n_test})")
 
     @property
     def pool_index(self) -> IdIndex:
@@ -291,6 +384,51 @@ class Simulator:
         return path
 
 
+_ARRAY_KINDS = {"float": "fiu", "int": "iu"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# the kinds of JSON state values of ``Simulator._state_specs``: (description, test)
+_STATE_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "number": ("a number", _is_number),
+    "number|null": ("a number or null", lambda value: value is None or _is_number(value)),
+    "str": ("a string", lambda value: isinstance(value, str)),
+    "list": ("a list", lambda value: isinstance(value, list)),
+    "range|null": ("null or [low, high] with low <= high", lambda value: value is None or (
+        isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)) and value[0] <= value[1])),
+}
+
+
+def _saved_size(state: dict[str, Any], name: str, minimum: int = 0) -> int:
+    """The int ``state[name]`` of a model file (a declared size), checked to be an int >= ``minimum``."""
+    value = state.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**63:
+        shown = repr(value)
+        raise SimfluenceError(f"state {name!r} must be an int >= {minimum}, got "
+                              f"{shown if len(shown) <= 24 else shown[:21] + '...'}")
+    return value
+
+
+def _expected_length(axis: str | int, length: int, state: dict[str, Any], sizes: dict[str, int]) -> int:
+    """The length an axis of a spec (see ``Simulator._array_specs``) must have, where the array's is ``length``.
+
+    ``sizes`` holds the sizes known so far; a size the spec names for the first time is taken from the state (a
+    name ending in ``_``) or from ``length`` (any other name; ``"name+k"`` is ``k`` more than the size).
+    """
+    if isinstance(axis, int):
+        return axis
+    if axis.endswith("_"):
+        if axis not in sizes:
+            sizes[axis] = _saved_size(state, axis)
+        return sizes[axis]
+    base, _, plus = axis.partition("+")
+    sizes.setdefault(base, max(length - int(plus or 0), 0))
+    return sizes[base] + int(plus or 0)
+
+
 def _jsonable(value: Any) -> Any:
     """Tuples as lists and numpy scalars as Python numbers, recursively (JSON round-trips as the same value)."""
     if isinstance(value, dict):
@@ -319,9 +457,9 @@ def rollout_runs(
     """
     chosen = [runset[i] for i in runs]
     horizon = max(run.n_steps for run in chosen)
-    learning_rates = None
-    if all(np.isfinite(run.learning_rates).all() for run in chosen):
-        learning_rates = [run.learning_rates for run in chosen]
+    learning_rates = [run.known_learning_rates for run in chosen]
+    if any(rates is None for rates in learning_rates):
+        learning_rates = None
     predicted = simulator.simulate(
         [run.curriculum for run in chosen], np.stack([run.initial_losses for run in chosen]), learning_rates
     )

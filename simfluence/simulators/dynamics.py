@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,60 +36,13 @@ from simfluence.curriculum import Curriculum
 from simfluence.design import FeatureSpec, schedule_for, step_features
 from simfluence.errors import SimfluenceError
 from simfluence.simulators.base import Simulator, as_curricula, as_initial
+from simfluence.simulators.coefficients import StepCoefficients, batch_divisor
+from simfluence.simulators.loo import exact_loo
 
 _SIM_CHUNK_BYTES = 128 * 2**20  # bounds the working memory of a rollout (coefficients or batch rows)
 _SIM_MAX_THREADS = 4  # simulation threads at most (parts of the curricula, one per core)
 _SIM_MIN_PER_THREAD = 128  # curricula per thread at least: fewer are not worth a thread
 _SIM_BLOCK_BYTES = 2 * 2**20  # pool sums made at a time by the one-table rollout (so that they stay in cache)
-
-
-@dataclass
-class StepCoefficients:
-    """The per-step coefficients of one curriculum, with the pieces an edit of a batch needs.
-
-    Attributes
-    ----------
-    alpha, beta : (T, n_test) full coefficients of every step.
-    const_alpha, const_beta : (T, n_test) the parts that do not depend on the batch.
-    pool_alpha, pool_beta : (T, n_test) ``w_t * sum_{i in c_t} A/B_{k(t)}[i]`` (before the batch divisor).
-    lr_weight : (T,) ``w_t``.
-    size : (T,) batch sizes.
-    table : (T,) index k(t) of the effect table each step uses.
-    batch_mean : whether pool sums are divided by the batch size.
-    mult, add : (K, n_pool, n_test) effect tables (``mult`` None for additive simulators).
-    momentum : velocity decay mu.
-    """
-
-    alpha: np.ndarray
-    beta: np.ndarray
-    const_alpha: np.ndarray
-    const_beta: np.ndarray
-    pool_alpha: np.ndarray
-    pool_beta: np.ndarray
-    lr_weight: np.ndarray
-    size: np.ndarray
-    table: np.ndarray
-    batch_mean: bool
-    mult: np.ndarray | None
-    add: np.ndarray
-    momentum: float = 0.0
-
-    def without(
-        self, examples: np.ndarray, steps: np.ndarray, counts: np.ndarray, cols: slice = slice(None)
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """alpha_t, beta_t at 1-based ``steps`` with ``counts`` copies of ``examples`` removed: (n, n_cols) each."""
-        index = steps - 1
-        table = self.table[index]
-        weight = (self.lr_weight[index] * counts)[:, None]
-        pool_beta = self.pool_beta[index, cols] - weight * self.add[table, examples, cols]
-        divisor = batch_divisor(self.size[index] - counts, self.batch_mean)[:, None]
-        beta = self.const_beta[index, cols] + pool_beta / divisor
-        if self.mult is None:
-            alpha = self.const_alpha[index, cols]
-        else:
-            pool_alpha = self.pool_alpha[index, cols] - weight * self.mult[table, examples, cols]
-            alpha = self.const_alpha[index, cols] + pool_alpha / divisor
-        return alpha, beta
 
 
 def _thread_parts(n_curricula: int) -> list[slice]:
@@ -99,14 +51,6 @@ def _thread_parts(n_curricula: int) -> list[slice]:
     n_parts = max(1, min(os.cpu_count() or 1, _SIM_MAX_THREADS, n_curricula // _SIM_MIN_PER_THREAD))
     bounds = np.linspace(0, n_curricula, n_parts + 1).round().astype(int)
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def batch_divisor(size: np.ndarray, batch_mean: bool) -> np.ndarray:
-    """What pool sums are divided by: the batch size for batch-mean models (1 for an empty batch), else 1."""
-    size = np.asarray(size, dtype=np.float64)
-    if not batch_mean:
-        return np.ones_like(size)
-    return np.where(size > 0, size, 1.0)
 
 
 def unroll(
@@ -153,7 +97,7 @@ def unroll(
 class LinearDynamics(Simulator):
     """Base of the simulators whose step is the linear (momentum) recurrence of the module docstring."""
 
-    tags: ClassVar[dict[str, Any]] = {"exact_loo": True}
+    tags: ClassVar[dict[str, Any]] = {**Simulator.tags, "exact_loo": True}
 
     # ------------------------------------------------------------------ what a subclass provides
     def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:
@@ -451,7 +395,5 @@ class LinearDynamics(Simulator):
         Equal (to rounding) to re-simulating every leave-one-out curriculum with the unclipped dynamics
         (``simulate(..., clip=False)``). See :meth:`Simulator.leave_one_out` for the result's layout.
         """
-        from simfluence.simulators.loo import exact_loo
-
         coefficients = self.step_coefficients(curriculum, learning_rates)
         return exact_loo(coefficients, curriculum, initial_losses, step)

@@ -71,8 +71,13 @@ class FixedEffectsSimulator(LinearDynamics):
     """
 
     kind = "fixed_effects"
+    tags = {**LinearDynamics.tags, "needs": frozenset({"scores"})}  # set_scores() before fit()
     _fitted_arrays = ("scores_", "checkpoint_steps_", "scale_", "lr_schedule_")
     _optional_arrays = ("offset_",)  # absent in files written before offsets existed: no offset
+    _array_specs = {"scores_": ("float", ("n_checkpoints", "n_pool_", "n_test_")),
+                    "checkpoint_steps_": ("int", ("n_checkpoints",)), "scale_": ("float", ("n_test_",)),
+                    "lr_schedule_": ("float", ("n_steps",)), "offset_": ("float", ("n_steps+1", "n_test_"))}
+    _state_specs = {"loss_floor_": "number|null", "calibration_mse_": "number|null"}
 
     def __init__(self, weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
                  clip_negative: bool = True, offset: str = "none") -> None:
@@ -106,7 +111,7 @@ class FixedEffectsSimulator(LinearDynamics):
         return -self.scale_[None, :] * self.scores_[k]
 
     # ----------------------------------------------------------------------------------- fitting
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> FixedEffectsSimulator:
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> FixedEffectsSimulator:
         """Calibrate the scale on the runs at positions ``runs`` (scores must be set); returns self."""
         if getattr(self, "scores_", None) is None:
             raise SimfluenceError(f"{type(self).__name__} has no scores: call set_scores() before fit()")
@@ -126,7 +131,7 @@ class FixedEffectsSimulator(LinearDynamics):
                        else np.zeros((horizon + 1, runset.n_test)))
         rates = None
         if self.weighting == "lr":
-            missing = next((run.name for run in chosen if not np.isfinite(run.learning_rates).all()), None)
+            missing = next((run.name for run in chosen if run.known_learning_rates is None), None)
             if missing is not None:
                 raise SimfluenceError(f"weighting='lr' needs the learning rate of every step; run {missing!r} "
                                       "did not log them all (use weighting='batch_mean')")
@@ -217,6 +222,13 @@ class FixedEffectsSimulator(LinearDynamics):
     def _extra_state(self) -> dict[str, Any]:
         return {"loss_floor_": self.loss_floor_, "calibration_mse_": self.calibration_mse_,
                 **self._method_state()}
+
+    def _self_check(self) -> None:
+        """The loader's check of the values (shapes are checked by ``_array_specs``), then a one-step simulation."""
+        steps = self.checkpoint_steps_
+        if np.any(steps[1:] <= steps[:-1]):  # a comparison: differences of int64 can wrap
+            raise SimfluenceError(f"checkpoint_steps_ {self.checkpoint_steps_.tolist()} are not increasing")
+        super()._self_check()
 
     def _method_state(self) -> dict[str, Any]:
         return {}

@@ -52,10 +52,11 @@ right-hand sides (first-order target and previous change) gives the effects of e
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,68 @@ SELECTION_REDUCTION = 1e-3  # a candidate cuts its warm start's residual at the 
 PRECISIONS = ("float32", "float64")
 SOLVERS = ("auto", "direct", "cg")
 LAM_EDGE_DECADES = 3  # decades the lam grid is extended by when its strongest or weakest value wins
+
+# The options of the linear family, in signature order: name -> (annotation, default), written once. Each class
+# takes all of them or fewer (see ``family_init``); they are documented in :class:`SimfluenceLinear`.
+LINEAR_OPTIONS: dict[str, tuple[str, Any]] = {
+    "lam": ("float | str", "auto"),
+    "multiplicative": ("bool", True),
+    "alpha_center": ("float", 0.0),
+    "step_terms": ("bool", False),
+    "lr_scaled": ("bool | str", False),
+    "batch_mean": ("bool", False),
+    "momentum": ("float | str", 0.0),
+    "clip_negative": ("bool", False),
+    "step_lam_ratio": ("float", 1.0),
+    "lam_grid": ("Sequence[float]", DEFAULT_LAM_GRID),
+    "momentum_grid": ("Sequence[float]", DEFAULT_MOMENTUM_GRID),
+    "val_fraction": ("float", 0.2),
+    "solver": ("str", "auto"),
+    "tol": ("float", 1e-10),
+    "max_iter": ("int", 5000),
+    "precision": ("str", "float32"),
+}
+# what an additive model holds fixed instead of taking as options
+ADDITIVE_FIXED: dict[str, Any] = {"multiplicative": False, "alpha_center": 1.0, "momentum": 0.0,
+                                  "clip_negative": False, "momentum_grid": DEFAULT_MOMENTUM_GRID}
+
+
+def family_init(
+    fixed: Mapping[str, Any] | None = None,
+    extra: Mapping[str, tuple[str, Any]] | None = None,
+    after: str | None = None,
+) -> Callable[..., None]:
+    """The ``__init__`` of a class of the linear family: :data:`LINEAR_OPTIONS` as its signature.
+
+    Parameters
+    ----------
+    fixed : options the class does not take, with the value it holds instead (left out of the signature).
+    extra : further options of the class, name -> (annotation, default), placed after the option ``after``.
+
+    Every option is stored as an attribute of the same name (scikit-learn's convention), so ``get_params``,
+    ``set_params``, ``clone`` and the model files read the signature as for a hand-written ``__init__``.
+    """
+    fixed = dict(fixed or {})
+    options = [(name, spec) for name, spec in LINEAR_OPTIONS.items() if name not in fixed]
+    if extra:
+        at = [name for name, _ in options].index(after) + 1
+        options[at:at] = list(extra.items())
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature(
+        [inspect.Parameter("self", keyword),
+         *(inspect.Parameter(name, keyword, default=default, annotation=annotation)
+           for name, (annotation, default) in options)],
+        return_annotation="None")
+
+    def __init__(self, *args: Any, **params: Any) -> None:
+        bound = signature.bind(self, *args, **params)
+        bound.apply_defaults()
+        for name, value in {**fixed, **bound.arguments}.items():
+            if name != "self":
+                setattr(self, name, value)
+
+    __init__.__signature__ = signature
+    return __init__
 
 
 class SimfluenceLinear(LinearDynamics):
@@ -127,45 +190,14 @@ class SimfluenceLinear(LinearDynamics):
     _array_specs = {"A_": ("float", ("n_pool_", "n_test_")), "B_": ("float", ("n_pool_", "n_test_")),
                     "step_alpha_": ("float", ("n_step_terms_", "n_test_")),
                     "step_beta_": ("float", ("n_step_terms_", "n_test_")), "lr_schedule_": ("float", ("n_steps_fit",))}
+    _state_specs = {"lam_": "number", "momentum_": "number", "lr_reference_": "number|null",
+                    "loss_floor_": "number|null", "validation_": "list", "batch_size_range_": "range|null",
+                    "fit_warnings_": "list"}
 
-    def __init__(
-        self,
-        lam: float | str = "auto",
-        multiplicative: bool = True,
-        alpha_center: float = 0.0,
-        step_terms: bool = False,
-        lr_scaled: bool | str = False,
-        batch_mean: bool = False,
-        momentum: float | str = 0.0,
-        clip_negative: bool = False,
-        step_lam_ratio: float = 1.0,
-        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
-        momentum_grid: Sequence[float] = DEFAULT_MOMENTUM_GRID,
-        val_fraction: float = 0.2,
-        solver: str = "auto",
-        tol: float = 1e-10,
-        max_iter: int = 5000,
-        precision: str = "float32",
-    ) -> None:
-        self.lam = lam
-        self.multiplicative = multiplicative
-        self.alpha_center = alpha_center
-        self.step_terms = step_terms
-        self.lr_scaled = lr_scaled
-        self.batch_mean = batch_mean
-        self.momentum = momentum
-        self.clip_negative = clip_negative
-        self.step_lam_ratio = step_lam_ratio
-        self.lam_grid = lam_grid
-        self.momentum_grid = momentum_grid
-        self.val_fraction = val_fraction
-        self.solver = solver
-        self.tol = tol
-        self.max_iter = max_iter
-        self.precision = precision
+    __init__ = family_init()  # the options of LINEAR_OPTIONS, documented above
 
     # ----------------------------------------------------------------------------------- fitting
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> SimfluenceLinear:
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> SimfluenceLinear:
         """Fit A, B (and step terms) on the runs at positions ``runs`` (default: all); returns self."""
         self._check_params()
         runs = training_runs(runset, runs)
@@ -249,7 +281,7 @@ class SimfluenceLinear(LinearDynamics):
         self.batch_size_range_ = [int(sizes.min()), int(sizes.max())] if sizes.size else [0, 0]
         horizon = max(run.n_steps for run in chosen)
         self.lr_schedule_ = mean_lr_schedule(chosen)
-        every_step_known = all(np.isfinite(run.learning_rates).all() for run in chosen)
+        every_step_known = all(run.known_learning_rates is not None for run in chosen)
         self.lr_reference_ = None
         use_lr = self.lr_scaled
         if use_lr == "auto":
@@ -487,26 +519,7 @@ class SimfluenceAdditive(SimfluenceLinear):
     """
 
     kind = "additive"
-
-    def __init__(
-        self,
-        lam: float | str = "auto",
-        step_terms: bool = False,
-        lr_scaled: bool = False,
-        batch_mean: bool = False,
-        step_lam_ratio: float = 1.0,
-        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
-        val_fraction: float = 0.2,
-        solver: str = "auto",
-        tol: float = 1e-10,
-        max_iter: int = 5000,
-        precision: str = "float32",
-    ) -> None:
-        super().__init__(
-            lam=lam, multiplicative=False, alpha_center=1.0, step_terms=step_terms, lr_scaled=lr_scaled,
-            batch_mean=batch_mean, step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction,
-            solver=solver, tol=tol, max_iter=max_iter, precision=precision,
-        )
+    __init__ = family_init(fixed=ADDITIVE_FIXED)
 
 
 def _is_number(value: Any) -> bool:

@@ -34,14 +34,10 @@ from simfluence.curriculum import Curriculum
 from simfluence.design import Transitions
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
-from simfluence.simulators.linear import (
-    DEFAULT_LAM_GRID,
-    DEFAULT_MOMENTUM_GRID,
-    SimfluenceAdditive,
-    SimfluenceLinear,
-)
+from simfluence.simulators.linear import ADDITIVE_FIXED, SimfluenceAdditive, SimfluenceLinear, family_init
 
 DEFAULT_MIN_LOSS = 1e-6
+_MIN_LOSS_OPTION = {"min_loss": ("float", DEFAULT_MIN_LOSS)}  # losses below it are raised to it before the log
 
 
 class _LogSpace:
@@ -139,33 +135,7 @@ class LogLinear(_LogSpace, SimfluenceLinear):
     """
 
     kind = "linear_log"
-
-    def __init__(
-        self,
-        lam: float | str = "auto",
-        multiplicative: bool = True,
-        alpha_center: float = 0.0,
-        step_terms: bool = False,
-        lr_scaled: bool | str = False,
-        batch_mean: bool = False,
-        momentum: float | str = 0.0,
-        min_loss: float = DEFAULT_MIN_LOSS,
-        step_lam_ratio: float = 1.0,
-        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
-        momentum_grid: Sequence[float] = DEFAULT_MOMENTUM_GRID,
-        val_fraction: float = 0.2,
-        solver: str = "auto",
-        tol: float = 1e-10,
-        max_iter: int = 5000,
-        precision: str = "float32",
-    ) -> None:
-        super().__init__(
-            lam=lam, multiplicative=multiplicative, alpha_center=alpha_center, step_terms=step_terms,
-            lr_scaled=lr_scaled, batch_mean=batch_mean, momentum=momentum, step_lam_ratio=step_lam_ratio,
-            lam_grid=lam_grid, momentum_grid=momentum_grid, val_fraction=val_fraction, solver=solver, tol=tol,
-            max_iter=max_iter, precision=precision,
-        )
-        self.min_loss = min_loss
+    __init__ = family_init(fixed={"clip_negative": False}, extra=_MIN_LOSS_OPTION, after="momentum")
 
 
 class LogAdditive(_LogSpace, SimfluenceAdditive):
@@ -175,25 +145,4 @@ class LogAdditive(_LogSpace, SimfluenceAdditive):
     """
 
     kind = "additive_log"
-
-    def __init__(
-        self,
-        lam: float | str = "auto",
-        step_terms: bool = False,
-        lr_scaled: bool = False,
-        batch_mean: bool = False,
-        min_loss: float = DEFAULT_MIN_LOSS,
-        step_lam_ratio: float = 1.0,
-        lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
-        val_fraction: float = 0.2,
-        solver: str = "auto",
-        tol: float = 1e-10,
-        max_iter: int = 5000,
-        precision: str = "float32",
-    ) -> None:
-        super().__init__(
-            lam=lam, step_terms=step_terms, lr_scaled=lr_scaled, batch_mean=batch_mean,
-            step_lam_ratio=step_lam_ratio, lam_grid=lam_grid, val_fraction=val_fraction, solver=solver, tol=tol,
-            max_iter=max_iter, precision=precision,
-        )
-        self.min_loss = min_loss
+    __init__ = family_init(fixed=ADDITIVE_FIXED, extra=_MIN_LOSS_OPTION, after="batch_mean")

@@ -37,7 +37,7 @@ import numpy as np
 
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
-from simfluence.simulators.dynamics import StepCoefficients
+from simfluence.simulators.coefficients import StepCoefficients
 
 _CHUNK_BYTES = 64 * 2**20  # bounds the working memory (lifting table, per-occurrence rows) per chunk of tests
 

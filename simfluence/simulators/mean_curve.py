@@ -9,6 +9,7 @@ linearly; steps past the fitted horizon keep the last value.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,11 +37,12 @@ class MeanCurve(Simulator):
 
     kind = "mean_curve"
     _fitted_arrays = ("mean_change_",)
+    _array_specs = {"mean_change_": ("float", ("n_steps+1", "n_test_"))}
 
     def __init__(self) -> None:
         pass
 
-    def fit(self, runset: RunSet, runs: Sequence[int] | None = None) -> MeanCurve:
+    def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> MeanCurve:
         """Average the loss change of the runs at positions ``runs`` (default all); returns self."""
         runs = training_runs(runset, runs)
         chosen = [runset[i] for i in runs]

@@ -6,7 +6,7 @@ per run, so it is the reference workload for tests, examples and benchmarks. :fu
 standardised with the pool's statistics, optionally a fraction of the pool labels flipped to a wrong class
 (the "noisy" examples an attribution method should find), a 64-64-10 ReLU MLP, SGD with momentum or Adam,
 and a warm-up + cosine learning-rate schedule. :func:`generate_digits` draws random-subset curricula and
-trains one run per curriculum with :func:`~simfluence.workloads.generator.generate_random_runs`.
+trains one run per curriculum with :func:`~simfluence.training.generate_random_runs`.
 
 Run-set metadata records ``pool_labels`` (the labels trained on, noise included), ``pool_clean_labels``,
 ``noisy_pool_ids``, ``test_labels`` and the dataset row of every pool and test example.
@@ -24,7 +24,7 @@ from torch.nn import functional
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.task import Task
-from simfluence.workloads.generator import WarmupCosine, generate_random_runs
+from simfluence.training import WarmupCosine, generate_random_runs
 
 __all__ = ["digits_task", "digits_task_from_runset", "generate_digits", "DEFAULT_PEAK_LR"]
 
@@ -212,7 +212,7 @@ def generate_digits(
     Run r trains on ``round(subset_fraction * pool_size)`` pool examples drawn afresh, in shuffled epochs
     of ``batch_size`` (``simfluence.curriculum.random_curricula`` with ``seed``); every run starts from the
     same initial weights (``init_seed = seed``). Re-running over an existing folder resumes it (see
-    :func:`~simfluence.workloads.generator.generate_runs`, which also describes ``backend="ray"`` and
+    :func:`~simfluence.training.generate_runs`, which also describes ``backend="ray"`` and
     ``ray_address``).
 
     Returns

@@ -40,13 +40,13 @@ from simfluence._io import atomic_write_bytes
 from simfluence.errors import SimfluenceError
 from simfluence.runlog import RunSet, runset_destination
 from simfluence.task import Task
-from simfluence.workloads.generator import (
+from simfluence.training import (
     WarmupCosine,
-    _check_request,
-    _check_resumable,
-    _single_thread_deterministic,
-    _train_into,
+    check_request,
+    check_resumable,
     random_runs_plan,
+    single_thread_deterministic,
+    train_into,
 )
 from simfluence.workloads.tinylm import IGNORE, PAD, TinyLM, TinyLMConfig, token_nll
 
@@ -318,7 +318,7 @@ _BASES: dict[str, dict[str, torch.Tensor]] = {}  # per-process memo: key -> pret
 def _pretrain(settings: FactsSettings, corpus: dict, config: TinyLMConfig, pretrain_seed: int) -> TinyLM:
     index = {word: i for i, word in enumerate(corpus["vocabulary"])}
     inputs, targets = _encode_documents(corpus["background_documents"], index)
-    with _single_thread_deterministic():
+    with single_thread_deterministic():
         torch.manual_seed(pretrain_seed)
         model = TinyLM(config)
         optimizer = _adamw(model.parameters(), weight_decay=0.01)
@@ -495,7 +495,7 @@ def generate_facts(
     Run r fine-tunes the base on ``round(subset_fraction * n_documents)`` documents drawn afresh, in shuffled
     epochs of the tier's batch size (``random_curricula`` with ``seed``); the base (pretrain seed ``seed``)
     is cached in ``out/base.pt`` and the corpus written to ``out/facts_corpus.json``. Re-running over an
-    existing folder resumes it (see :func:`~simfluence.workloads.generator.generate_runs`, which also describes
+    existing folder resumes it (see :func:`~simfluence.training.generate_runs`, which also describes
     ``backend="ray"`` and ``ray_address``; Ray workers without a shared file system pretrain the base once each).
     """
     out = Path(out)
@@ -506,12 +506,12 @@ def generate_facts(
     corpus = task.metadata.pop("corpus")
     task, curricula = random_runs_plan(task, n_runs, settings.n_steps, settings.batch_size, settings.subset_fraction,
                                        seed)
-    request = _check_request(task, curricula, None, seed, log_every, checkpoint_steps, None, backend)
+    request = check_request(task, curricula, None, seed, log_every, checkpoint_steps, None, backend)
     # One rule for every writer: a folder that is not a run set is refused before anything is written; a run set
     # is resumed (with the same settings only) or, with overwrite, rebuilt aside and swapped in when complete.
     final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
     with runset_destination(out, overwrite) as target:
-        _check_resumable(target, request)  # before the corpus or the base of another setting is written over
+        check_resumable(target, request)  # before the corpus or the base of another setting is written over
         target.mkdir(parents=True, exist_ok=True)
         task = replace(task, make_model=functools.partial(pretrained_base, settings=settings, data_seed=data_seed,
                                                           pretrain_seed=seed, cache=str(target / BASE_FILE)))
@@ -520,5 +520,5 @@ def generate_facts(
         atomic_write_bytes(target / CORPUS_FILE,
                            json.dumps(corpus, separators=(",", ":"), allow_nan=False).encode("utf-8"))
         task.make_model(seed)  # pretrain once here (and cache it) rather than in every worker
-        _train_into(target, request, workers, progress, backend, ray_address)
+        train_into(target, request, workers, progress, backend, ray_address)
     return RunSet.load(final)

@@ -1,4 +1,9 @@
-"""Train real torch models on many curricula and log every run with :class:`~simfluence.runlog.RunLogger`.
+"""The training engine: train and retrain any :class:`~simfluence.task.Task` on many curricula, and log every run.
+
+Everything that trains for real goes through here: ``simfluence generate`` (the built-in workloads of
+:mod:`simfluence.workloads` and tasks of your own), counterfactual verification, the LDS runner and the
+unrolled replay (:func:`single_thread_deterministic`, :func:`retraining_seeds`). Runs are logged with
+:class:`~simfluence.runlog.RunLogger`.
 
 A :class:`~simfluence.task.Task` says everything task-specific: how to build the model (and its initial
 weights), the pool and test tensors, the per-example loss, the optimizer and the learning-rate schedule.
@@ -45,6 +50,7 @@ from simfluence.curriculum import Curriculum, random_curricula
 from simfluence.errors import RunLogError, SimfluenceError, TaskError, one_line
 from simfluence.runlog import (
     MANIFEST,
+    Run,
     RunLogger,
     RunSet,
     export_run,
@@ -54,9 +60,17 @@ from simfluence.runlog import (
     runset_destination,
     runset_writer_lock,
 )
-from simfluence.task import Task, fingerprint_change, import_task_files, loaded_task_files, task_fingerprint_parts
+from simfluence.task import (
+    Task,
+    fingerprint_change,
+    import_task_files,
+    loaded_task_files,
+    recorded_init_seed,
+    task_fingerprint_parts,
+)
 
-__all__ = ["Task", "WarmupCosine", "generate_runs", "generate_random_runs", "default_run_names"]
+__all__ = ["CHECKPOINTS_DIR", "WarmupCosine", "default_run_names", "generate_random_runs", "generate_runs",
+           "random_runs_plan", "retraining_seeds", "single_thread_deterministic"]
 
 CHECKPOINTS_DIR = "checkpoints"
 FINGERPRINT_KEY = "task_fingerprint"  # run-set metadata: task_fingerprint_parts of the task that trained the runs
@@ -97,9 +111,25 @@ def default_run_names(n_runs: int) -> list[str]:
     return [f"run-{index:0{width}d}" for index in range(n_runs)]
 
 
+def retraining_seeds(runset: RunSet, task: Task, run: Run) -> tuple[int, int]:
+    """Seed of the run set's initial weights and torch seed of ``run``, as :func:`generate_runs` used them.
+
+    The one rule for retraining a logged run the way it was trained (verification, LDS, unrolled replay): the
+    init seed is the one the generator recorded (:func:`~simfluence.task.recorded_init_seed`, else
+    ``task.init_seed``); the run seed is the run's ``metadata["seed"]``, else ``init_seed + 1`` (the seed
+    :func:`generate_runs` gives a set's first run).
+
+    Returns
+    -------
+    (init_seed, run_seed) : pass as ``generate_runs(..., init_seed=init_seed, seeds=[run_seed])``.
+    """
+    init_seed = recorded_init_seed(runset, task)
+    return init_seed, int(run.metadata.get("seed", init_seed + 1))
+
+
 # --------------------------------------------------------------------------------------------- training
 @contextlib.contextmanager
-def _single_thread_deterministic() -> Iterator[None]:
+def single_thread_deterministic() -> Iterator[None]:
     """One intra-op thread, deterministic algorithms and a private torch RNG, restored afterwards (in-process)."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -407,16 +437,21 @@ def generate_runs(
     RunSet loaded from ``out`` (losses memory-mapped).
     """
     out = Path(out)
-    request = _check_request(task, curricula, names, init_seed, log_every, checkpoint_steps, seeds, backend)
+    request = check_request(task, curricula, names, init_seed, log_every, checkpoint_steps, seeds, backend)
     final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
     with runset_destination(out, overwrite) as target:  # refuses a folder that is not a run set, creating nothing
-        _train_into(target, request, workers, progress, backend, ray_address)
+        train_into(target, request, workers, progress, backend, ray_address)
     return RunSet.load(final)
 
 
 @dataclass(frozen=True)
-class _Request:
-    """A checked request of :func:`generate_runs`: what to train, and the run-set metadata it goes with."""
+class TrainingRequest:
+    """A checked request of :func:`generate_runs`: what to train, and the run-set metadata it goes with.
+
+    :func:`check_request`, :func:`check_resumable` and :func:`train_into` are the steps of :func:`generate_runs`,
+    public for a writer that prepares the run-set folder itself between them (the built-in ``facts`` workload
+    writes its corpus and pretrained base there).
+    """
 
     task: Task
     curricula: list[Curriculum]
@@ -428,9 +463,9 @@ class _Request:
     metadata: dict
 
 
-def _check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[str] | None, init_seed: int | None,
+def check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[str] | None, init_seed: int | None,
                    log_every: int, checkpoint_steps: Iterable[int], seeds: Sequence[int] | None,
-                   backend: str) -> _Request:
+                   backend: str) -> TrainingRequest:
     """Every check of the arguments of :func:`generate_runs` that needs no disk: done before anything is written."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # a spawned worker importing the script
         raise TaskError(f"generate_runs was called while a worker process imported the script that started it: "
@@ -470,10 +505,10 @@ def _check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[
         **task.metadata,
         "generator": {"init_seed": init_seed, "log_every": log_every, "checkpoint_steps": list(checkpoint_steps)},
     })
-    return _Request(task, curricula, names, seeds, init_seed, log_every, checkpoint_steps, metadata)
+    return TrainingRequest(task, curricula, names, seeds, init_seed, log_every, checkpoint_steps, metadata)
 
 
-def _check_resumable(out: Path, request: _Request) -> None:
+def check_resumable(out: Path, request: TrainingRequest) -> None:
     """``out`` holds no run set, or one generated with the same settings (before anything is written to it)."""
     if not (out / MANIFEST).is_file():
         return
@@ -484,7 +519,7 @@ def _check_resumable(out: Path, request: _Request) -> None:
                           "(pass overwrite=True to regenerate it)")
 
 
-def _train_into(out: Path, request: _Request, workers: int | None, progress: bool, backend: str,
+def train_into(out: Path, request: TrainingRequest, workers: int | None, progress: bool, backend: str,
                 ray_address: str | None) -> None:
     """Create (or resume) the run set at ``out`` and train the runs it lacks, under the set's shared lock.
 
@@ -493,7 +528,7 @@ def _train_into(out: Path, request: _Request, workers: int | None, progress: boo
     naming the parts that differ.
     """
     task = request.task
-    _check_resumable(out, request)
+    check_resumable(out, request)
     with _task_code("make_model, make_optimizer or lr_at (fingerprinting the task)"):  # an exit, say
         fingerprint = task_fingerprint_parts(task, request.init_seed)
     pool_ids = task.pool_ids if task.pool_ids is not None else range(task.n_pool)
@@ -501,7 +536,7 @@ def _train_into(out: Path, request: _Request, workers: int | None, progress: boo
     runset = RunSet.create(out, n_pool=task.n_pool, pool_ids=pool_ids, test_ids=test_ids,
                            metadata={**request.metadata, FINGERPRINT_KEY: fingerprint}, exist_ok=True)
     with runset_writer_lock(out):
-        _check_resumable(out, request)  # again under the lock: the set is the one we write into
+        check_resumable(out, request)  # again under the lock: the set is the one we write into
         recorded = runset.metadata.get(FINGERPRINT_KEY)
         if isinstance(recorded, dict) and recorded != fingerprint:
             raise TaskError(f"{str(out)!r} holds runs of another task ({fingerprint_change(recorded, fingerprint)} "
@@ -509,8 +544,8 @@ def _train_into(out: Path, request: _Request, workers: int | None, progress: boo
         _train_pending(out, runset, request, workers, progress, backend, ray_address)
 
 
-def _train_pending(out: Path, runset: RunSet, request: _Request, workers: int | None, progress: bool, backend: str,
-                   ray_address: str | None) -> None:
+def _train_pending(out: Path, runset: RunSet, request: TrainingRequest, workers: int | None, progress: bool,
+                   backend: str, ray_address: str | None) -> None:
     """Train the runs of ``request`` that ``out`` does not hold complete, locally or on Ray."""
     task, curricula = request.task, request.curricula
     jobs = _pending_jobs(out, request.names, curricula, request.seeds)
@@ -522,7 +557,7 @@ def _train_pending(out: Path, runset: RunSet, request: _Request, workers: int | 
         if jobs and backend == "ray":
             _train_on_ray(task, jobs, runset, trainer_args, ray_address, bar)
         elif jobs and n_workers <= 1:
-            with _single_thread_deterministic():
+            with single_thread_deterministic():
                 trainer = _Trainer(task, *trainer_args)
                 for job in jobs:
                     trainer(job)
