@@ -47,6 +47,8 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("simfluence.solvers", "torch"): "the optional torch CSR kernel of the batched solves (kernel='torch'), "
                                      "imported inside the functions that use it; numpy/scipy otherwise",
 }
+
+
 @dataclass(frozen=True)
 class Arrow:
     """One import: ``importer`` imports ``imported`` (a module of the package, or an outside package's top name)."""
