@@ -10,7 +10,6 @@ reading and writing folders is :mod:`simfluence.runlog.store` (``RunSet.load``, 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from simfluence.runlog.store import (
     MANIFEST,
     RUNS_DIR,
     _check_json,
-    _hidden_dir,
     _lock_set,
     _read_manifest,
     _read_run_arrays,
@@ -38,9 +36,9 @@ from simfluence.runlog.store import (
     _recover_interrupted_save,
     _run_folders,
     _RunFiles,
-    _swap_in,
     _unlock,
     _write_run,
+    built_aside,
     check_replaceable,
     check_run_name,
     is_runset,
@@ -494,16 +492,11 @@ class RunSet:
         lock = _lock_set(path, exclusive=True) if is_runset(path) else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _hidden_dir(path.parent, path.name, ".tmp")
-            try:
+            with built_aside(path) as tmp:
                 (tmp / RUNS_DIR).mkdir()
                 atomic_write_json(tmp / MANIFEST, self.manifest())
                 for run in self.runs:
                     _write_run(tmp / RUNS_DIR / run.name, run, self.n_test)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            _swap_in(tmp, path)
         finally:
             _unlock(lock)
         self.path = path

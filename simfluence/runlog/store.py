@@ -293,17 +293,25 @@ def runset_destination(path: str | os.PathLike, overwrite: bool) -> Iterator[Pat
     absolute = Path(os.path.abspath(path))  # "." and ".." are renamed by their real names
     lock = _lock_set(absolute, exclusive=True)
     try:
-        staging = _hidden_dir(absolute.parent, absolute.name, ".tmp")
-        try:
+        with built_aside(absolute) as staging:
             yield staging
             if not is_runset(staging):
                 raise RunLogError(f"the replacement of {str(path)!r} holds no run set; the old set is kept")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _swap_in(staging, absolute)
     finally:
         _unlock(lock)
+
+
+@contextlib.contextmanager
+def built_aside(path: Path) -> Iterator[Path]:
+    """A fresh hidden sibling folder of ``path`` to build a run set in: swapped in for ``path``
+    (:func:`_swap_in`) when the ``with`` block ends normally, removed when it raises."""
+    staging = _hidden_dir(path.parent, path.name, ".tmp")
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, path)
 
 
 def _recover_interrupted_save(path: Path) -> None:
