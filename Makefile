@@ -5,6 +5,8 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist processes for `make test` (one per core of the 2-core CI machine; tests of one module share a process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint docs bench clean
 
@@ -25,7 +27,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 test: lint docs
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py

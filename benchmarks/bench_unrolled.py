@@ -1,37 +1,49 @@
-"""Cost of fitting the ``unrolled`` simulator (exact first-order effects) on one base run of the digits workload.
+"""Cost of exact first-order effects (``unrolled``) for one base run, against the number of test examples.
 
-The run set is the default digits workload (``generate_digits``: 48 runs x 200 steps, batch 8, pool 500, 100
-test examples, SGD with momentum and a warm-up + cosine schedule); the base is its first run. Fitting replays
-that run in float64 and differentiates all 100 test losses through it at once, with insertion effects at
-``none``, the first and last tenth of the steps (``ends``, the default) or ``all`` steps.
+**Digits.** The run set is the default digits workload (``generate_digits``: 48 runs x 200 steps, batch 8, pool
+500, SGD with momentum and a warm-up + cosine schedule); the base is its first run. The test set is the
+workload's own for 100 tests, its first 10 for 10 tests, and 1,000 held-out digits (the 100 first, same split,
+standardised by the pool: ``digits_task(test_size=1000)``) for 1,000 tests. ``unrolled_effects`` differentiates
+all test losses at the final step at once (no insertion steps) in float64 (the default) and float32 (the task's
+own precision), then the ``unrolled`` simulator's ``fit`` with insertion effects at ``ends`` and ``all`` steps.
 
-The unit of cost is one training run of the same task, measured two ways: the bare training computation
-(``replay_losses`` in the task's float32, one thread: the generator's arithmetic without its logging), and one
-run logged by ``generate_runs`` (one worker, every step's batch and test losses written to disk). Timings are
-the best of ``--repeats`` wall-clock runs on whatever else the machine is doing, one torch thread (as the
-generator trains). The script prints a markdown table and records it in ``benchmarks/RESULTS.md``.
+**Facts.** The facts language model (``facts_task``: a pretrained TinyLM fine-tuned with AdamW, batch 8, 200
+steps, all its queries as test examples) on one random curriculum of the tier's length and batch size.
+
+The unit of cost is one training run of the same task: the bare training computation (``replay_losses`` in
+the task's float32, one thread: the generator's arithmetic, with every step's test losses, without its logging).
+Costs are CPU seconds of this process (``time.process_time``, one torch thread; the best of ``--repeats``), which
+a busy shared machine disturbs less than wall-clock time; wall-clock seconds are shown beside. ``--baseline
+FILE`` times another version of ``simfluence/attribution/unrolled.py`` (e.g. ``git show
+COMMIT:simfluence/attribution/unrolled.py > old.py``) in the same run, float64 as it was run before. The script
+prints markdown tables and records them in ``benchmarks/RESULTS.md``.
 
 Usage::
 
-    python benchmarks/bench_unrolled.py                      # generates the run set in a temporary folder
-    python benchmarks/bench_unrolled.py --runset runs/digits # reuse (or create) a run set there
+    python benchmarks/bench_unrolled.py                      # generates the digits run set in a temporary folder
+    python benchmarks/bench_unrolled.py --runset runs/digits --facts-base-cache runs/facts-base.pt
+    python benchmarks/bench_unrolled.py --baseline old_unrolled.py --tests 10 100
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import importlib.util
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from simfluence.attribution.unrolled import replay_losses
+from simfluence.attribution.unrolled import replay_losses, unrolled_effects
+from simfluence.curriculum import random_curricula
 from simfluence.methods import make_simulator
-from simfluence.training import generate_runs
-from simfluence.workloads import generate_digits, task_from_runset
+from simfluence.workloads import digits_task, generate_digits, task_from_runset
+from simfluence.workloads.facts import TIERS, facts_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
@@ -39,56 +51,145 @@ from results import write_section  # noqa: E402
 SECTION = "## Unrolled: cost of exact first-order effects for one base run (digits)"
 
 
-def best_time(function, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_time(function, repeats: int) -> tuple[float, float, object]:
+    """(CPU seconds, wall seconds, result) of the fastest of ``repeats`` calls (by CPU time)."""
+    best, wall, result = float("inf"), float("inf"), None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_wall = time.process_time(), time.perf_counter()
         result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        seconds = time.process_time() - start
+        if seconds < best:
+            best, wall = seconds, time.perf_counter() - start_wall
+    return best, wall, result
+
+
+def load_baseline(path: Path):
+    spec = importlib.util.spec_from_file_location("baseline_unrolled", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def relative_difference(estimate: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(estimate - reference).max() / np.abs(reference).max())
+
+
+def digits_rows(runset, tests: list[int], repeats: int, baseline) -> tuple[list[str], float]:
+    task = task_from_runset(runset)
+    base = runset[0]
+    seed = base.metadata.get("seed")
+    wide = digits_task(pool_size=runset.n_pool, test_size=max(tests))
+    rows, unit_100 = [], None
+    for n_test in tests:
+        sized = task if n_test == task.n_test else dataclasses.replace(
+            task, test_inputs=wide.test_inputs[:n_test], test_targets=wide.test_targets[:n_test])
+        bare, bare_wall, _ = best_time(lambda t=sized: replay_losses(t, base.curriculum, seed=seed, dtype=None),
+                                       repeats)
+        if n_test == 100 or unit_100 is None:
+            unit_100 = bare
+        timed = {}
+        for name, dtype in (("float64", torch.float64), ("float32", None)):
+            timed[name] = best_time(lambda t=sized, d=dtype: unrolled_effects(t, base.curriculum, seed=seed, dtype=d),
+                                    repeats)
+        if baseline is not None:
+            timed["before"] = best_time(lambda t=sized: baseline.unrolled_effects(t, base.curriculum, seed=seed),
+                                        repeats)
+        reference = timed["float64"][2].occurrence
+        for name, (seconds, wall, effects) in timed.items():
+            difference = relative_difference(effects.occurrence, reference)
+            rows.append(f"| digits | {n_test} | {name if name != 'before' else 'float64, before'} | {bare:.2f} "
+                        f"| {seconds:.2f} | {wall:.2f} | {seconds / bare:.1f} | {seconds / unit_100:.1f} "
+                        f"| {difference:.1e} |")
+    return rows, unit_100
+
+
+def facts_rows(tier: str, base_cache: str | None, repeats: int, precisions: list[str],
+               n_steps: int | None) -> tuple[list[str], str]:
+    task = facts_task(tier, base_cache=base_cache)
+    settings = TIERS[tier]
+    curriculum = random_curricula(1, task.n_pool, settings.batch_size, settings.n_steps, seed=0)[0]
+    if n_steps is not None:
+        curriculum = curriculum.truncate(n_steps)  # the first steps of a run of the tier's schedule
+    bare, _, _ = best_time(lambda: replay_losses(task, curriculum, seed=1, dtype=None), repeats)
+    timed = {}
+    for name in precisions:
+        dtype = {"float64": torch.float64, "float32": None}[name]
+        timed[name] = best_time(lambda d=dtype: unrolled_effects(task, curriculum, seed=1, dtype=d), repeats)
+    rows = []
+    for name, (seconds, wall, effects) in timed.items():
+        difference = (f"{relative_difference(effects.occurrence, timed['float64'][2].occurrence):.1e}"
+                      if "float64" in timed else "not run")
+        rows.append(f"| facts {tier} | {task.n_test} | {name} | {bare:.2f} | {seconds:.2f} | {wall:.2f} "
+                    f"| {seconds / bare:.1f} | {seconds / bare:.1f} | {difference} |")
+    described = (f"facts tier {tier!r}: {task.n_pool} documents x {task.n_test} queries, TinyLM d_model "
+                 f"{settings.d_model}, {settings.n_layers} layers, AdamW, batch {settings.batch_size}, one random "
+                 f"curriculum: its first {curriculum.n_steps} of {settings.n_steps} steps, the bare run as long")
+    return rows, described
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runset", type=Path, help="digits run-set folder (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--insertion", nargs="+", default=["none", "ends", "all"],
-                        help="insertion_steps settings to time")
+    parser.add_argument("--tests", type=int, nargs="+", default=[10, 100, 1000], help="digits test-set sizes")
+    parser.add_argument("--insertion", nargs="*", default=["ends", "all"],
+                        help="insertion_steps settings of the simulator's fit to time (float64, 100 tests)")
+    parser.add_argument("--facts-tier", default="default", help="facts tier ('' to skip facts)")
+    parser.add_argument("--facts-base-cache", help="cache file of the facts tier's pretrained base")
+    parser.add_argument("--facts-precisions", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--facts-steps", type=int, help="time the first this many steps only (default: all)")
+    parser.add_argument("--baseline", type=Path, help="another unrolled.py to time in the same run (digits)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     torch.set_num_threads(1)
+    baseline = load_baseline(args.baseline) if args.baseline is not None else None
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.runset if args.runset is not None else Path(scratch) / "digits"
-        runset = generate_digits(folder, progress=False)
-        task = task_from_runset(runset)
-        base = runset[0]
-        seed = base.metadata.get("seed")
-        training, _ = best_time(lambda: replay_losses(task, base.curriculum, seed=seed, dtype=None), args.repeats)
-        logged, _ = best_time(lambda: generate_runs(task, [base.curriculum], Path(scratch) / "one", workers=1,
-                                                    progress=False, overwrite=True, seeds=[seed]), args.repeats)
-        rows = []
+        runset = generate_digits(folder, progress=False, workers=1)
+        rows, unit_100 = digits_rows(runset, args.tests, args.repeats, baseline)
+        fits = []
         for insertion in args.insertion:
             simulator = make_simulator("unrolled", insertion_steps=insertion)
-            seconds, _ = best_time(lambda simulator=simulator: simulator.fit(runset, runs=[0]), args.repeats)
+            seconds, wall, _ = best_time(lambda simulator=simulator: simulator.fit(runset, runs=[0]), args.repeats)
             size = simulator.save(Path(scratch) / f"unrolled-{insertion}.npz").stat().st_size / 2**20
-            rows.append((insertion, len(simulator.insertion_steps_), seconds, size))
+            fits.append(f"| {insertion} | {len(simulator.insertion_steps_)} | {seconds:.2f} | {wall:.2f} "
+                        f"| {seconds / unit_100:.1f} | {size:.1f} |")
+    facts_described = ""
+    if args.facts_tier:
+        facts, facts_described = facts_rows(args.facts_tier, args.facts_base_cache, args.repeats,
+                                            args.facts_precisions, args.facts_steps)
+        rows += facts
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         SECTION,
         "",
-        f"Recorded {now} by `python benchmarks/bench_unrolled.py` on {os.cpu_count()} cores, one torch thread, load "
-        f"average before {load_before:.2f}, best of {args.repeats}. Digits: {runset.n_pool} pool x {runset.n_test} "
-        f"test, {base.n_steps} steps, base run {base.name!r}; one training run {training:.3f} s bare, {logged:.3f} s "
-        "logged by generate_runs. `fit` replays the run in float64 and differentiates all test losses at once.",
+        f"Recorded {now} by `python benchmarks/bench_unrolled.py{' --baseline ...' if baseline else ''}` on "
+        f"{os.cpu_count()} cores, one torch thread, load average before {load_before:.2f}, best of {args.repeats} "
+        f"by CPU time. Digits: {runset.n_pool} pool, {runset[0].n_steps} steps x batch 8, base run "
+        f"{runset[0].name!r}, all test losses differentiated at the final step at once, no insertion steps"
+        + (f"; {facts_described}" if facts_described else "") + ". `bare run`: CPU seconds of one training run of "
+        "the same task (same test set); `x bare run`: unrolled CPU time in those units; `x bare run (100 tests)`: "
+        "in units of the 100-test run; `vs float64`: largest difference of the occurrence effects from the "
+        "float64 ones, relative to their largest magnitude.",
         "",
-        "| insertion_steps | insertion steps | fit s | x bare training run | x logged run | file MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[f"| {insertion} | {n_insertion} | {seconds:.2f} | {seconds / training:.1f} | {seconds / logged:.1f} "
-          f"| {size:.1f} |" for insertion, n_insertion, seconds, size in rows],
+        "| task | tests | precision | bare run CPU s | unrolled CPU s | wall s | x bare run | x bare run (100 tests) "
+        "| vs float64 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
         "",
     ]
+    if fits:
+        lines += [
+            "The `unrolled` simulator's `fit` (float64, 100 tests, with its replay checks) with insertion effects:",
+            "",
+            "| insertion_steps | insertion steps | fit CPU s | wall s | x bare run | file MiB |",
+            "|---|---:|---:|---:|---:|---:|",
+            *fits,
+            "",
+        ]
     section = "\n".join(lines)
     print(section)
     write_section(args.results, SECTION, section)

@@ -163,6 +163,10 @@ def _ray_option(what: str):
 @_digits_option("--subset-fraction", type=float, help="Share of the pool each run trains on.")
 @_digits_option("--optimizer", type=click.Choice(["sgd", "adam"]))
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: per optimizer).")
+@_digits_option("--eps-root", type=float,
+                help="Adam only: epsilon inside the square root (simfluence.optim.Adam); 0 = torch's Adam.")
+@click.option("--smooth", is_flag=True, help="The smooth training recipe, chosen by metasmoothness (SGD, larger "
+              "batches: simfluence.workloads.digits.SMOOTH; see docs/smooth_training.md).")
 @_digits_option("--label-noise", type=float, help="Fraction of pool labels flipped.")
 @_digits_option("--seed", type=int, help="Seed of curricula and initial weights.")
 @_digits_option("--log-every", type=int, help="Log test losses every k steps.")
@@ -182,9 +186,13 @@ def generate_digits_command(out: str, checkpoint_steps: tuple[int, ...], ray: di
 
 @generate_group.command("facts")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
-@_facts_option("--tier", type=click.Choice(["mini", "default"]),
-               help="World and model size (mini: seconds, for tests; default: a few minutes).")
+@_facts_option("--tier", type=click.Choice(["mini", "default", "hard"]),
+               help="World and model size (mini: seconds, for tests; default: a few minutes; hard: default sizes "
+               "in a world of shared names, aliases and decoy sentences, where BM25 is not perfect).")
 @click.option("--runs", "n_runs", type=int, default=None, help="Number of fine-tuning runs (default: per tier).")
+@click.option("--smooth", is_flag=True, help="Fine-tune with the smooth training recipe, chosen by metasmoothness "
+              "(AdamW with eps inside the square root: simfluence.workloads.facts.SMOOTH; see "
+              "docs/smooth_training.md).")
 @_facts_option("--seed", type=int, help="Seed of the curricula.")
 @_facts_option("--data-seed", type=int, help="Seed of the synthetic fact world.")
 @_facts_option("--log-every", type=int, help="Log query losses every k steps.")
@@ -891,6 +899,42 @@ def verify_command(runset_dir, protocol, method, methods, holdout, run_name, tes
     plot_verification(result.names, result.predicted, result.actual, result.test_columns,
                       path=out_dir / "verify.png")
     click.echo(f"wrote {out_dir / 'verify.json'} and {out_dir / 'verify.png'}")
+
+
+# ------------------------------------------------------------------------------------------ smoothness
+_smoothness_option = _library_option("simfluence.attribution.smoothness:metasmoothness")
+
+
+@cli.command("smoothness")
+@click.argument("runset_dir", type=click.Path(file_okay=False))  # RunSet.load checks (and recovers)
+@click.option("--run", "run_name", default=None, help="Base run to perturb (default: the first run).")
+@_task_option
+@_smoothness_option("--directions", "n_directions", type=click.IntRange(min=1),
+                    help="Random data-weight directions; each costs two replays of the run.")
+@_smoothness_option("--h", "h", type=click.FloatRange(min=0.0, min_open=True),
+                    help="Finite-difference step of the data weights.")
+@_smoothness_option("--seed", "seed", type=int, help="Seed of the directions.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the scores as JSON to this file.")
+def smoothness_command(runset_dir, run_name, task_spec, n_directions, h, seed, json_out) -> None:
+    """Metasmoothness of the training setup around one run: can any method attribute single examples here?
+
+    Replays the run with data weights 1, 1 + h v and 1 + 2h v along random directions v and scores the sign
+    agreement of the two finite differences of the final parameters (1 = smooth, about 0 = chaotic).
+    """
+    from simfluence.attribution.smoothness import metasmoothness
+    from simfluence.runlog import RunSet
+
+    _check_output_file(json_out, "--json")
+    runset = RunSet.load(runset_dir)
+    report = metasmoothness(task_spec, runset, run_name,
+                            **_given({"n_directions": n_directions, "h": h, "seed": seed}))
+    click.echo(report.summary())
+    if json_out:
+        _write_json_file(json_out, {"run": report.run, "score": report.score, "scores": report.scores.tolist(),
+                                    "loss_scores": report.loss_scores.tolist(), "h": report.h,
+                                    "n_replays": report.n_replays, "seconds": report.seconds,
+                                    "verdict": report.verdict})
 
 
 # ------------------------------------------------------------------------------------------ trace

@@ -58,6 +58,11 @@ class ExtrapolationWarning(SimfluenceWarning):
     """A query asks about curricula unlike the training runs (e.g. batches far larger than any seen in training)."""
 
 
+class NonlinearityWarning(SimfluenceWarning):
+    """A first-order answer failed its own check: a replayed small edit disagrees with the prediction (training is
+    not smooth enough in the data weights; see docs/smoothness.md)."""
+
+
 def one_line(err: BaseException) -> str:
     """``Type: message`` of an exception raised by user code (a task, a callback), on one line; an exit of that
     code reads ``SystemExit(code)``."""

@@ -108,6 +108,10 @@ METHODS: dict[str, Method] = _registry(
     Method("linear_mom_log", _LOG_LINEAR,
            "linear_mom on log losses: multiplicative dynamics, simulated losses > 0 by construction",
            {**_STEP, "momentum": "auto"}),
+    Method("linear_mom_prior", "simfluence.attribution.hybrid:LinearPrior",
+           "linear_mom whose additive effects are shrunk towards TracIn per checkpoint phase times a scale fitted per "
+           "test example (effect-level hybrid), lam and mu chosen on validation runs",
+           {**_STEP, "momentum": "auto", "clip_negative": True}),
     Method("fixed_effects", "simfluence.simulators.fixed_effects:FixedEffectsSimulator",
            "any precomputed (n_pool, n_test) scores as an additive simulator, scale fitted on training runs "
            "(Python only: set_scores() before fit())"),

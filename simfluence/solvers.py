@@ -12,16 +12,26 @@ test examples.
   product (pairs of features co-occurring in a transition) and solved as a batch.
 - ``cg``: matrix-free conjugate gradient run on all test examples in parallel (one CG per column),
   with a 2x2 block-Jacobi preconditioner that pairs each feature's multiplicative and additive
-  coefficient (they are strongly correlated because losses change slowly).
+  coefficient (they are strongly correlated because losses change slowly). With ``device`` set the same CG
+  runs on torch tensors (CUDA when given a GPU).
 
-The CG's cost is its sparse products (:class:`SparseProducts`): torch's multi-threaded CSR kernel when torch
-is importable (``kernel="auto"``), else scipy's. ``dtype=np.float32`` runs the CG in single precision
-inside float64 iterative refinement, so the answer meets the same ``tol`` (on the float64 residual) as a
+Why no stronger preconditioner (``benchmarks/bench_precond.py``): after the 2x2 Jacobi the spectrum is a
+Marchenko-Pastur bulk (random batches) whose lower edge approaches lam as the unknowns per test example
+(2 x n_features) approach the transitions. Even the exact top-k eigenvectors of each test example's own matrix
+(the best a rank-k Nystrom preconditioner could do) cut the iterations by under 2x at k = 300 of 1,400
+unknowns, and a Kronecker ``S (x) F^T F`` preconditioner sharing the additive Gram does worse than the Jacobi.
+
+The CG's cost is its sparse products (:class:`SparseProducts`): for ``kernel="auto"`` the faster of scipy's and
+torch's CSR kernel timed at the start of the solve, torch on the cores the machine has free (one when it is
+loaded: multi-threaded torch on oversubscribed cores is 3-5x slower). ``dtype=np.float32`` runs the CG in single
+precision inside float64 iterative refinement, so the answer meets the same ``tol`` (on the float64 residual) as a
 float64 solve; a loose ``tol`` (>= 1e-5) needs no refinement and never forms float64 copies of the losses.
 Test examples are solved in blocks whose working set stays under ``_CG_BLOCK_BYTES``.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +55,8 @@ class ConvergenceWarning(UserWarning):
 @dataclass
 class SolveInfo:
     """What a solve did: the solver used, CG iterations (the most of any test block), the worst relative
-    residual, the product kernel and precision, the test blocks and the float64 refinement steps."""
+    residual, the product kernel and precision, the test blocks, the float64 refinement steps and the threads
+    torch's kernel ran on (1 for scipy's)."""
 
     solver: str
     n_iter: int = 0
@@ -54,6 +65,7 @@ class SolveInfo:
     dtype: str = "float64"
     n_blocks: int = 1
     n_refine: int = 0
+    threads: int = 1
 
 
 def n_params(n_features: int, multiplicative: bool) -> int:
@@ -87,6 +99,7 @@ def solve_ridge(
     x0: np.ndarray | None = None,
     dtype: type = np.float64,
     kernel: str = "auto",
+    device: str | None = None,
 ) -> tuple[np.ndarray, SolveInfo]:
     """Solve ``min_theta ||target_m - X_m theta_m||^2 + sum_j penalty_j theta_mj^2`` for every test m.
 
@@ -103,7 +116,10 @@ def solve_ridge(
     max_iter : CG iteration cap (a ``ConvergenceWarning`` is issued when it is hit).
     x0 : (n_params, n_test) CG starting point (warm start).
     dtype : precision of the CG iterations, ``np.float64`` or ``np.float32`` (float64 refinement keeps ``tol``).
-    kernel : sparse-product kernel of the CG, ``"torch"``, ``"scipy"`` or ``"auto"`` (torch when importable).
+    kernel : sparse-product kernel of the numpy CG, ``"torch"``, ``"scipy"`` or ``"auto"`` (the faster here and now).
+    device : ``None`` (default): the CG on numpy arrays; a torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``): the
+        whole CG on torch tensors there (same preconditioner, blocks and refinement; needs torch). The direct
+        solver ignores it.
 
     Returns
     -------
@@ -133,6 +149,10 @@ def solve_ridge(
         if multiplicative:
             return _direct_multiplicative(features, prev, target, penalty), SolveInfo("direct")
         return _direct_additive(features, target, penalty), SolveInfo("direct")
+    if solver == "cg" and device is not None:
+        if not torch_available():
+            raise SimfluenceError(f"device={device!r} needs torch (pip install torch)")
+        return _cg_torch(features, prev, target, penalty, multiplicative, tol, max_iter, x0, dtype, device)
     if solver == "cg":
         return _cg(features, prev, target, penalty, multiplicative, tol, max_iter, x0, dtype, kernel)
     raise SimfluenceError(f"unknown solver {solver!r} (use 'direct', 'cg' or 'auto')")
@@ -229,21 +249,54 @@ def choose_kernel(kernel: str = "auto") -> str:
     return kernel
 
 
+def free_cores() -> int:
+    """Cores not taken by other work right now: the CPU count less the 1-minute load average, at least 1."""
+    n_cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return n_cores
+    return max(1, n_cores - int(load))
+
+
+@contextlib.contextmanager
+def _torch_threads(n_threads: int):
+    """Run torch on ``n_threads`` threads inside the block, restoring its setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n_threads != before:
+        torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        if n_threads != before:
+            torch.set_num_threads(before)
+
+
 class SparseProducts:
     """``F @ V`` and ``F.T @ U`` for one sparse F in one precision, with scipy or torch CSR kernels.
 
-    scipy's kernel is single-threaded; torch's CSR x dense product uses every thread torch is allowed
-    (``torch.set_num_threads``) and is 2-7x faster on 2 cores (float32 faster again). Both return numpy
-    arrays (zero-copy views of torch results); inputs are numpy arrays of the same dtype.
+    scipy's kernel is single-threaded; torch's CSR x dense product is multi-threaded and 2-7x faster on 2 idle
+    cores (float32 faster again), but 3-5x slower than scipy when the cores are oversubscribed (measured on 2
+    shared cores at a load of 13: scipy 130 ms, torch on 1 thread 212 ms, on 2 threads 394 ms per product pair).
+    torch therefore runs on ``threads`` threads (default: :func:`free_cores` when built, at most torch's own
+    setting), set around each product only. Both return numpy arrays (zero-copy views of torch results); inputs
+    are numpy arrays of the same dtype.
     """
 
-    def __init__(self, features: sp.csr_matrix, dtype: type = np.float64, kernel: str = "auto") -> None:
+    def __init__(self, features: sp.csr_matrix, dtype: type = np.float64, kernel: str = "auto",
+                 threads: int | None = None) -> None:
         self.kernel = choose_kernel(kernel)
         self.dtype = np.dtype(dtype)
         self.shape = features.shape
+        self.threads = 1
         forward = sp.csr_matrix(features, dtype=self.dtype)
         adjoint = forward.T.tocsr()
         if self.kernel == "torch":
+            import torch
+
+            self.threads = max(1, threads if threads is not None else min(torch.get_num_threads(), free_cores()))
             self._forward, self._adjoint = _torch_csr(forward), _torch_csr(adjoint)
         else:
             self._forward, self._adjoint = forward, adjoint
@@ -262,30 +315,28 @@ class SparseProducts:
             return np.asarray(matrix @ dense)
         import torch
 
-        return torch.sparse.mm(matrix, torch.from_numpy(dense)).numpy()
+        with _torch_threads(self.threads):
+            return torch.sparse.mm(matrix, torch.from_numpy(dense)).numpy()
 
 
 def fastest_products(features: sp.csr_matrix, dtype: type, kernel: str = "auto", width: int = 64) -> SparseProducts:
     """:class:`SparseProducts` with the given kernel, or for ``"auto"`` the faster of scipy and torch here and now.
 
-    torch's multi-threaded kernel wins on idle cores but loses badly when the cores are oversubscribed
-    (measured on 2 shared cores: 2x faster idle, 3-5x slower under a load of 5), so ``"auto"`` times one
-    product of each (``width`` columns, best of two) and keeps the faster.
+    torch runs on the cores free now (:func:`free_cores`, one on a loaded machine), and ``"auto"`` times one
+    forward and one adjoint product of each kernel (``width`` columns, best of three, the kernels alternating so
+    that a change of load hits both) and keeps the faster.
     """
     if kernel != "auto" or not torch_available():
         return SparseProducts(features, dtype, choose_kernel(kernel))
     probe = np.ones((features.shape[1], width), dtype=dtype)
-    best, best_time = None, np.inf
-    for name in ("scipy", "torch"):
-        products = SparseProducts(features, dtype, name)
-        seconds = np.inf
-        for _ in range(2):
+    candidates = [SparseProducts(features, dtype, name) for name in ("scipy", "torch")]
+    seconds = [np.inf] * len(candidates)
+    for _ in range(3):
+        for index, products in enumerate(candidates):
             start = time.perf_counter()
-            products.forward(probe)
-            seconds = min(seconds, time.perf_counter() - start)
-        if seconds < best_time:
-            best, best_time = products, seconds
-    return best
+            products.adjoint(products.forward(probe))
+            seconds[index] = min(seconds[index], time.perf_counter() - start)
+    return candidates[int(np.argmin(seconds))]
 
 
 def _torch_csr(matrix: sp.csr_matrix):
@@ -315,20 +366,11 @@ class _NormalOperator:
         n_features = products.shape[1]
         self.k = 1 if prev is None else 2
         self.penalty = np.ascontiguousarray(penalty.reshape(self.k, n_features).T[:, :, None], dtype=dtype)
-        counts = np.asarray(squared.sum(axis=1))  # (n_features, 1): sum_r F[r, j]^2
+        blocks = [block.astype(dtype) for block in _jacobi_blocks(squared, prev, self.penalty)]
         if prev is None:
-            diagonal = counts + self.penalty[:, 0]
-            self.inverse_diagonal = (1.0 / np.where(diagonal > 0, diagonal, 1.0)).astype(dtype)
-        else:  # 2x2 block-Jacobi: pairs each feature's multiplicative and additive coefficient
-            prev64 = np.asarray(prev, dtype=np.float64)
-            block_a = squared @ (prev64 * prev64) + self.penalty[:, 0]
-            block_b = squared @ prev64
-            block_d = counts + self.penalty[:, 1]
-            det = block_a * block_d - block_b * block_b
-            det = np.where(det > 0, det, 1.0)
-            self.inv_a = (block_d / det).astype(dtype)
-            self.inv_b = (-block_b / det).astype(dtype)
-            self.inv_d = (block_a / det).astype(dtype)
+            self.inverse_diagonal = blocks[0]
+        else:
+            self.inv_a, self.inv_b, self.inv_d = blocks
 
     def rhs(self, target: np.ndarray) -> np.ndarray:
         target = np.ascontiguousarray(target, dtype=self.products.dtype)
@@ -367,6 +409,25 @@ class _NormalOperator:
         return out
 
 
+def _jacobi_blocks(squared: sp.csr_matrix, prev: np.ndarray | None, penalty: np.ndarray) -> list[np.ndarray]:
+    """The preconditioner's float64 entries: ``[1 / diagonal]`` (additive) or the inverse 2x2 blocks
+    ``[inv_a, inv_b, inv_d]`` (each (n_features, n_cols)) pairing every feature's multiplicative and additive
+    coefficient (they are strongly correlated because losses change slowly). ``squared``: (n_features,
+    n_transitions) ``F.T`` squared entrywise; ``penalty``: (n_features, k, 1)."""
+    counts = np.asarray(squared.sum(axis=1))  # (n_features, 1): sum_r F[r, j]^2
+    penalty = np.asarray(penalty, dtype=np.float64)
+    if prev is None:
+        diagonal = counts + penalty[:, 0]
+        return [1.0 / np.where(diagonal > 0, diagonal, 1.0)]
+    prev64 = np.asarray(prev, dtype=np.float64)
+    block_a = squared @ (prev64 * prev64) + penalty[:, 0]
+    block_b = squared @ prev64
+    block_d = counts + penalty[:, 1]
+    det = block_a * block_d - block_b * block_b
+    det = np.where(det > 0, det, 1.0)
+    return [block_d / det, -block_b / det, block_a / det]
+
+
 def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-test inner products of two (n_features, k, n_cols) arrays, accumulated in float64."""
     return np.einsum("ijk,ijk->k", a, b, dtype=np.float64)
@@ -397,6 +458,17 @@ def _pcg(operator: _NormalOperator, rhs: np.ndarray, x: np.ndarray, tol: float, 
         rel = np.sqrt(_column_dot(residual, residual)) / rhs_norm
         n_iter += 1
     return x, n_iter, rel
+
+
+def _warn_if_unconverged(n_iter: int, worst: float, tol: float) -> None:
+    """The :class:`ConvergenceWarning` of a CG (numpy or torch) whose worst relative residual stayed above tol."""
+    if worst > tol:
+        warnings.warn(
+            f"conjugate gradient stopped after {n_iter} iterations with relative residual {worst:.2e} "
+            f"> tol {tol:.0e}; raise max_iter or the ridge strength",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 def _cg(
@@ -465,13 +537,169 @@ def _cg(
         n_iter = max(n_iter, used)
         worst = max(worst, float(rel.max(initial=0.0)))
         theta[:, :, cols] = x.transpose(1, 0, 2)
-    if worst > tol:
-        warnings.warn(
-            f"conjugate gradient stopped after {n_iter} iterations with relative residual {worst:.2e} "
-            f"> tol {tol:.0e}; raise max_iter or the ridge strength",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
+    _warn_if_unconverged(n_iter, worst, tol)
     info = SolveInfo("cg", n_iter, worst, kernel=kernel, dtype=np.dtype(dtype).name, n_blocks=-(-n_test // block),
-                     n_refine=n_refine)
+                     n_refine=n_refine, threads=fast.threads)
+    return theta.reshape(k * n_features, n_test), info
+
+
+# ------------------------------------------------------------------------------------------ CG on torch
+def _column_dot_torch(a, b):
+    """Per-test inner products of two (n_features, k, n_cols) tensors, accumulated in float64."""
+    return (a * b).sum(dim=(0, 1), dtype=_torch().float64)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class _TorchNormalOperator:
+    """:class:`_NormalOperator` on torch tensors of one device and precision (the same layout and preconditioner)."""
+
+    def __init__(self, forward, adjoint, prev, penalty: np.ndarray, blocks: list[np.ndarray], dtype, device) -> None:
+        torch = _torch()
+        self.forward, self.adjoint, self.prev = forward, adjoint, prev
+        n_features = forward.shape[1]
+        self.k = 1 if prev is None else 2
+        self.penalty = torch.as_tensor(np.array(penalty.reshape(self.k, n_features).T[:, :, None]), dtype=dtype,
+                                       device=device)
+        self.blocks = [torch.as_tensor(block, dtype=dtype, device=device) for block in blocks]
+
+    def rhs(self, target):
+        if self.prev is None:
+            return (self.adjoint @ target)[:, None, :]
+        n_cols = target.shape[1]
+        stacked = _torch().stack([self.prev * target, target], dim=1).reshape(-1, 2 * n_cols)
+        return (self.adjoint @ stacked).reshape(-1, 2, n_cols)
+
+    def apply(self, v):
+        n_features, k, n_cols = v.shape
+        fv = self.forward @ v.reshape(n_features, k * n_cols)
+        if self.prev is None:
+            out = (self.adjoint @ fv)[:, None, :]
+        else:
+            fv = fv.reshape(-1, 2, n_cols)
+            u = self.prev * fv[:, 0] + fv[:, 1]
+            fv[:, 0], fv[:, 1] = self.prev * u, u
+            out = (self.adjoint @ fv.reshape(-1, 2 * n_cols)).reshape(-1, 2, n_cols)
+        return out.add_(self.penalty * v)
+
+    def precondition(self, r):
+        if self.prev is None:
+            return r * self.blocks[0][:, :, None]
+        inv_a, inv_b, inv_d = self.blocks
+        r_m, r_a = r[:, 0], r[:, 1]
+        return _torch().stack([inv_a * r_m + inv_b * r_a, inv_b * r_m + inv_d * r_a], dim=1)
+
+
+def _pcg_torch(operator: _TorchNormalOperator, rhs, x, tol: float, max_iter: int, rhs_norm):
+    """:func:`_pcg` on torch tensors: every column at once, from ``x`` (updated in place)."""
+    torch = _torch()
+    residual = rhs - operator.apply(x) if bool(x.any()) else rhs.clone()
+    z = operator.precondition(residual)
+    direction = z.clone()
+    rz = _column_dot_torch(residual, z)
+    rel = _column_dot_torch(residual, residual).sqrt() / rhs_norm
+    n_iter = 0
+    zero = torch.zeros((), dtype=torch.float64, device=rhs.device)
+    while float(rel.max()) > tol and n_iter < max_iter:
+        product = operator.apply(direction)
+        curvature = _column_dot_torch(direction, product)
+        step = torch.where(curvature > 0, rz / curvature.where(curvature > 0, 1.0), zero).to(x.dtype)
+        x.add_(direction * step)
+        residual.sub_(product * step)
+        z = operator.precondition(residual)
+        rz_new = _column_dot_torch(residual, z)
+        beta = torch.where(rz > 0, rz_new / rz.where(rz > 0, 1.0), zero).to(x.dtype)
+        direction.mul_(beta).add_(z)
+        rz = rz_new
+        rel = _column_dot_torch(residual, residual).sqrt() / rhs_norm
+        n_iter += 1
+    return x, n_iter, rel
+
+
+def _cg_torch(
+    features: sp.csr_matrix, prev: np.ndarray, target: np.ndarray, penalty: np.ndarray, multiplicative: bool,
+    tol: float, max_iter: int, x0: np.ndarray | None, dtype: type, device: str,
+) -> tuple[np.ndarray, SolveInfo]:
+    """:func:`_cg` with every array a torch tensor on ``device`` (CUDA when given one): the same blocks, the same
+    float32 CG inside float64 refinement, the same preconditioner; the answer comes back as numpy float64."""
+    torch = _torch()
+    device = torch.device(device)
+    n_trans, n_features = features.shape
+    n_test = target.shape[1]
+    k = 2 if multiplicative else 1
+    single = np.dtype(dtype) == np.float32
+    refine = single and tol < _SINGLE_INNER_TOL
+    fast_dtype = torch.float32 if single else torch.float64
+    itemsize = 4 if single else 8
+    per_column = itemsize * (n_trans * (3 + 2 * k) + n_features * k * 9) + (16 * n_trans if refine else 0)
+    block = max(1, min(n_test, _CG_BLOCK_BYTES // max(per_column, 1)))
+    squared = features.multiply(features).T.tocsr()
+    n_threads = free_cores() if device.type == "cpu" else torch.get_num_threads()
+
+    def csr(matrix: sp.csr_matrix, kind):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            return _torch_csr(sp.csr_matrix(matrix, dtype=np.float64)).to(device=device, dtype=kind)
+
+    pair = {fast_dtype: (csr(features, fast_dtype), csr(features.T.tocsr(), fast_dtype))}
+    if refine:
+        pair[torch.float64] = (csr(features, torch.float64), csr(features.T.tocsr(), torch.float64))
+    theta = np.empty((k, n_features, n_test))
+    start = None if x0 is None else np.asarray(x0, dtype=np.float64).reshape(k, n_features, n_test)
+    n_iter, worst, n_refine = 0, 0.0, 0
+    with _torch_threads(n_threads) if device.type == "cpu" else contextlib.nullcontext():
+        for lo in range(0, n_test, block):
+            cols = slice(lo, min(n_test, lo + block))
+            p = None
+            if multiplicative:
+                p = prev[:, cols] if prev.shape[1] == n_test else prev[:, np.arange(lo, cols.stop) % prev.shape[1]]
+            penalty_blocks = penalty.reshape(k, n_features).T[:, :, None]
+            blocks = _jacobi_blocks(squared, p, penalty_blocks)
+
+            ops = {}
+            for kind in pair:
+                tensor_prev = None if p is None else torch.as_tensor(np.ascontiguousarray(p), device=device).to(kind)
+                ops[kind] = _TorchNormalOperator(*pair[kind], tensor_prev, penalty, blocks, kind, device)
+            op_fast = ops[fast_dtype]
+            op_exact = ops[torch.float64] if refine else op_fast
+            exact_dtype = torch.float64 if refine else fast_dtype
+            rhs = op_exact.rhs(torch.as_tensor(np.ascontiguousarray(target[:, cols]), device=device).to(exact_dtype))
+            rhs_norm = _column_dot_torch(rhs, rhs).sqrt()
+            rhs_norm = torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+            x = (torch.zeros_like(rhs) if start is None
+                 else torch.as_tensor(np.ascontiguousarray(start[:, :, cols].transpose(1, 0, 2)),
+                                      device=device).to(exact_dtype))
+            if not refine:
+                x, used, rel = _pcg_torch(op_fast, rhs, x, tol, max_iter, rhs_norm)
+            else:  # iterative refinement, as in _cg
+                used, previous = 0, np.inf
+                while True:
+                    residual = rhs - op_exact.apply(x) if bool(x.any()) else rhs.clone()
+                    scale = _column_dot_torch(residual, residual).sqrt()
+                    rel = scale / rhs_norm
+                    if float(rel.max()) <= tol or used >= max_iter:
+                        break
+                    if float(rel.max()) > 0.1 * previous:
+                        x, more, rel = _pcg_torch(op_exact, rhs, x, tol, max_iter - used, rhs_norm)
+                        used += more
+                        break
+                    previous = float(rel.max())
+                    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+                    inner_tol = max(_SINGLE_INNER_TOL, tol / previous)
+                    correction = torch.zeros(residual.shape, dtype=torch.float32, device=device)
+                    correction, inner, _ = _pcg_torch(op_fast, (residual / scale).to(torch.float32), correction,
+                                                      inner_tol, max_iter - used, torch.ones_like(scale))
+                    x += correction.to(torch.float64) * scale
+                    used += inner
+                    n_refine += 1
+            n_iter = max(n_iter, used)
+            worst = max(worst, float(rel.max()))
+            theta[:, :, cols] = x.to(torch.float64).cpu().numpy().transpose(1, 0, 2)
+    _warn_if_unconverged(n_iter, worst, tol)
+    info = SolveInfo("cg", n_iter, worst, kernel=f"torch:{device}", dtype=np.dtype(dtype).name,
+                     n_blocks=-(-n_test // block), n_refine=n_refine, threads=n_threads)
     return theta.reshape(k * n_features, n_test), info

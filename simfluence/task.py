@@ -464,8 +464,9 @@ def check_recorded_settings(task: Task, runset: RunSet, run: Run, init_seed: int
     """What the run (or its run set) records about its training must agree with the task, before any retraining.
 
     Compared where recorded: the optimizer (class name, e.g. ``"sgd"`` / ``"AdamW"``; run metadata
-    ``"optimizer"`` or the run set's ``metadata["optimizer"]["kind"]``), its ``momentum`` and ``weight_decay``
-    (largest over parameter groups), gradient clipping (``max_grad_norm``, Lightning's ``gradient_clip_val``),
+    ``"optimizer"`` or the run set's ``metadata["optimizer"]["kind"]``), its ``momentum``, ``weight_decay``, ``eps``
+    and ``eps_root`` (inside the square root, :class:`simfluence.optim.AdamW`) (largest over parameter groups;
+    a group without one counts 0), gradient clipping (``max_grad_norm``, Lightning's ``gradient_clip_val``),
     ``gradient_accumulation_steps`` / ``per_device_train_batch_size`` (Trainer runs), and the run's
     ``init_seed`` against the one the retraining uses.
 
@@ -478,7 +479,8 @@ def check_recorded_settings(task: Task, runset: RunSet, run: Run, init_seed: int
     for source in (runset.metadata, run.metadata):
         optimizer = source.get("optimizer")
         if isinstance(optimizer, dict):
-            recorded.update({key: value for key, value in optimizer.items() if key in ("momentum", "weight_decay")})
+            recorded.update({key: value for key, value in optimizer.items()
+                             if key in ("momentum", "weight_decay", "eps", "eps_root")})
             optimizer = optimizer.get("kind")
         if isinstance(optimizer, str):
             recorded["optimizer"] = optimizer
@@ -498,6 +500,8 @@ def check_recorded_settings(task: Task, runset: RunSet, run: Run, init_seed: int
         "optimizer": type(optimizer).__name__,
         "momentum": max(float(group.get("momentum", 0.0) or 0.0) for group in groups),
         "weight_decay": max(float(group.get("weight_decay", 0.0) or 0.0) for group in groups),
+        "eps": max(float(group.get("eps", 0.0) or 0.0) for group in groups),
+        "eps_root": max(float(group.get("eps_root", 0.0) or 0.0) for group in groups),  # simfluence.optim.AdamW
         **trainer,
     }
     if "init_seed" in run.metadata:

@@ -57,6 +57,17 @@ def test_per_test_calibration_recovers_per_test_scales():
     np.testing.assert_allclose(sim.scale_, [0.5, 1.0, -2.0, 3.0], rtol=1e-9)
 
 
+def test_a_scale_set_in_place_after_simulating_is_used_by_the_next_simulation():
+    """The effect table is cached between simulations; editing ``scale_[:]`` in place must not leave it stale."""
+    runset, scores = known_scale_runset(2.0)
+    sim = FixedEffectsSimulator(clip_negative=False).set_scores(scores, [0, 5]).fit(runset)
+    run = runset[0]
+    before = sim.simulate(run.curriculum, run.initial_losses, [run.learning_rates])[0] - run.initial_losses
+    sim.scale_[:] = 2 * sim.scale_
+    after = sim.simulate(run.curriculum, run.initial_losses, [run.learning_rates])[0] - run.initial_losses
+    np.testing.assert_allclose(after, 2 * before, rtol=1e-9, atol=1e-12)
+
+
 def test_scores_must_be_set_before_fitting_a_fixed_effects_simulator(small_runset):
     with pytest.raises(SimfluenceError, match="no scores"):
         FixedEffectsSimulator().fit(small_runset)
@@ -182,3 +193,25 @@ def test_a_task_whose_checkpoints_do_not_give_the_logged_losses_is_refused(tiny_
     shuffled = replace(task, test_inputs=task.test_inputs[order], test_targets=task.test_targets[order])
     with pytest.raises(TaskError):
         make().fit(tiny_digits, [0], task=shuffled)
+
+
+GRADIENT_METHODS = {"tracin": TracInSimulator, "influence": InfluenceSimulator,
+                    "trackstar": lambda **kw: TrackStarSimulator(projection_dim=16, **kw)}
+# on a CPU-only machine the device path is exercised with device="cpu" (TracIn); with a GPU every method runs there
+DEVICE_CASES = [("tracin", "cpu")] + ([(name, "cuda") for name in GRADIENT_METHODS] if torch.cuda.is_available()
+                                      else [])
+
+
+@pytest.mark.parametrize(("method", "device"), DEVICE_CASES)
+def test_gradient_methods_give_the_same_scores_on_every_device(tiny_digits, method, device):
+    """The scores are computed where ``device`` says (a GPU when lent: benchmarks/device_check.sh runs this test
+    there) and agree with the CPU's; the model the task builds is moved, the data follow chunk by chunk."""
+    make = GRADIENT_METHODS[method]
+    reference, _ = make().compute_scores(tiny_digits, 0)
+    scores, _ = make(device=device).compute_scores(tiny_digits, 0)
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+
+
+def test_a_device_that_torch_does_not_know_is_one_clear_error(tiny_digits):
+    with pytest.raises(SimfluenceError, match="device 'gpu0' is not a torch device"):
+        TracInSimulator(device="gpu0").fit(tiny_digits)

@@ -74,6 +74,19 @@ def test_optimizer_correction_divides_by_adams_bias_corrected_second_moment(adam
     np.testing.assert_allclose(corrected, (pool @ test.T).numpy(), rtol=1e-9)
 
 
+def test_the_correction_adds_eps_root_inside_the_square_root_as_the_smooth_adam_does(adam_problem):
+    """simfluence.optim.Adam saves ``eps_root`` in its parameter groups; its preconditioner is
+    sqrt(v_hat + eps_root) + eps, so TrackStar's correction must be too."""
+    from simfluence.attribution.trackstar import second_moment_scale
+
+    model, checkpoint, *_ = adam_problem
+    smooth = copy.deepcopy(checkpoint)
+    for group in smooth.optimizer_state["param_groups"]:
+        group["eps_root"] = 1e-3
+    plain, rooted = second_moment_scale(model, checkpoint), second_moment_scale(model, smooth)
+    np.testing.assert_allclose(rooted, ((plain - 1e-8) ** 2 + 1e-3).sqrt() + 1e-8, rtol=1e-9)
+
+
 def test_sgd_checkpoints_skip_the_optimizer_correction_and_say_so(adam_problem):
     model, checkpoint, pool_x, pool_y, test_x, test_y = adam_problem
     sgd_checkpoint = Checkpoint(step=5, learning_rate=0.01, model_state=checkpoint.model_state,

@@ -20,6 +20,7 @@ from simfluence.simulators.base import Simulator
 from simfluence.task import Task, check_replay
 from simfluence.training import generate_runs
 from simfluence.workloads import generate_digits, task_from_runset
+from simfluence.workloads.tinylm import IGNORE, PAD, TinyLM, TinyLMConfig, token_nll
 
 
 # ------------------------------------------------------------------ a tiny smooth float64 task
@@ -188,6 +189,56 @@ def test_a_model_with_dropout_is_replayed_with_the_runs_seed(tmp_path):
     down[entry] -= h
     difference = (retrain(task, curriculum, up, seed=5) - retrain(task, curriculum, down, seed=5)) / (2 * h)
     assert relative_error(effects.occurrence[entry, -1], difference[-1]) < 1e-6
+
+
+def tiny_lm(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyLM(TinyLMConfig(vocab_size=11, max_len=6, d_model=8, n_layers=1, n_heads=2, d_ff=16)).double()
+
+
+def tiny_lm_task(n_pool: int = 16, n_test: int = 4) -> Task:
+    """Random 6-token sequences (pads after a random length, prompt tokens of the tests ignored), a one-block
+    TinyLM in float64, torch's AdamW, a decaying learning rate."""
+    rng = np.random.default_rng(0)
+    tokens = torch.tensor(rng.integers(3, 11, size=(n_pool + n_test, 6)))
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = IGNORE
+    for row, length in enumerate(rng.integers(3, 7, size=n_pool + n_test)):
+        tokens[row, length:] = PAD
+        targets[row, length - 1:] = IGNORE
+    targets[n_pool:, :2] = IGNORE  # queries: only the continuation of a prompt counts
+    return Task(make_model=tiny_lm, pool_inputs=tokens[:n_pool], pool_targets=targets[:n_pool],
+                test_inputs=tokens[n_pool:], test_targets=targets[n_pool:], loss_fn=token_nll,
+                make_optimizer=adamw, lr_at=functools.partial(decaying, peak=0.02))
+
+
+def test_transformer_effects_equal_finite_differences_of_real_retraining():
+    task = tiny_lm_task()
+    curriculum = random_curricula(1, 16, 3, 8, seed=4)[0]
+    effects = unrolled_effects(task, curriculum, target_steps=[4])
+    np.testing.assert_allclose(effects.losses, retrain(task, curriculum), rtol=0, atol=1e-12)
+    h = 1e-5
+    for entry in (0, 10, curriculum.n_entries - 1):
+        up, down = np.ones(curriculum.n_entries), np.ones(curriculum.n_entries)
+        up[entry] += h
+        down[entry] -= h
+        difference = (retrain(task, curriculum, up) - retrain(task, curriculum, down)) / (2 * h)
+        assert relative_error(effects.occurrence[entry, -1], difference[-1]) < 1e-6
+        if curriculum.step_of_entries()[entry] <= 4:
+            assert relative_error(effects.occurrence[entry, 0], difference[4]) < 1e-6
+
+
+def test_recomputed_segments_give_the_same_effects_as_a_kept_forward_pass():
+    task = wine_task(adam, lr=0.01, n_pool=24, n_test=5)
+    curriculum = random_curricula(1, 24, 4, 12, seed=5)[0]
+    kept = unrolled_effects(task, curriculum, target_steps=3, insertion_steps=[3, 12])  # fits: no recomputation
+    for bounded in (unrolled_effects(task, curriculum, target_steps=3, insertion_steps=[3, 12], memory=1),
+                    unrolled_effects(task, curriculum, target_steps=3, insertion_steps=[3, 12], checkpoint_every=5,
+                                     device="cpu")):
+        np.testing.assert_array_equal(bounded.occurrence, kept.occurrence)
+        np.testing.assert_array_equal(bounded.insertion, kept.insertion)
+        np.testing.assert_array_equal(bounded.losses, kept.losses)
+    assert np.abs(kept.occurrence).max() > 0 and np.abs(kept.insertion).max() > 0
 
 
 def test_a_model_that_updates_buffers_in_training_is_refused():

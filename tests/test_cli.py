@@ -366,6 +366,24 @@ def test_fit_unrolled_around_one_base_run_and_ask_it(tmp_path, capsys):
     assert "helps" in capsys.readouterr().out
 
 
+def test_smoothness_prints_the_score_and_what_it_implies(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "digits"
+    assert main(["generate", "digits", "--out", str(out), "--runs", "2", "--steps", "6", "--pool", "20",
+                 "--test", "5", "--batch-size", "4", "--workers", "1"]) == 0
+    capsys.readouterr()
+    scores = tmp_path / "smoothness.json"
+    assert main(["smoothness", str(out), "--run", "run-001", "--directions", "2", "--json", str(scores)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(scores.read_text())
+    assert saved["run"] == "run-001" and len(saved["scores"]) == 2 and saved["n_replays"] == 5
+    assert f"metasmoothness {saved['score']:.3f}" in printed and saved["verdict"] in printed
+    assert "docs/smoothness.md" in saved["verdict"]
+    assert main(["smoothness", str(out), "--run", "run-009"]) == 2
+    assert "no run named 'run-009'" in capsys.readouterr().err
+
+
 def test_counterfactual_commands_print_intervals_and_flag_unsure_signs(runset_dir, tmp_path, capsys):
     model = tmp_path / "model.npz"
     assert main(["fit", runset_dir, "--method", "linear", "--lam", "0.1", "--holdout", "2", "--out", str(model)]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,12 +17,13 @@ from simfluence.apps.factbench import (
     candidate_mask,
     format_factbench,
     gold_matrix,
+    query_statements,
     run_factbench,
 )
 from simfluence.cli import main
 from simfluence.errors import SimfluenceError
-from simfluence.metrics import rank_positions
-from simfluence.workloads.facts import generate_facts, load_corpus
+from simfluence.metrics import rank_positions, retrieval_metrics
+from simfluence.workloads.facts import TIERS, build_corpus, generate_facts, load_corpus
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,17 @@ def test_bm25_ranks_an_exact_copy_of_a_document_first(mini_runset):
     copied = [0, 17, 50, len(texts) - 1]
     ranks = rank_positions(bm25_scores(texts, [texts[i] for i in copied]))
     assert ranks[copied, np.arange(len(copied))].tolist() == [1] * len(copied)
+
+
+def test_bm25_is_strong_but_not_perfect_on_the_hard_world():
+    scores = {}
+    for world in ("simple", "hard"):
+        corpus = build_corpus(replace(TIERS["mini"], world=world), data_seed=0)
+        bm25 = bm25_scores([doc["text"] for doc in corpus["documents"]], query_statements(corpus))
+        metrics = retrieval_metrics(bm25, gold_matrix(corpus), 10)
+        scores[world] = np.mean(metrics["mrr"]), np.mean(metrics["recall@10"])
+    assert scores["simple"] == (1.0, 1.0)  # unique names: the query's name and object find exactly the gold
+    assert 0.5 < scores["hard"][0] < 0.9 and scores["hard"][1] > 0.9  # decoys and namesakes rank above gold
 
 
 def test_gold_matrix_and_candidates_follow_the_corpus_labels(mini_runset):

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("design and solvers", ("simfluence.design", "simfluence.solvers")),
     ("simulators", ("simfluence.simulators",)),
     # torch starts here: task and training sit above the numpy-only core although DESIGN.md lists task.py earlier
-    ("task", ("simfluence.task",)),
+    ("task", ("simfluence.task", "simfluence.optim")),  # optim: the smooth AdamW a task's make_optimizer returns
     ("training", ("simfluence.training",)),
     # EXCEPTION to DESIGN.md's order (workloads after the analysis layer): the built-in tasks sit right above the
     # engine that trains them, because attribution's fit(runset, task=None) rebuilds the built-in task a run set

@@ -28,6 +28,19 @@ def test_linear_fit_recovers_known_effects(linear_runs, solver):
     np.testing.assert_allclose(sim.B_, B, rtol=1e-4, atol=1e-4 * np.abs(B).max())
 
 
+def test_the_torch_device_path_of_the_fit_gives_the_numpy_paths_effects(linear_runs):
+    """``device`` moves the conjugate-gradient solves onto torch tensors (a GPU when one is named); on the CPU the
+    fitted effects agree with the numpy path's to the solver's tolerance."""
+    pytest.importorskip("torch")
+    runset, A, _ = linear_runs
+    numpy_fit = SimfluenceLinear(lam=1e-3, solver="cg", tol=1e-12, precision="float64").fit(runset)
+    torch_fit = SimfluenceLinear(lam=1e-3, solver="cg", tol=1e-12, precision="float64", device="cpu").fit(runset)
+    np.testing.assert_allclose(torch_fit.A_, numpy_fit.A_, rtol=1e-7, atol=1e-9 * np.abs(A).max())
+    np.testing.assert_allclose(torch_fit.B_, numpy_fit.B_, rtol=1e-7, atol=1e-9 * np.abs(A).max())
+    with pytest.raises(SimfluenceError, match="device"):
+        SimfluenceLinear(device=3).fit(runset)
+
+
 @pytest.mark.parametrize("solver", ["direct", "cg"])
 def test_additive_fit_recovers_known_effects(solver):
     runset, _, B = known_linear_runset(n_pool=30, n_test=5, n_runs=12, n_steps=40, multiplicative=False, seed=2)

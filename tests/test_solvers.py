@@ -143,3 +143,52 @@ def test_unknown_kernel_and_dtype_raise():
         solve_ridge(features, prev, target, penalty, True, solver="cg", kernel="cuda-magic")
     with pytest.raises(SimfluenceError, match="dtype"):
         solve_ridge(features, prev, target, penalty, True, solver="cg", dtype=np.float16)
+
+
+@pytest.mark.parametrize("multiplicative", [True, False])
+@pytest.mark.parametrize(("dtype", "tol"), [(np.float64, 1e-12), (np.float32, 1e-11), (np.float32, 1e-5)])
+def test_torch_device_path_agrees_with_the_numpy_path(multiplicative, dtype, tol):
+    pytest.importorskip("torch")
+    features, prev, target, penalty = _multi_problem()
+    penalty = penalty if multiplicative else penalty[: features.shape[1]]
+    exact = _brute_force(features, prev, target, penalty, multiplicative)
+    by_numpy, a = solve_ridge(features, prev, target, penalty, multiplicative, solver="cg", tol=tol, dtype=dtype)
+    by_torch, b = solve_ridge(features, prev, target, penalty, multiplicative, solver="cg", tol=tol, dtype=dtype,
+                              device="cpu")
+    assert b.kernel == "torch:cpu" and b.max_residual <= tol and abs(b.n_iter - a.n_iter) <= 2
+    assert b.n_refine == a.n_refine
+    scale = np.abs(exact).max()
+    assert np.abs(by_torch - exact).max() <= 10 * tol * scale + 1e-12
+    assert np.abs(by_torch - by_numpy).max() <= 10 * tol * scale + 1e-12
+
+
+def test_torch_device_path_solves_in_blocks_and_warm_starts(monkeypatch):
+    pytest.importorskip("torch")
+    import simfluence.solvers as solvers
+
+    features, prev, target, penalty = _multi_problem()
+    exact = _brute_force(features, prev, target, penalty, True)
+    monkeypatch.setattr(solvers, "_CG_BLOCK_BYTES", 1)
+    theta, info = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-12, device="cpu")
+    assert info.n_blocks == target.shape[1]
+    np.testing.assert_allclose(theta, exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())
+    _, warm = solve_ridge(features, prev, target, penalty, True, solver="cg", tol=1e-10, device="cpu", x0=theta)
+    assert warm.n_iter <= 1
+
+
+def test_torch_kernel_runs_on_one_thread_on_a_loaded_machine(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from simfluence import solvers
+
+    features, _, _, _ = _multi_problem()
+    dense = np.random.default_rng(2).normal(size=(features.shape[1], 6))
+    monkeypatch.setattr(solvers.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    before = torch.get_num_threads()
+    loaded = solvers.SparseProducts(features, np.float64, "torch")
+    assert loaded.threads == 1
+    np.testing.assert_allclose(loaded.forward(dense), features @ dense, rtol=1e-12)
+    assert torch.get_num_threads() == before  # set around each product only
+    monkeypatch.setattr(solvers.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    idle = solvers.SparseProducts(features, np.float64, "torch")
+    assert idle.threads == min(before, solvers.os.cpu_count())
+    assert solvers.fastest_products(features, np.float64).kernel in ("scipy", "torch")

@@ -44,6 +44,7 @@ __all__ = [
     "gradient_method",
     "iter_per_example_gradients",
     "last_layer",
+    "model_device",
     "per_example_gradients",
     "select_parameters",
 ]
@@ -139,8 +140,15 @@ def _functional_state(
     return params, rest
 
 
-def _cast_inputs(inputs: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _cast_inputs(inputs: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None = None) -> torch.Tensor:
+    """``inputs`` on ``device`` (default: where they are), floating ones cast to ``dtype``."""
+    inputs = inputs if device is None else inputs.to(device)
     return inputs.to(dtype) if dtype is not None and inputs.is_floating_point() else inputs
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without parameters): gradients are computed there."""
+    return next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
 
 
 def example_loss_function(
@@ -309,7 +317,8 @@ def iter_per_example_gradients(
     dtype: torch.dtype | None = None,
     method: str = "auto",
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, grads)`` for consecutive chunks of examples; ``grads`` is (chunk, n_params).
+    """Yield ``(start, grads)`` for consecutive chunks of examples; ``grads`` is (chunk, n_params), on the
+    model's device.
 
     Parameters are those of :func:`per_example_gradients`.
     """
@@ -338,15 +347,17 @@ def _iter_gradients(
     if chunk_size < 1:
         raise SimfluenceError(f"chunk_size must be >= 1, got {chunk_size}")
     plan = _linear_plan(model, selection) if gradient_method(model, params, method) == "linear" else None
+    device = model_device(model)
     with _EvalMode(model):
         chosen, rest = _functional_state(model, selection, dtype)
         per_example = vmap(grad(example_loss_function(model, loss_fn, rest)), in_dims=(None, 0, 0))
         for start in range(0, len(inputs), chunk_size):
             stop = min(start + chunk_size, len(inputs))
-            chunk_inputs, chunk_targets = _cast_inputs(inputs[start:stop], dtype), targets[start:stop]
+            chunk_inputs = _cast_inputs(inputs[start:stop], dtype, device)
+            chunk_targets = targets[start:stop].to(device)
             if plan is not None:
                 chunk = out[start:stop] if out is not None else torch.empty((stop - start, selection.n_params),
-                                                                            dtype=out_dtype)
+                                                                            dtype=out_dtype, device=device)
                 try:
                     _linear_chunk(model, loss_fn, chosen, rest, plan, chunk_inputs, chunk_targets, selection, chunk)
                 except _NotApplicable as exc:  # found only when running the model: vmap from here on
@@ -393,11 +404,12 @@ def per_example_gradients(
 
     Returns
     -------
-    (n, n_params) gradients, columns in ``model.named_parameters()`` order of the selection.
+    (n, n_params) gradients, columns in ``model.named_parameters()`` order of the selection; computed and
+    returned on the model's device (a GPU when the model is on one; inputs are moved there chunk by chunk).
     """
     selection = select_parameters(model, params)
     out_dtype = dtype if dtype is not None else next(model.parameters()).dtype
-    out = torch.empty((len(inputs), selection.n_params), dtype=out_dtype)
+    out = torch.empty((len(inputs), selection.n_params), dtype=out_dtype, device=model_device(model))
     for _ in _iter_gradients(model, loss_fn, inputs, targets, params, chunk_size, dtype, method, out):
         pass  # each chunk is written into its rows of ``out``
-    return out.numpy() if as_numpy else out
+    return out.cpu().numpy() if as_numpy else out

@@ -74,7 +74,8 @@ class _Objective:
         rows = torch.arange(self.n) if index is None else index
         for start in range(0, len(rows), self.chunk_size):
             part = rows[start:start + self.chunk_size]
-            yield self.inputs[part], self.targets[part], len(part) / len(rows)
+            device = self.theta.device  # data stays where it is; each chunk goes to the model's device
+            yield self.inputs[part].to(device), self.targets[part].to(device), len(part) / len(rows)
 
     def outputs(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self.rest, **self.selection.unflatten(flat)}, (x,))
@@ -109,7 +110,7 @@ def hessian_matrix(
         objective = _Objective(model, loss_fn, inputs, targets, params, dtype, chunk_size)
         n_params = objective.theta.numel()
         _check_dense_size(n_params, objective.theta.dtype)
-        total = torch.zeros(n_params, n_params, dtype=objective.theta.dtype)
+        total = torch.zeros(n_params, n_params, dtype=objective.theta.dtype, device=objective.theta.device)
         for x, y, weight in objective.chunks():
             if kind == "exact":
                 total += weight * hessian(objective.mean_loss)(objective.theta, x, y)
@@ -207,7 +208,7 @@ def hvp_function(
 # ------------------------------------------------------------------------------------------- solvers
 def solve_exact(matrix: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
     """``(matrix + damping I)^{-1} rhs`` by a dense solve; rhs (n_params, m)."""
-    damped = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    damped = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     try:
         return torch.linalg.solve(damped, rhs.to(matrix.dtype))
     except RuntimeError as err:
@@ -357,21 +358,22 @@ def influence_scores(
         else:
             scale = lissa_scale
             if scale is None:
-                scale = 1.5 * (largest_eigenvalue(matvec, rhs.shape[0], rhs.dtype) + damping)
+                scale = 1.5 * (largest_eigenvalue(matvec, rhs.shape[0], rhs.dtype, device=rhs.device) + damping)
             if lissa_batch_size is not None:
                 matvec, _ = hvp_function(model, loss_fn, h_inputs, h_targets, params, hessian, chunk_size, dtype,
                                          batch_size=lissa_batch_size, seed=seed)
             solved = solve_lissa(matvec, rhs, damping, scale, lissa_depth)
             info["lissa_scale"] = scale
     pool_grads = per_example_gradients(model, loss_fn, pool_inputs, pool_targets, params, dtype=dtype)
-    scores = (pool_grads @ solved.to(pool_grads.dtype)).double().numpy()
+    scores = (pool_grads @ solved.to(pool_grads.dtype)).double().cpu().numpy()
     return (scores, info) if return_info else scores
 
 
 def largest_eigenvalue(matvec: MatVec, n_params: int, dtype: torch.dtype, iterations: int = 50,
-                       seed: int = 0) -> float:
-    """Power-iteration estimate of the largest-magnitude eigenvalue of a symmetric operator."""
-    vector = torch.randn(n_params, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+                       seed: int = 0, device: torch.device | str = "cpu") -> float:
+    """Power-iteration estimate of the largest-magnitude eigenvalue of a symmetric operator (whose vectors
+    live on ``device``; the start vector is drawn on the CPU so that the estimate does not depend on it)."""
+    vector = torch.randn(n_params, 1, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
     value = 0.0
     for _ in range(iterations):
         vector = vector / vector.norm()

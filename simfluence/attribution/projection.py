@@ -107,7 +107,7 @@ def projected_gradients(
     n_params = select_parameters(model, params).n_params
     if n_params != projection.n_params:
         raise SimfluenceError(f"projection is from {projection.n_params} dimensions, the gradients have {n_params}")
-    chunks = [projection.project(grads) for _, grads in
+    chunks = [projection.project(grads.cpu()) for _, grads in
               iter_per_example_gradients(model, loss_fn, inputs, targets, params, chunk_size, dtype)]
     if not chunks:
         return torch.zeros(0, projection.dim)

@@ -35,10 +35,15 @@ from simfluence.task import check_checkpoint_losses
 __all__ = ["InfluenceSimulator", "TracInSimulator", "TrackStarSimulator"]
 
 
-def _template(task):
-    """A model of the task's architecture (its weights are replaced by a checkpoint's); global RNG untouched."""
+def _template(task, device: str = "cpu"):
+    """A model of the task's architecture on ``device`` (its weights are replaced by a checkpoint's); global RNG
+    untouched."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SimfluenceError(f"device {device!r} is not a torch device: {err}") from None
     with torch.random.fork_rng(devices=[]):
-        return task.make_model(0)
+        return task.make_model(0).to(where)
 
 
 def _task_data(task) -> tuple:
@@ -81,7 +86,13 @@ class _GradientMethod(FixedEffectsSimulator):
         self.set_scores(total / len(used), steps)
         self.checkpoint_run_names_ = [runset[i].name for i in used]
         self.score_seconds_ = time.perf_counter() - start  # not saved: a model file does not depend on timing
-        return self.calibrate(runset, runs)
+        self.calibrate(runset, runs)
+        self.linearity_ = None
+        if self.check_linearity:  # two replays of the first training run: a real small removal vs the prediction
+            from simfluence.attribution.smoothness import replayed_removal_check
+
+            self.linearity_ = replayed_removal_check(self, runset, runs[0], task=task)
+        return self
 
     def compute_scores(self, runset: RunSet, run: int | str = 0, task=None) -> tuple[np.ndarray, list[int]]:
         """This method's raw scores from one run's checkpoints (no calibration; the simulator stays unfitted).
@@ -125,7 +136,8 @@ class _GradientMethod(FixedEffectsSimulator):
         return sorted(wanted)
 
     def _method_state(self) -> dict[str, Any]:
-        return {"checkpoint_run_names_": getattr(self, "checkpoint_run_names_", [])}
+        return {"checkpoint_run_names_": getattr(self, "checkpoint_run_names_", []),
+                "linearity_": getattr(self, "linearity_", None)}
 
 
 class TracInSimulator(_GradientMethod):
@@ -141,6 +153,12 @@ class TracInSimulator(_GradientMethod):
     checkpoint_runs : number of training runs whose checkpoint scores are averaged.
     chunk_size : examples per vectorised gradient pass (default: about 64 MiB of gradients).
     weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
+    device : where the gradients are computed (``"cpu"``, ``"cuda"``, ...); the scores do not depend on it
+        beyond floating-point rounding.
+    check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
+        replays) and compare the real change of the final test losses with this method's prediction
+        (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
     """
 
     kind = "tracin"
@@ -148,9 +166,12 @@ class TracInSimulator(_GradientMethod):
     def __init__(self, variant: str = "dot", checkpoints: str | Sequence[int] = "all", time_varying: bool = True,
                  params: str | Sequence[str] = "all", checkpoint_runs: int = 1, chunk_size: int | None = None,
                  weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
-                 clip_negative: bool = True, offset: str = "none") -> None:
+                 clip_negative: bool = True, offset: str = "none", device: str = "cpu",
+                 check_linearity: bool = True) -> None:
         super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
                          offset=offset)
+        self.device = device
+        self.check_linearity = check_linearity
         self.variant = variant
         self.checkpoints = checkpoints
         self.time_varying = time_varying
@@ -161,7 +182,7 @@ class TracInSimulator(_GradientMethod):
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         checkpoints = load_checkpoints(runset, position, self._chosen_steps(runset, position))
         check_checkpoint_losses(task, runset, runset[position], checkpoints)
-        model = _template(task)
+        model = _template(task, self.device)
         terms = tracin_scores(model, *_task_data(task), checkpoints, variant=self.variant,
                               params=self._param_spec(model), per_checkpoint=True, chunk_size=self.chunk_size)
         steps = [c.step for c in checkpoints]
@@ -186,6 +207,12 @@ class InfluenceSimulator(_GradientMethod):
     checkpoint_runs : number of training runs whose scores are averaged.
     chunk_size : examples per vectorised pass.
     weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
+    device : where the gradients are computed (``"cpu"``, ``"cuda"``, ...); the scores do not depend on it
+        beyond floating-point rounding.
+    check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
+        replays) and compare the real change of the final test losses with this method's prediction
+        (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
     """
 
     kind = "influence"
@@ -193,9 +220,12 @@ class InfluenceSimulator(_GradientMethod):
     def __init__(self, checkpoint: str | int = "final", damping: float = 0.01, hessian: str = "gauss_newton",
                  solver: str = "auto", params: str | Sequence[str] = "all", checkpoint_runs: int = 1,
                  chunk_size: int = 64, weighting: str = "lr", scale: str = "global", calibration: str = "rollout",
-                 clip_negative: bool = True, offset: str = "none") -> None:
+                 clip_negative: bool = True, offset: str = "none", device: str = "cpu",
+                 check_linearity: bool = True) -> None:
         super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
                          offset=offset)
+        self.device = device
+        self.check_linearity = check_linearity
         self.checkpoint = checkpoint
         self.damping = damping
         self.hessian = hessian
@@ -211,7 +241,7 @@ class InfluenceSimulator(_GradientMethod):
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         (checkpoint,) = load_checkpoints(runset, position, self._chosen_steps(runset, position))
         check_checkpoint_losses(task, runset, runset[position], [checkpoint])
-        model = model_at(_template(task), checkpoint)
+        model = model_at(_template(task, self.device), checkpoint)
         scores = influence_scores(model, *_task_data(task), params=self._param_spec(model), damping=self.damping,
                                   hessian=self.hessian, solver=self.solver, chunk_size=self.chunk_size)
         return scores[None], [checkpoint.step]
@@ -237,6 +267,12 @@ class TrackStarSimulator(_GradientMethod):
     checkpoint_runs : number of training runs whose scores are averaged.
     chunk_size : examples per vectorised gradient pass (default: about 64 MiB of gradients).
     weighting, scale, calibration, clip_negative, offset : see :class:`FixedEffectsSimulator`.
+    device : where the gradients are computed (``"cpu"``, ``"cuda"``, ...); the scores do not depend on it
+        beyond floating-point rounding.
+    check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
+        replays) and compare the real change of the final test losses with this method's prediction
+        (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
     """
 
     kind = "trackstar"
@@ -246,9 +282,12 @@ class TrackStarSimulator(_GradientMethod):
                  crossing_k: int | None = None, damping: float = 1e-3, unit_normalize: bool = True,
                  params: str | Sequence[str] = "all", seed: int = 0, checkpoint_runs: int = 1,
                  chunk_size: int | None = None, weighting: str = "lr", scale: str = "global",
-                 calibration: str = "rollout", clip_negative: bool = True, offset: str = "none") -> None:
+                 calibration: str = "rollout", clip_negative: bool = True, offset: str = "none",
+                 device: str = "cpu", check_linearity: bool = True) -> None:
         super().__init__(weighting=weighting, scale=scale, calibration=calibration, clip_negative=clip_negative,
                          offset=offset)
+        self.device = device
+        self.check_linearity = check_linearity
         self.checkpoints = checkpoints
         self.optimizer_correction = optimizer_correction
         self.projection_dim = projection_dim
@@ -265,7 +304,7 @@ class TrackStarSimulator(_GradientMethod):
     def _scores(self, task, runset: RunSet, position: int) -> tuple[np.ndarray, list[int]]:
         checkpoints = load_checkpoints(runset, position, self._chosen_steps(runset, position))
         check_checkpoint_losses(task, runset, runset[position], checkpoints)
-        model = _template(task)
+        model = _template(task, self.device)
         scores, info = trackstar_scores(
             model, *_task_data(task), checkpoints, optimizer_correction=self.optimizer_correction,
             projection_dim=self.projection_dim,

@@ -51,7 +51,7 @@ def gradient_similarity(
                                                    dtype):
         if variant == "cosine":
             grads = unit_rows(grads)
-        out[start:start + len(grads)] = (grads @ test_grads.T).double().numpy()
+        out[start:start + len(grads)] = (grads @ test_grads.T).double().cpu().numpy()
     return out
 
 

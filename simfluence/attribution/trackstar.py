@@ -45,7 +45,8 @@ HESSIANS = ("mixed", "train", "none")
 
 def second_moment_scale(model: nn.Module, checkpoint: Checkpoint, params: ParamSpec = None,
                         eps: float = 1e-8) -> torch.Tensor | None:
-    """Flat ``sqrt(v_hat) + eps`` of Adam's bias-corrected second moment for the selected parameters.
+    """Flat ``sqrt(v_hat + eps_root) + eps`` of Adam's bias-corrected second moment for the selected parameters
+    (``eps_root``: the checkpoint's parameter group's, as :class:`simfluence.optim.Adam` saves it; 0 for torch's).
 
     Returns None when the checkpoint's optimizer state holds no ``exp_avg_sq`` (SGD runs).
     """
@@ -56,10 +57,12 @@ def second_moment_scale(model: nn.Module, checkpoint: Checkpoint, params: ParamS
     names = [name for name, _ in model.named_parameters()]
     index_of = {}
     beta2_of = {}
+    eps_root_of = {}
     for group in groups:  # state_dict ids are positions in the order parameters were given to the optimizer
         for position in group["params"]:
             index_of[position] = names[position] if position < len(names) else None
             beta2_of[position] = float(group.get("betas", (0.9, 0.999))[1])
+            eps_root_of[position] = float(group.get("eps_root", 0.0))
     by_name = {}
     for position, entry in state.items():
         position = int(position)
@@ -68,7 +71,7 @@ def second_moment_scale(model: nn.Module, checkpoint: Checkpoint, params: ParamS
             continue
         step = float(entry.get("step", 0))
         correction = 1.0 - beta2_of[position] ** step if step > 0 else 1.0
-        by_name[name] = (entry["exp_avg_sq"].double() / correction).sqrt() + eps
+        by_name[name] = (entry["exp_avg_sq"].double() / correction + eps_root_of[position]).sqrt() + eps
     selection = select_parameters(model, params)
     missing = [name for name in selection.names if name not in by_name]
     if missing:
@@ -87,9 +90,11 @@ def trackstar_features(
     params: ParamSpec = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """(n, d) corrected, projected gradients (float64): ``P (g / scale)``; no projection gives (n, n_params)."""
+    """(n, d) corrected, projected gradients (float64, on the CPU): ``P (g / scale)``; no projection gives
+    (n, n_params). The gradients are computed on the model's device, one chunk at a time."""
     chunks = []
     for _, grads in iter_per_example_gradients(model, loss_fn, inputs, targets, params, chunk_size, torch.float64):
+        grads = grads.cpu()
         if scale is not None:
             grads = grads / scale
         chunks.append(projection.project(grads) if projection is not None else grads)

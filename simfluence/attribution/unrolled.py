@@ -17,13 +17,16 @@ Engstrom 2025)
 
 The adjoint lambda_t = dL_s(z)/d(theta_t, optimizer state_t) runs backwards through each update's Jacobian;
 at step t the cotangent on the step's gradient is mu_t, and ``dL_s(z)/dw_j = mu_t . grad loss_j / |c_t|``.
-The M test examples' (and K target steps') adjoints are stacked as rows and pushed through one ``vmap`` of
-``torch.func.vjp`` per step (double backward through the model: Hessian-vector products of the batch loss).
-Memory is bounded by storing the state every ``checkpoint_every`` steps and recomputing the states of one
-segment at a time.
+The M test examples' (and K target steps') adjoints are stacked as rows and pushed through each step's
+update, recorded by autograd with its batch gradient's graph, in one vectorised (``vmap``) backward pass per
+step (double backward through the model: Hessian-vector products of the batch loss, all rows at once).
+When every step's recorded graph fits in ``memory`` the forward replay keeps them and nothing is recomputed;
+otherwise the state is stored every ``checkpoint_every`` steps and one segment at a time is recomputed with
+its graphs. Computation runs on ``device`` (CUDA when asked; the CPU by default).
 
 Optimizers: ``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay), ``Adam`` and ``AdamW``
-(weight decay, ``decoupled_weight_decay``), ``maximize`` for both, as returned by ``task.make_optimizer``;
+(weight decay, ``decoupled_weight_decay``), ``maximize`` for both, and :mod:`simfluence.optim`'s Adam / AdamW
+(eps inside the square root: smooth training), as returned by ``task.make_optimizer``;
 their update is reproduced operation by operation and, like the generator, the replay runs on one thread with
 deterministic algorithms, so :func:`replay_losses` in the task's own precision gives the logged losses bit for
 bit. Differentiation runs in float64 by default (model and floating data converted), attention by its math
@@ -31,9 +34,11 @@ kernel (the fused CPU kernels have no second derivative). Models whose training 
 (BatchNorm running statistics) are not supported. Randomness in the model (dropout) is replayed with the
 run's torch seed (CPU generator); insertion effects of such a model use fresh random masks.
 
-Cost: one replay, one recomputation, and per step one vector-Jacobian product for all K * M rows (each about
-a Hessian-vector product of the batch loss); insertion effects add per-example gradients of the whole pool
-and an (n_pool x n_params) @ (n_params x K * M) product per insertion step.
+Cost: one replay (plus one recomputation when the graphs do not fit), and per step one vectorised
+vector-Jacobian product for all K * M rows (each about a Hessian-vector product of the batch loss: the part
+that grows with the number of tests); insertion effects add per-example gradients of the whole pool and an
+(n_pool x n_params) @ (n_params x K * M) product per insertion step. Memory: the K * M adjoint rows (each the
+size of the parameters and optimizer state) and the kept graphs. Measured in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -47,9 +52,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
+import simfluence.optim
 from simfluence.attribution.gradients import auto_chunk_size
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
@@ -153,7 +159,9 @@ def _scalar(value: Any) -> float:
 
 
 class _FunctionalOptimizer:
-    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` as a pure function, op for op as their single-tensor step.
+    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` as a pure function, op for op as their single-tensor step, and
+    :mod:`simfluence.optim`'s Adam / AdamW (eps inside the square root) by their own
+    :func:`~simfluence.optim.adam_update`.
 
     ``update(params, state, grads, lr, n_updates)`` returns the new (params, state); ``n_updates`` is the number
     of updates made before (SGD's momentum buffer starts as the first gradient, Adam's bias correction).
@@ -165,10 +173,12 @@ class _FunctionalOptimizer:
             self.kind = "sgd"
         elif cls is torch.optim.Adam or cls is torch.optim.AdamW:
             self.kind = "adam"
+        elif cls is simfluence.optim.Adam or cls is simfluence.optim.AdamW:
+            self.kind = "adam_root"
         else:
             raise SimfluenceError(
-                f"unrolled differentiation supports torch.optim.SGD, Adam and AdamW; the task's make_optimizer "
-                f"returned {cls.__module__}.{cls.__qualname__}")
+                f"unrolled differentiation supports torch.optim.SGD, Adam, AdamW and simfluence.optim.Adam / "
+                f"AdamW; the task's make_optimizer returned {cls.__module__}.{cls.__qualname__}")
         self.name = cls.__name__
         self.hyper: dict[str, dict[str, Any]] = {}
         for group in optimizer.param_groups:
@@ -189,6 +199,11 @@ class _FunctionalOptimizer:
             return {"momentum": _scalar(group.get("momentum", 0.0)), "dampening": _scalar(group.get("dampening", 0.0)),
                     "nesterov": bool(group.get("nesterov", False)),
                     "weight_decay": _scalar(group.get("weight_decay", 0.0)), "maximize": maximize}
+        if self.kind == "adam_root":
+            beta1, beta2 = group["betas"]
+            return {"beta1": _scalar(beta1), "beta2": _scalar(beta2), "eps": _scalar(group["eps"]),
+                    "eps_root": _scalar(group["eps_root"]), "weight_decay": _scalar(group["weight_decay"]),
+                    "decoupled": bool(group["decoupled_weight_decay"]), "maximize": maximize}
         if group.get("amsgrad", False):
             raise SimfluenceError(f"unrolled differentiation does not support {self.name}(amsgrad=True)")
         beta1, beta2 = group["betas"]
@@ -213,7 +228,7 @@ class _FunctionalOptimizer:
         """Zero state tensors: SGD's momentum buffer (if any), Adam's two moments."""
         state: Tree = {}
         for name, param in params.items():
-            if self.kind == "adam":
+            if self.kind in ("adam", "adam_root"):
                 state[name] = (torch.zeros_like(param), torch.zeros_like(param))
             elif self.hyper[name]["momentum"] != 0:
                 state[name] = (torch.zeros_like(param),)
@@ -229,6 +244,12 @@ class _FunctionalOptimizer:
             gradient = -grads[name] if hyper["maximize"] else grads[name]
             if self.kind == "sgd":
                 new_params[name], new_state[name] = self._sgd(param, state[name], gradient, hyper, lr, n_updates)
+            elif self.kind == "adam_root":
+                new_param, exp_avg, exp_avg_sq = simfluence.optim.adam_update(
+                    param, *state[name], gradient, lr=lr, beta1=hyper["beta1"], beta2=hyper["beta2"],
+                    eps=hyper["eps"], eps_root=hyper["eps_root"], weight_decay=hyper["weight_decay"],
+                    decoupled=hyper["decoupled"], step=n_updates + 1)
+                new_params[name], new_state[name] = new_param, (exp_avg, exp_avg_sq)
             else:
                 new_params[name], new_state[name] = self._adam(param, state[name], gradient, hyper, lr, n_updates)
         return new_params, new_state
@@ -288,6 +309,11 @@ def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def _on(tensor: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device | None) -> torch.Tensor:
+    tensor = _as_dtype(tensor, dtype)
+    return tensor if device is None else tensor.to(device)
+
+
 def _tree_map(function: Callable, *trees: Any) -> Any:
     """``function`` applied leaf by leaf to trees of dicts and tuples of tensors with the same structure."""
     first = trees[0]
@@ -296,6 +322,18 @@ def _tree_map(function: Callable, *trees: Any) -> Any:
     if isinstance(first, tuple):
         return tuple(_tree_map(function, *leaves) for leaves in zip(*trees, strict=True))
     return function(*trees)
+
+
+@dataclass
+class _Linearization:
+    """One update recorded by autograd at its state: its inputs (leaves) and outputs, graph kept."""
+
+    params: Tree
+    opt_state: Tree
+    weights: torch.Tensor
+    grads: Tree
+    new_params: Tree
+    new_state: Tree
 
 
 @dataclass
@@ -312,7 +350,7 @@ class _Replay:
     """One run of a task, replayed functionally: the model, data, optimizer and the per-step update."""
 
     def __init__(self, task: Task, curriculum: Curriculum, init_seed: int, seed: int | None,
-                 dtype: torch.dtype | None, chunk_size: int | None) -> None:
+                 dtype: torch.dtype | None, chunk_size: int | None, device: str | torch.device | None = None) -> None:
         if curriculum.n_pool is not None and curriculum.n_pool != task.n_pool:
             raise SimfluenceError(f"the curriculum is over {curriculum.n_pool} pool ids, the task has {task.n_pool}")
         if curriculum.ids.size and int(curriculum.ids.max()) >= task.n_pool:
@@ -327,9 +365,13 @@ class _Replay:
             model = task.make_model(init_seed)
         if dtype is not None:
             model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
         self.model = model
-        self.pool_inputs, self.pool_targets = _as_dtype(task.pool_inputs, dtype), _as_dtype(task.pool_targets, dtype)
-        self.test_inputs, self.test_targets = _as_dtype(task.test_inputs, dtype), _as_dtype(task.test_targets, dtype)
+        self.pool_inputs, self.pool_targets = (_on(task.pool_inputs, dtype, device),
+                                               _on(task.pool_targets, dtype, device))
+        self.test_inputs, self.test_targets = (_on(task.test_inputs, dtype, device),
+                                               _on(task.test_targets, dtype, device))
         named = dict(model.named_parameters())
         self.optimizer = _FunctionalOptimizer(task.make_optimizer(model.parameters()),
                                               {id(param): name for name, param in named.items()})
@@ -342,6 +384,7 @@ class _Replay:
         if self.chunk_size < 1:
             raise SimfluenceError(f"chunk_size must be >= 1, got {chunk_size}")
         self.buffers_checked = not list(model.named_buffers())
+        self.rows_per_pass: int | None = None  # adjoint rows per vectorised backward pass (None: all)
 
     # -------------------------------------------------------------------- losses
     def _outputs(self, params: Tree, inputs: torch.Tensor) -> torch.Tensor:
@@ -406,7 +449,7 @@ class _Replay:
 
     def _batch_data(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs, targets and unit occurrence weights of a batch of pool rows."""
-        index = torch.tensor(batch)
+        index = torch.tensor(batch, device=self.pool_inputs.device)
         first = next(iter(self.initial_params.values()))
         weights = torch.ones(batch.size, dtype=first.dtype, device=first.device)
         return self.pool_inputs[index], self.pool_targets[index], weights
@@ -438,9 +481,38 @@ class _Replay:
         for start, grads in self.per_example_grads(state.params, self.pool_inputs, self.pool_targets, training=True):
             yield start, (grads @ mu_flat.T / float(batch_size)).detach().cpu().numpy()
 
-    def step_vjp(self, state: _State, step: int, lam_params: Tree, lam_state: Tree,
-                 want_mu: bool) -> tuple[Tree, Tree, torch.Tensor, Tree | None]:
-        """Pull row cotangents on the state after ``step`` back to the state before it.
+    def linearize(self, state: _State, step: int) -> tuple[_State, _Linearization | None]:
+        """The state after ``step`` and the step's update recorded at ``state`` (None: an empty batch).
+
+        One forward and backward pass of the batch with its graph kept (``create_graph``, for the double
+        backward of :meth:`pullback`) and one optimizer update; the new state equals :meth:`advance`'s.
+        """
+        batch = self.batch(step)
+        if batch.size == 0:
+            return state, None
+        inputs, targets, weights = self._batch_data(batch)
+        if not self.buffers_checked:
+            self._check_buffers(state.params, inputs)
+        params = {name: value.detach().requires_grad_() for name, value in state.params.items()}
+        opt_state = _tree_map(lambda value: value.detach().requires_grad_(), state.opt_state)
+        weights = weights.requires_grad_()
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]), _mode(self.model, True):
+            torch.set_rng_state(state.rng)
+            loss = self.batch_loss(params, weights, inputs, targets, batch.size)
+            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True,
+                                                         allow_unused=True, materialize_grads=True), strict=True))
+            rng = torch.get_rng_state()
+            new_params, new_state = self.optimizer.update(params, opt_state, grads, float(self.task.lr_at(step)),
+                                                          state.n_updates)
+        after = _State(_tree_map(torch.Tensor.detach, new_params), _tree_map(torch.Tensor.detach, new_state),
+                       state.n_updates + 1, rng)
+        return after, _Linearization(params, opt_state, weights, grads, new_params, new_state)
+
+    @staticmethod
+    def pullback(linear: _Linearization, lam_params: Tree, lam_state: Tree, want_mu: bool,
+                 rows_per_pass: int | None = None) -> tuple[Tree, Tree, torch.Tensor, Tree | None]:
+        """Pull row cotangents on the state after a step back through its recorded update: one vectorised
+        (vmap) backward pass through the kept graph for all rows, or for ``rows_per_pass`` rows at a time.
 
         Returns
         -------
@@ -448,25 +520,32 @@ class _Replay:
         d_weights : (R, batch) derivative with respect to each occurrence weight of the batch.
         mu : (R, ...) cotangent on the step's gradient (``want_mu``), else None.
         """
-        batch = self.batch(step)
-        inputs, targets, weights = self._batch_data(batch)
-        lr = float(self.task.lr_at(step))
+        outputs = [*_leaves(linear.new_params), *_leaves(linear.new_state)]
+        cotangents = [*_leaves(lam_params), *_leaves(lam_state)]
+        used = [index for index, output in enumerate(outputs) if output.requires_grad]
+        inputs = [*_leaves(linear.params), *_leaves(linear.opt_state), linear.weights]
+        if want_mu:
+            inputs += _leaves(linear.grads)
+        def pull(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            found = torch.autograd.grad([outputs[index] for index in used], inputs, rows, retain_graph=True,
+                                        allow_unused=True)
+            return tuple(torch.zeros_like(value_input) if value is None else value
+                         for value, value_input in zip(found, inputs, strict=True))
 
-        def gradient(params: Tree, weights: torch.Tensor) -> Tree:
-            return grad(self.batch_loss)(params, weights, inputs, targets, batch.size)
+        found = vmap(pull, chunk_size=rows_per_pass)(*(cotangents[index] for index in used))
+        n_params, n_state = len(_leaves(linear.params)), len(_leaves(linear.opt_state))
+        lam_params = _unleaves(linear.params, found[:n_params])
+        lam_state = _unleaves(linear.opt_state, found[n_params:n_params + n_state])
+        d_weights = found[n_params + n_state]
+        mu = _unleaves(linear.grads, found[n_params + n_state + 1:]) if want_mu else None
+        return lam_params, lam_state, d_weights, mu
 
-        with torch.random.fork_rng(devices=[]), _mode(self.model, True):
-            torch.set_rng_state(state.rng)
-            grads, gradient_vjp = vjp(gradient, state.params, weights)
-
-        def update(params: Tree, opt_state: Tree, grads: Tree) -> tuple[Tree, Tree]:
-            return self.optimizer.update(params, opt_state, grads, lr, state.n_updates)
-
-        _, update_vjp = vjp(update, state.params, state.opt_state, grads)
-        lam_direct, lam_state, mu = vmap(update_vjp)((lam_params, lam_state))
-        lam_hessian, d_weights = vmap(gradient_vjp)(mu)
-        lam_params = _tree_map(torch.add, lam_direct, lam_hessian)
-        return lam_params, lam_state, d_weights, mu if want_mu else None
+    def step_vjp(self, state: _State, step: int, lam_params: Tree, lam_state: Tree,
+                 want_mu: bool) -> tuple[Tree, Tree, torch.Tensor, Tree | None]:
+        """Pull row cotangents on the state after ``step`` back to the state before it (:meth:`linearize`, then
+        :meth:`pullback`; a non-empty batch)."""
+        _, linear = self.linearize(state, step)
+        return self.pullback(linear, lam_params, lam_state, want_mu, self.rows_per_pass)
 
 
 def _flatten(tree: Tree, names: Sequence[str], batch_dims: int) -> torch.Tensor:
@@ -481,6 +560,7 @@ def replay_losses(
     seed: int | None = None,
     dtype: torch.dtype | None = torch.float64,
     deterministic: bool = True,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Test losses of a functional replay of one run (the forward pass of :func:`unrolled_effects`).
 
@@ -494,6 +574,7 @@ def replay_losses(
         the losses :func:`~simfluence.training.generate_runs` logged.
     deterministic : replay as the generator trains: one thread, deterministic algorithms (and so the same
         rounding); False keeps torch's thread settings.
+    device : where the replay computes (e.g. ``"cuda"``); None: where the task's model is built (the CPU).
 
     Returns
     -------
@@ -501,13 +582,16 @@ def replay_losses(
     """
     with single_thread_deterministic() if deterministic else contextlib.nullcontext():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
-                         None)
+                         None, device)
         state = replay.start()
         losses = [replay.test_losses(state.params)]
         for step in range(1, curriculum.n_steps + 1):
             state = replay.advance(state, step)
             losses.append(replay.test_losses(state.params))
     return np.stack(losses)
+
+
+MEMORY_BYTES = 2**30  # default memory budget of the kept linearisations (graphs) of the backward pass
 
 
 def unrolled_effects(
@@ -523,6 +607,8 @@ def unrolled_effects(
     deterministic: bool = True,
     progress: bool = False,
     replay_check: Callable[[np.ndarray], object] | None = None,
+    device: str | torch.device | None = None,
+    memory: int = MEMORY_BYTES,
 ) -> UnrolledEffects:
     """Exact derivatives of every test loss with respect to every data weight of one run (reverse mode).
 
@@ -537,16 +623,22 @@ def unrolled_effects(
         pass of per-example gradients over the pool per step, and n_pool * K * n_test numbers per step).
     init_seed : seed of the initial weights (default ``task.init_seed``).
     seed : the run's torch seed (random layers such as dropout); None: none set.
-    dtype : compute precision (default float64: model and floating data converted); None: the task's own.
-    checkpoint_every : store the state every this many steps and recompute in between (default about
-        sqrt(T)): memory of about ``T / k + k`` states.
+    dtype : compute precision (default float64: model and floating data converted); None: the task's own
+        (float32 for the built-in workloads: about twice as fast, derivatives to about 1e-4 relative).
+    checkpoint_every : recompute in segments of this many steps from states stored every this many steps;
+        default: no recomputation at all when every step's linearisation (its kept graph) fits in ``memory``,
+        else the segment length that fits.
     chunk_size : examples per vectorised pass of per-example gradients (default: about 64 MiB).
     deterministic : run as the generator trains: one thread, deterministic algorithms; False keeps torch's
-        thread settings (faster for large models).
+        thread settings (faster for large models; needed on CUDA unless ``CUBLAS_WORKSPACE_CONFIG`` is set).
     progress : show a progress bar over the backward pass.
     replay_check : called with the replayed test losses (T + 1, n_test) after the forward pass, before the
         costly backward one; whatever it raises stops the computation (e.g. :func:`~simfluence.task.check_replay`
         against the logged run: a task that does not reproduce the run has no derivatives worth computing).
+    device : where to compute (e.g. ``"cuda"``); None: where the task's model is built (the CPU). Random layers
+        (dropout) draw from the run's seed on the CPU only.
+    memory : bytes of kept linearisations (graphs of the batch gradients and updates) allowed when
+        ``checkpoint_every`` is None.
 
     Returns
     -------
@@ -557,21 +649,29 @@ def unrolled_effects(
     ------
     SimfluenceError : an optimizer other than SGD / Adam / AdamW (the message names it), amsgrad, a model
         that changes its buffers in training mode, or steps out of range.
+
+    Notes
+    -----
+    Cost: one forward replay that keeps each step's linearisation (a batch forward and backward pass with its
+    graph, the update recorded) when they all fit in ``memory``, else a plain replay plus one recomputation of
+    every segment; then per step one vectorised pullback of all K * M rows through the update and the batch
+    gradient (a double backward: K * M Hessian-vector products of the batch loss, batched).
     """
     targets = target_step_list(target_steps, curriculum.n_steps)
     insertions = insertion_step_list(insertion_steps, curriculum)
-    every = max(1, math.ceil(math.sqrt(curriculum.n_steps))) if checkpoint_every is None else int(checkpoint_every)
-    if every < 1:
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
         raise SimfluenceError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if task.n_test == 0:
         raise SimfluenceError("the task has no test examples to differentiate")
     with single_thread_deterministic() if deterministic else contextlib.nullcontext(), _twice_differentiable():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
-                         chunk_size)
-        checkpoints, losses = _forward(replay, every)
+                         chunk_size, device)
+        every = _segment_length(replay, checkpoint_every, memory)
+        keep = {*targets, *(step - 1 for step in insertions)}
+        states, linears, losses = _forward(replay, every, keep)
         if replay_check is not None:
             replay_check(losses)
-        occurrence, insertion = _backward(replay, checkpoints, every, targets, insertions, progress)
+        occurrence, insertion = _backward(replay, states, linears, every, targets, insertions, progress)
     return UnrolledEffects(curriculum=curriculum, target_steps=np.asarray(targets, dtype=np.int64),
                            occurrence=occurrence, insertion_steps=np.asarray(insertions, dtype=np.int64),
                            insertion=insertion, losses=losses, optimizer=replay.optimizer.describe())
@@ -586,24 +686,86 @@ def _twice_differentiable() -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _forward(replay: _Replay, every: int) -> tuple[dict[int, _State], np.ndarray]:
-    """Replay the run: the state every ``every`` steps (and at step 0), and (T + 1, n_test) test losses."""
+def _segment_length(replay: _Replay, checkpoint_every: int | None, memory: int) -> int:
+    """Steps per recomputed segment: ``checkpoint_every``, else as many linearisations as fit in ``memory``;
+    sets ``replay.rows_per_pass`` so that one vectorised backward pass takes about half of ``memory`` (passes
+    over fewer rows cost more time: split only when needed).
+
+    A linearisation's size is estimated on the first non-empty step: five copies of the state (parameters,
+    optimizer state, gradient and the update's intermediates) and three of every module output of the batch's
+    forward pass (activations saved for the first and second backward pass); a row of a backward pass, ten
+    module outputs and four states.
+    """
+    n_steps = max(replay.curriculum.n_steps, 1)
+    non_empty = np.flatnonzero(replay.curriculum.batch_sizes > 0)
+    if non_empty.size == 0:
+        return n_steps if checkpoint_every is None else int(checkpoint_every)
+    outputs = [0]
+
+    def count(module: nn.Module, inputs: Any, output: Any) -> None:
+        outputs[0] += sum(leaf.numel() * leaf.element_size() for leaf in _leaves(output)
+                          if isinstance(leaf, torch.Tensor))
+
+    inputs, _, _ = replay._batch_data(replay.batch(int(non_empty[0]) + 1))
+    handles = [module.register_forward_hook(count) for module in replay.model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _mode(replay.model, True):
+            replay._outputs(replay.initial_params, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    state = replay.start()
+    state_bytes = sum(value.numel() * value.element_size()
+                      for value in (*state.params.values(), *_leaves(state.opt_state)))
+    replay.rows_per_pass = max(1, (memory // 2) // max(10 * outputs[0] + 4 * state_bytes, 1))
+    if checkpoint_every is not None:
+        return int(checkpoint_every)
+    per_step = 5 * state_bytes + 3 * outputs[0]
+    return int(min(n_steps, max(1, memory // max(per_step, 1))))
+
+
+def _unleaves(like: Any, leaves: list[Any]) -> Any:
+    """The tree shaped like ``like`` whose leaves, in :func:`_leaves` order, are ``leaves``."""
+    queue = iter(leaves)
+    return _tree_map(lambda _: next(queue), like)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
+
+
+def _forward(replay: _Replay, every: int,
+             keep: set[int]) -> tuple[dict[int, _State], dict[int, _Linearization], np.ndarray]:
+    """Replay the run: (T + 1, n_test) test losses, the states after the steps in ``keep`` and every ``every``
+    steps (and at step 0), and, when one segment covers the run, every step's linearisation."""
     n_steps = replay.curriculum.n_steps
     state = replay.start()
-    checkpoints = {0: state}
+    states = {0: state}
+    linears: dict[int, _Linearization] = {}
+    linearize = every >= n_steps
     losses = np.empty((n_steps + 1, replay.task.n_test))
     losses[0] = replay.test_losses(state.params)
     for step in range(1, n_steps + 1):
-        state = replay.advance(state, step)
+        if linearize:
+            state, linear = replay.linearize(state, step)
+            if linear is not None:
+                linears[step] = linear
+        else:
+            state = replay.advance(state, step)
         losses[step] = replay.test_losses(state.params)
-        if step % every == 0:
-            checkpoints[step] = state
-    return checkpoints, losses
+        if step % every == 0 or step in keep:
+            states[step] = state
+    return states, linears, losses
 
 
-def _backward(replay: _Replay, checkpoints: dict[int, _State], every: int, targets: list[int],
-              insertions: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Adjoint pass, one segment of ``every`` steps at a time (recomputed from its checkpoint), last first.
+def _backward(replay: _Replay, states: dict[int, _State], linears: dict[int, _Linearization], every: int,
+              targets: list[int], insertions: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Adjoint pass, one segment of ``every`` steps at a time (its linearisations recomputed from its first
+    state unless the forward pass kept them), last first.
 
     The adjoint's rows are blocks of n_test rows, one block per target step at or after the current step
     (``active``, increasing); a target's block starts as its test-loss gradients when the pass reaches it.
@@ -620,13 +782,19 @@ def _backward(replay: _Replay, checkpoints: dict[int, _State], every: int, targe
     last = targets[-1]
     with tqdm(total=last, desc="unrolled backward", unit="step", disable=not progress) as bar:
         for segment_start in range((last - 1) // every * every, -1, -every):
-            states = [checkpoints[segment_start]]
-            for step in range(segment_start + 1, min(segment_start + every, last) + 1):
-                states.append(replay.advance(states[-1], step))
-            for position in range(len(states) - 1, 0, -1):
-                step, before = segment_start + position, states[position - 1]
+            segment_stop = min(segment_start + every, last)
+            steps = range(segment_start + 1, segment_stop + 1)
+            if any(step not in linears and sizes[step - 1] > 0 or step in target_index and step not in states
+                   for step in steps):
+                state = states[segment_start]
+                for step in steps:
+                    state, linear = replay.linearize(state, step)
+                    states[step] = state
+                    if linear is not None:
+                        linears[step] = linear
+            for step in range(segment_stop, segment_start, -1):
                 if step in target_index:
-                    block, zeros = replay.test_cotangents(states[position])
+                    block, zeros = replay.test_cotangents(states[step])
                     if active:
                         lam_params = _tree_map(lambda new, old: torch.cat([new, old]), block, lam_params)
                         lam_state = _tree_map(lambda new, old: torch.cat([new, old]), zeros, lam_state)
@@ -634,16 +802,17 @@ def _backward(replay: _Replay, checkpoints: dict[int, _State], every: int, targe
                         lam_params, lam_state = block, zeros
                     active.insert(0, target_index[step])
                 if sizes[step - 1] > 0:
-                    lam_params, lam_state, d_weights, mu = replay.step_vjp(before, step, lam_params, lam_state,
-                                                                           want_mu=step in insertion_row)
+                    lam_params, lam_state, d_weights, mu = replay.pullback(
+                        linears.pop(step), lam_params, lam_state, step in insertion_row, replay.rows_per_pass)
                     rows = d_weights.detach().to(torch.float64).cpu().numpy()  # (R, batch)
                     occurrence[offsets[step - 1]:offsets[step], active[0]:, :] = \
                         rows.reshape(len(active), n_test, -1).transpose(2, 0, 1)
                     if mu is not None:
                         out = insertion[insertion_row[step]]
-                        for start, block in replay.insertion_effects(before, mu, int(sizes[step - 1])):
+                        for start, block in replay.insertion_effects(states[step - 1], mu, int(sizes[step - 1])):
                             out[start:start + len(block), active[0]:, :] = block.reshape(len(block), len(active),
                                                                                           n_test)
+                states.pop(step, None)  # no longer needed
                 bar.update()
     return occurrence, insertion
 

@@ -21,6 +21,15 @@ its weights going to 0, while real training would skip the step). The trajectory
 interpolated linearly in s between the target steps (0 at step 0), added to the replayed base trajectory,
 shifted by the difference of the initial losses from the base's.
 
+**Checking its own linearity.** ``fit`` (``check_linearity=True``) replays the base run once more with a few
+random examples weighted 0 (5% of those it uses; batch sizes kept, the exact edit the occurrence effects
+differentiate) and compares the real change of the final test losses with the first-order one
+(:func:`simfluence.attribution.smoothness.linearity_check`). ``linearity_`` records both; when they disagree
+(magnitude off by more than 2x either way, the mean change's sign wrong while it is not negligible, or
+correlation across test examples below 0.5) ``fit`` issues a :class:`~simfluence.errors.NonlinearityWarning`: training
+is not smooth enough here for first-order answers (docs/smoothness.md). Cost: one replay, about one training
+run.
+
 **Limits.** Curricula must have the base run's number of steps; learning rates are those of the task's
 schedule (the ``learning_rates`` argument is ignored); a step that is empty in the base run cannot gain
 examples. Far from the base (another random subset, a different order) a first-order prediction says little.
@@ -28,13 +37,14 @@ examples. Far from the base (another random subset, a different order) a first-o
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError
+from simfluence.errors import NonlinearityWarning, SimfluenceError
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, training_runs
 
@@ -57,7 +67,8 @@ class UnrolledSimulator(Simulator):
         last tenth of the steps: moves to the start or the end), ``"all"``, ``"none"`` or a list of steps.
         Each costs one pass of per-example gradients over the pool and n_pool * K * n_test stored numbers.
     precision : ``"float64"`` (model and data converted), ``"float32"`` or ``"task"`` (as the task is).
-    checkpoint_every : states stored every this many steps in the backward pass (default about sqrt(T)).
+    checkpoint_every : states stored every this many steps and segments recomputed in the backward pass
+        (default: none when the kept graphs of every step fit in memory, else the segment length that fits).
     chunk_size : examples per vectorised pass of per-example gradients (default: about 64 MiB).
     deterministic : replay as the generator trains (one thread, deterministic algorithms).
     progress : progress bar over the backward pass.
@@ -65,6 +76,10 @@ class UnrolledSimulator(Simulator):
         the run's mean logged loss (default :data:`simfluence.task.REPLAY_TOLERANCE`); beyond it ``fit`` stops
         before the backward pass (a task that does not reproduce its run). Raising it lets a run pass with a
         ``ReplayWarning``.
+    device : where the replay and its derivatives run (``None``: the CPU; ``"cuda"`` on a GPU, with
+        ``deterministic=False``); the linearity check replays on the CPU.
+    check_linearity : after the fit, replay one random removal of a few examples and compare it with the
+        first-order prediction (one more replay); a bad disagreement issues a ``NonlinearityWarning``.
 
     Attributes
     ----------
@@ -76,6 +91,9 @@ class UnrolledSimulator(Simulator):
     insertion_effects_ : (n_ins, n_pool, K, n_test) float32 dL_s / du of example i entering step t.
     base_run_ : name of the base run; ``optimizer_`` the replayed optimizer; ``replay_error_`` the largest
         absolute difference between replayed and logged losses.
+    linearity_ : the linearity check (None when not run): ``removed`` (pool ids), ``predicted_mean`` /
+        ``replayed_mean`` (mean change of the final test losses), ``magnitude_ratio`` (mean |predicted| / mean
+        |replayed|), ``correlation`` (across test examples) and ``ok``.
     """
 
     kind = "unrolled"
@@ -92,7 +110,8 @@ class UnrolledSimulator(Simulator):
     def __init__(self, target_steps: str | int | Sequence[int] = "final",
                  insertion_steps: str | Sequence[int] = "ends", precision: str = "float64",
                  checkpoint_every: int | None = None, chunk_size: int | None = None, deterministic: bool = True,
-                 progress: bool = False, replay_tolerance: float | None = None) -> None:
+                 progress: bool = False, replay_tolerance: float | None = None, check_linearity: bool = True,
+                 device: str | None = None) -> None:
         self.target_steps = target_steps
         self.insertion_steps = insertion_steps
         self.precision = precision
@@ -101,6 +120,8 @@ class UnrolledSimulator(Simulator):
         self.deterministic = deterministic
         self.progress = progress
         self.replay_tolerance = replay_tolerance
+        self.check_linearity = check_linearity
+        self.device = device
 
     # --------------------------------------------------------------------- fit
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> UnrolledSimulator:
@@ -139,12 +160,12 @@ class UnrolledSimulator(Simulator):
         check_recorded_settings(task, runset, run, init_seed)
         dtype = {"float64": torch.float64, "float32": torch.float32, "task": None}[self.precision]
         initial = replay_losses(task, run.curriculum.truncate(0), init_seed=init_seed, seed=seed, dtype=dtype,
-                                deterministic=self.deterministic)[0]
+                                deterministic=self.deterministic, device=self.device)[0]
         self._check_initial_losses(runset, run, initial)
         effects = unrolled_effects(
             task, run.curriculum, target_steps=self.target_steps, insertion_steps=self.insertion_steps,
             init_seed=init_seed, seed=seed, dtype=dtype, checkpoint_every=self.checkpoint_every,
-            chunk_size=self.chunk_size, deterministic=self.deterministic, progress=self.progress,
+            chunk_size=self.chunk_size, deterministic=self.deterministic, progress=self.progress, device=self.device,
             replay_check=lambda losses: check_replay(runset, run, losses, self.replay_tolerance))
         self.replay_error_ = self._replay_error(run, effects.losses)
 
@@ -159,9 +180,34 @@ class UnrolledSimulator(Simulator):
         self.base_run_ = run.name
         self.optimizer_ = effects.optimizer
         self.init_seed_, self.seed_ = init_seed, seed
+        self.linearity_ = self._linearity(task, run, dtype) if self.check_linearity else None
         self.fit_seconds_ = time.perf_counter() - start  # not saved: a model file does not depend on timing
         self.fitted_ = True
         return self
+
+    def _linearity(self, task: Any, run, dtype) -> dict[str, Any]:
+        """Replay a random removal of a few examples (weight 0, batch sizes kept); compare with first order."""
+        from simfluence.attribution.smoothness import LINEARITY_FRACTION, linearity_check, weighted_replay
+
+        used = np.unique(self.base_ids_)
+        count = max(1, int(np.ceil(LINEARITY_FRACTION * used.size)))
+        removed = np.sort(np.random.default_rng(0).choice(used, size=min(count, used.size), replace=False))
+        weights = np.ones(self.n_pool_)
+        weights[removed] = 0.0
+        _, losses = weighted_replay(task, run.curriculum, weights, init_seed=self.init_seed_, seed=self.seed_,
+                                    dtype=dtype, deterministic=self.deterministic)
+        replayed = losses - self.base_losses_[-1]
+        predicted = -self.occurrence_effects_[np.isin(self.base_ids_, removed), -1, :].sum(axis=0)
+        check = linearity_check(predicted, replayed)
+        check["removed"] = [self.pool_ids_[i] for i in removed]
+        if not check["ok"]:
+            warnings.warn(NonlinearityWarning(
+                f"unrolled around run {run.name!r}: removing {removed.size} random example(s) changed the final test "
+                f"losses by {check['replayed_mean']:+.3g} on average in a replay, the first-order prediction says "
+                f"{check['predicted_mean']:+.3g} (magnitude x{check['magnitude_ratio']:.2g}, correlation "
+                f"{check['correlation']:.2f}): training is not smooth enough here for first-order answers; "
+                "see docs/smoothness.md and `simfluence smoothness`"), stacklevel=3)
+        return check
 
     @staticmethod
     def _check_initial_losses(runset: RunSet, run, replayed: np.ndarray) -> None:
@@ -353,7 +399,8 @@ class UnrolledSimulator(Simulator):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"base_run_": self.base_run_, "optimizer_": self.optimizer_, "init_seed_": self.init_seed_,
-                "seed_": self.seed_, "replay_error_": self.replay_error_}
+                "seed_": self.seed_, "replay_error_": self.replay_error_,
+                "linearity_": getattr(self, "linearity_", None)}
 
 
 class _StepTerms:

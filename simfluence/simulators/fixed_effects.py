@@ -191,9 +191,11 @@ class FixedEffectsSimulator(LinearDynamics):
 
     # ----------------------------------------------------------------------------------- dynamics
     def _effect_tables(self) -> tuple[None, np.ndarray]:
+        # keyed by the scale's values (a user may set ``scale_[:]`` in place; n_test numbers to compare) and the
+        # scores' identity (replaced, never edited, by set_scores)
         cached = getattr(self, "_effects_cache", None)
-        if cached is None or cached[0] is not self.scale_ or cached[1] is not self.scores_:
-            cached = (self.scale_, self.scores_, -self.scale_[None, None, :] * self.scores_)
+        if cached is None or not np.array_equal(cached[0], self.scale_) or cached[1] is not self.scores_:
+            cached = (np.array(self.scale_, copy=True), self.scores_, -self.scale_[None, None, :] * self.scores_)
             self._effects_cache = cached
         return None, cached[2]
 

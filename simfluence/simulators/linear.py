@@ -95,6 +95,7 @@ LINEAR_OPTIONS: dict[str, tuple[str, Any]] = {
     "tol": ("float", 1e-10),
     "max_iter": ("int", 5000),
     "precision": ("str", "float32"),
+    "device": ("str | None", None),
 }
 # what an additive model holds fixed instead of taking as options
 ADDITIVE_FIXED: dict[str, Any] = {"multiplicative": False, "alpha_center": 1.0, "momentum": 0.0,
@@ -168,6 +169,9 @@ class SimfluenceLinear(LinearDynamics):
     precision : ``"float32"``: conjugate-gradient iterations in single precision inside float64 iterative
         refinement, so ``tol`` holds for the float64 residual as with ``"float64"`` (about 2x faster; a loose
         ``tol`` >= 1e-5 skips the refinement and the float64 copies of the losses); ``"float64"``: double only.
+    device : ``None`` (default): the conjugate gradient on numpy arrays; a torch device (``"cpu"``, ``"cuda"``):
+        the same solves on torch tensors there (see :func:`simfluence.solvers.solve_ridge`); the direct solver
+        ignores it.
 
     Attributes
     ----------
@@ -266,6 +270,8 @@ class SimfluenceLinear(LinearDynamics):
             fail("max_iter", self.max_iter, "an integer >= 1")
         if self.precision not in PRECISIONS:
             fail("precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if self.device is not None and not isinstance(self.device, str):
+            fail("device", self.device, "None or a torch device name such as 'cuda'")
 
     def _warn(self, message: str) -> None:
         """Issue a :class:`FitWarning` and keep its message in ``fit_warnings_`` (saved with the model)."""
@@ -329,6 +335,7 @@ class SimfluenceLinear(LinearDynamics):
             transitions.features, transitions.prev, target, self._penalty(lam), multiplicative=self.multiplicative,
             solver=self.solver, tol=self.tol, max_iter=self.max_iter, x0=x0,
             dtype=np.float32 if self.precision == "float32" else np.float64, kernel=self._kernel,
+            device=self.device,
         )
 
     def _fit_fixed(

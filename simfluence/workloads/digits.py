@@ -14,6 +14,7 @@ Run-set metadata records ``pool_labels`` (the labels trained on, noise included)
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import numpy as np
@@ -22,15 +23,20 @@ from torch import nn
 from torch.nn import functional
 
 from simfluence.errors import SimfluenceError
+from simfluence.optim import Adam
 from simfluence.runlog import RunSet
 from simfluence.task import Task
 from simfluence.training import WarmupCosine, generate_random_runs
 
-__all__ = ["digits_task", "digits_task_from_runset", "generate_digits", "DEFAULT_PEAK_LR"]
+__all__ = ["digits_task", "digits_task_from_runset", "generate_digits", "DEFAULT_PEAK_LR", "SMOOTH"]
 
 N_FEATURES = 64
 N_CLASSES = 10
 DEFAULT_PEAK_LR = {"sgd": 0.02, "adam": 0.003}
+# the smooth training recipe (generate_digits(smooth=True), docs/smooth_training.md), chosen by metasmoothness
+# (benchmarks/bench_smooth_settings.py): on this MLP batches of 32 smooth training most, and at batches of 32 SGD
+# scores above Adam with eps inside or outside the square root
+SMOOTH = {"optimizer": "sgd", "eps_root": 0.0, "batch_size": 32}
 
 
 def mlp(seed: int, sizes: tuple[int, ...]) -> nn.Sequential:
@@ -52,6 +58,10 @@ def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=0.0)
 
 
+def _adam_root(params, eps_root: float) -> torch.optim.Optimizer:
+    return Adam(params, lr=0.0, eps=0.0, eps_root=eps_root)
+
+
 def digits_task(
     pool_size: int = 500,
     test_size: int = 100,
@@ -63,6 +73,7 @@ def digits_task(
     hidden: int = 64,
     label_noise: float = 0.0,
     data_seed: int = 0,
+    eps_root: float = 0.0,
 ) -> Task:
     """The digits task: pool / test split, standardised features, noisy labels, MLP, optimizer, schedule.
 
@@ -76,6 +87,8 @@ def digits_task(
     hidden : hidden width of the 64-hidden-10 MLP.
     label_noise : fraction of pool examples whose label is replaced by a different, random class.
     data_seed : seed of the split and of the label noise.
+    eps_root : with ``"adam"``, above 0: :class:`simfluence.optim.Adam` with this epsilon inside the square root
+        (and none outside); 0: ``torch.optim.Adam`` (eps 1e-8 outside).
 
     Returns
     -------
@@ -87,6 +100,9 @@ def digits_task(
         raise SimfluenceError(f"optimizer must be one of {sorted(DEFAULT_PEAK_LR)}, got {optimizer!r}")
     if not 0.0 <= label_noise <= 1.0:
         raise SimfluenceError(f"label_noise must lie in [0, 1], got {label_noise}")
+    if not eps_root >= 0.0 or (eps_root > 0 and optimizer != "adam"):
+        raise SimfluenceError(f"eps_root must be >= 0 and applies to optimizer 'adam' only, got {eps_root} with "
+                              f"{optimizer!r}")
     features, labels = load_digits(return_X_y=True)
     if pool_size < 1 or test_size < 1 or pool_size + test_size > len(labels):
         raise SimfluenceError(
@@ -110,11 +126,16 @@ def digits_task(
     peak = DEFAULT_PEAK_LR[optimizer] if lr is None else float(lr)
     warmup = max(1, round(0.1 * n_steps)) if warmup_steps is None else int(warmup_steps)
     schedule = WarmupCosine(peak=peak, n_steps=n_steps, warmup_steps=warmup, final_fraction=0.1)
-    make_optimizer = functools.partial(_sgd, momentum=momentum) if optimizer == "sgd" else _adam
+    if optimizer == "sgd":
+        make_optimizer, recorded = functools.partial(_sgd, momentum=momentum), {"momentum": momentum}
+    elif eps_root > 0:
+        make_optimizer, recorded = functools.partial(_adam_root, eps_root=eps_root), {"eps": 0.0, "eps_root": eps_root}
+    else:
+        make_optimizer, recorded = _adam, {}
     metadata = {
         "workload": "digits",
         "model": {"kind": "mlp", "sizes": [N_FEATURES, hidden, N_CLASSES], "activation": "relu"},
-        "optimizer": {"kind": optimizer, **({"momentum": momentum} if optimizer == "sgd" else {})},
+        "optimizer": {"kind": optimizer, **recorded},
         "lr_schedule": schedule.describe(),
         "loss": "cross_entropy",
         "label_noise": label_noise,
@@ -166,6 +187,7 @@ def digits_task_from_runset(runset: RunSet) -> Task:
             hidden=int(sizes[1]),
             label_noise=float(meta["label_noise"]),
             data_seed=int(meta["data_seed"]),
+            eps_root=float(optimizer.get("eps_root", 0.0)),
         )
     except (KeyError, TypeError, IndexError) as err:
         raise SimfluenceError(f"{where}: digits metadata is incomplete ({err!r} missing or malformed)") from None
@@ -206,6 +228,8 @@ def generate_digits(
     overwrite: bool = False,
     backend: str = "local",
     ray_address: str | None = None,
+    eps_root: float = 0.0,
+    smooth: bool = False,
 ) -> RunSet:
     """Train ``n_runs`` digits MLPs, each on a random subset of the pool in random order, and log them to ``out``.
 
@@ -213,14 +237,24 @@ def generate_digits(
     of ``batch_size`` (``simfluence.curriculum.random_curricula`` with ``seed``); every run starts from the
     same initial weights (``init_seed = seed``). Re-running over an existing folder resumes it (see
     :func:`~simfluence.training.generate_runs`, which also describes ``backend="ray"`` and
-    ``ray_address``).
+    ``ray_address``). ``eps_root``: see :func:`digits_task`. ``smooth``: the smooth training recipe
+    :data:`SMOOTH` (larger batches) sets ``optimizer``, ``eps_root`` and ``batch_size``; giving one of them
+    another value than its default is an error.
 
     Returns
     -------
     RunSet of ``n_runs`` runs, each with ``n_steps`` steps and ``test_size`` test losses per logged step.
     """
+    if smooth:
+        parameters = inspect.signature(generate_digits).parameters
+        given = {"optimizer": optimizer, "eps_root": eps_root, "batch_size": batch_size}
+        for key, value in SMOOTH.items():
+            if given[key] not in (parameters[key].default, value):
+                raise SimfluenceError(f"smooth sets {key} = {value!r}; it cannot be combined with {key} = "
+                                      f"{given[key]!r}")
+        optimizer, eps_root, batch_size = SMOOTH["optimizer"], SMOOTH["eps_root"], SMOOTH["batch_size"]
     task = digits_task(pool_size=pool_size, test_size=test_size, n_steps=n_steps, optimizer=optimizer, lr=lr,
-                       label_noise=label_noise, data_seed=data_seed)
+                       label_noise=label_noise, data_seed=data_seed, eps_root=eps_root)
     return generate_random_runs(task, out, n_runs=n_runs, n_steps=n_steps, batch_size=batch_size,
                                 subset_fraction=subset_fraction, seed=seed, init_seed=seed, log_every=log_every,
                                 checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,

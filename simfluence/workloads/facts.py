@@ -9,7 +9,9 @@ the same object or relation but another fact exist. *Target* people's facts are 
 times (the frequency bucket) in fine-tuning documents of 1-3 sentences about one person, each sentence a
 paraphrase template of its relation; *distractor* people's facts are mentioned once, in distractor
 documents. Each target fact has one query, written with a template held out of every fine-tuning document,
-whose target is the object: ``"Kobari Telomar is a native of"`` -> ``"Varnholm"``.
+whose target is the object: ``"Kobari Telomar is a native of"`` -> ``"Varnholm"``. In that (``"simple"``)
+world every name is unique, so lexical retrieval (BM25) finds every fact; the ``"hard"`` world (tier ``hard``)
+adds shared first and last names, aliases, more paraphrases and decoy sentences (see :func:`build_corpus`).
 
 **The model**: a :class:`~simfluence.workloads.tinylm.TinyLM` pretrained once on *background* people (other
 names, all templates, query templates included, so it knows the language of the queries but none of the
@@ -38,6 +40,7 @@ import torch
 
 from simfluence._io import atomic_write_bytes
 from simfluence.errors import SimfluenceError
+from simfluence.optim import AdamW
 from simfluence.runlog import RunSet, runset_destination
 from simfluence.task import Task
 from simfluence.training import (
@@ -50,7 +53,7 @@ from simfluence.training import (
 )
 from simfluence.workloads.tinylm import IGNORE, PAD, TinyLM, TinyLMConfig, token_nll
 
-__all__ = ["FactsSettings", "TIERS", "RELATIONS", "build_corpus", "facts_task", "facts_task_from_runset",
+__all__ = ["FactsSettings", "TIERS", "SMOOTH", "RELATIONS", "build_corpus", "facts_task", "facts_task_from_runset",
            "generate_facts", "load_corpus", "pretrained_base", "CORPUS_FILE", "BASE_FILE"]
 
 CORPUS_FILE = "facts_corpus.json"
@@ -83,6 +86,31 @@ SYLLABLES = ("ba", "ko", "ri", "ta", "mel", "dor", "vi", "na", "sul", "te", "lo"
 OBJECT_ENDINGS = {"born_in": ("holm", "ford", "mere", "ton"), "works_at": ("tek", "ware", "dyne", "corp"),
                   "studied_at": ("ridge", "vale", "stead"), "citizen_of": ("ia", "land", "stan")}
 
+WORLDS = ("simple", "hard")
+# the hard world only: two more training paraphrases per relation (some share words with another relation's
+# queries), and decoy templates that name a person and an object of the relation's pool without stating the
+# relation, reusing the words of the relation's queries (native, employer, student, nationality, career, came)
+HARD_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "born_in": ("{s} first saw the light of day in {o} .", "{o} is where the life of {s} began ."),
+    "works_at": ("{s} has a job at {o} .", "{s} draws a salary from {o} ."),
+    "studied_at": ("{s} attended classes at {o} .", "{s} earned a diploma at {o} ."),
+    "citizen_of": ("{s} belongs to the nation of {o} .", "{s} votes in the elections of {o} ."),
+    "profession": ("{s} earns a living as a {o} .", "{s} trained for years to be a {o} ."),
+    "birth_year": ("{s} entered life in {o} .", "{s} was born during {o} ."),
+}
+DECOY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "born_in": ("{s} met a native of {o} .", "{s} visited the birthplace museum in {o} ."),
+    "works_at": ("{s} sold a machine to the employer {o} .", "{s} makes a living selling goods to {o} ."),
+    "studied_at": ("{s} received a letter from {o} .", "{s} met a student at {o} ."),
+    "citizen_of": ("{s} wrote about the nationality laws of {o} .", "{s} called {o} a second homeland ."),
+    "profession": ("{s} wanted a career as a {o} .", "{s} makes friends with every {o} ."),
+    "birth_year": ("{s} came home in the year {o} .", "{s} toured the world in {o} ."),
+}
+ALIAS_TEMPLATE = "{s} is also known as {a} ."
+ALIAS_RATE = 0.35  # the hard world: chance that a mention of a fact after its first names the person by alias
+DECOYS_PER_FACT = (0, 1, 2)  # the hard world: decoy sentences per fact of a person, drawn uniformly
+DECOY_SAME_OBJECT = 0.8  # the hard world: chance that a decoy names the fact's own object (else another)
+
 
 @dataclass(frozen=True)
 class FactsSettings:
@@ -99,6 +127,11 @@ class FactsSettings:
     n_steps, batch_size, lr, subset_fraction, weight_decay : fine-tuning runs (AdamW, warm-up + cosine),
         each on a random ``subset_fraction`` of the documents in shuffled epochs.
     n_runs : default number of runs of :func:`generate_facts`.
+    eps_root : fine-tuning optimizer: 0 is ``torch.optim.AdamW`` (eps 1e-8 outside the square root); above 0,
+        :class:`simfluence.optim.AdamW` with this epsilon inside the square root (the smooth recipe, :data:`SMOOTH`).
+    world : ``"simple"`` (unique names: lexical retrieval finds every fact) or ``"hard"`` (shared first and
+        last names, aliases, more paraphrases, decoy sentences naming a person and an object of the wrong
+        relation: see :func:`build_corpus`).
     """
 
     n_people: int = 40
@@ -119,6 +152,8 @@ class FactsSettings:
     weight_decay: float = 0.0
     subset_fraction: float = 0.5
     n_runs: int = 32
+    world: str = "simple"
+    eps_root: float = 0.0
 
 
 TIERS = {
@@ -126,7 +161,24 @@ TIERS = {
     "mini": FactsSettings(n_people=8, n_distractor_people=4, n_background_people=16, objects_per_relation=5,
                           background_mentions=3, d_model=64, n_layers=2, n_heads=4, d_ff=128, pretrain_steps=150,
                           pretrain_batch=16, pretrain_lr=5e-3, n_steps=60, batch_size=8, lr=2e-3, n_runs=4),
+    "hard": FactsSettings(world="hard"),
 }
+# the smooth fine-tuning recipe (tiers "<tier>-smooth", generate_facts(smooth=True), docs/smooth_training.md), by
+# metasmoothness (benchmarks/bench_smooth_settings.py): eps inside the square root scores at least the default's;
+# batches of 32 (4x the compute) scored no higher, so the batch stays the tier's
+SMOOTH = {"eps_root": 1e-6}
+TIERS.update({f"{name}-smooth": replace(settings, **SMOOTH) for name, settings in list(TIERS.items())})
+
+
+def _recorded_settings(settings: FactsSettings) -> dict:
+    """The settings as recorded in metadata and the base's cache key: ``world`` only when not ``"simple"``, so
+    run sets and base caches of the simple world made before worlds existed still match (resume, load)."""
+    recorded = asdict(settings)
+    if recorded["world"] == "simple":
+        del recorded["world"]
+    if recorded["eps_root"] == 0.0:  # likewise: torch's AdamW, as before smooth tiers existed
+        del recorded["eps_root"]
+    return recorded
 
 
 # --------------------------------------------------------------------------------------------- the world
@@ -160,6 +212,19 @@ def _people(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
     return [f"{first} {last}" for first, last in zip(firsts, lasts, strict=True)]
 
 
+def _people_sharing_names(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
+    """``count`` distinct "First Last" names from about ``count / 4`` first and last names: each is shared.
+
+    Person i (before a shuffle) is first name ``i mod n`` and last name ``(i + i // n) mod n``: two people with
+    the same first name differ in their last, while ``count <= n * n``.
+    """
+    n_names = max(-(-count // 4), int(np.ceil(np.sqrt(count))))
+    firsts = _unique_words(rng, n_names, 2, taken)
+    lasts = _unique_words(rng, n_names, 3, taken)
+    names = [f"{firsts[i % n_names]} {lasts[(i + i // n_names) % n_names]}" for i in range(count)]
+    return [names[i] for i in rng.permutation(count)]
+
+
 def _documents(rng: np.random.Generator, mentions: list[tuple[int, str]]) -> list[tuple[list[int], list[str]]]:
     """Group one person's (fact id, sentence) mentions into documents of 1-3 sentences, no fact twice in one."""
     order = [mentions[i] for i in rng.permutation(len(mentions))]
@@ -184,21 +249,61 @@ def _fact_mentions(rng: np.random.Generator, fact_id: int, subject: str, relatio
     return [(fact_id, templates[(start + k) % len(templates)].format(s=subject, o=obj)) for k in range(count)]
 
 
+def _aliased_mentions(rng: np.random.Generator, fact_id: int, subject: str, alias: str, relation: str, obj: str,
+                     count: int, templates: tuple[str, ...]) -> list[tuple[int, str]]:
+    """As :func:`_fact_mentions`, but every mention after the first names the person by ``alias`` with
+    probability :data:`ALIAS_RATE` (the first names them in full, so the fact is learnable from the full name)."""
+    start = int(rng.integers(len(templates)))
+    return [(fact_id, templates[(start + k) % len(templates)].format(
+        s=alias if k and rng.random() < ALIAS_RATE else subject, o=obj)) for k in range(count)]
+
+
+def _decoy_mentions(rng: np.random.Generator, first_id: int, subject: str, relation: str, obj: str,
+                    pool: list[str]) -> list[tuple[int, str]]:
+    """0-2 decoy sentences naming ``subject`` and ``obj`` (or another object of ``pool``), not stating the fact.
+
+    Their ids count down from ``first_id`` (negative: no fact), so :func:`_documents` may group them freely.
+    """
+    decoys = []
+    for k in range(int(rng.choice(DECOYS_PER_FACT))):
+        named = obj if rng.random() < DECOY_SAME_OBJECT else str(rng.choice(pool))
+        template = DECOY_TEMPLATES[relation][int(rng.integers(len(DECOY_TEMPLATES[relation])))]
+        decoys.append((first_id - k, template.format(s=subject, o=named)))
+    return decoys
+
+
 def build_corpus(settings: FactsSettings, data_seed: int = 0) -> dict:
     """The fact world, the fine-tuning documents, the queries with their labels and the pretraining corpus.
 
     Deterministic for given settings and ``data_seed``. Returns a JSON-ready dict with keys ``vocabulary``,
     ``relations`` (templates), ``facts``, ``documents``, ``queries``, ``background_documents`` (pretraining
     text, not part of the pool) and ``frequency_buckets``.
+
+    The ``"hard"`` world (``settings.world``) differs in what makes lexical retrieval fail, not in what is
+    learnable: first and last names are each shared by about four people; every person has an alias
+    (``"Kobari Telomar is also known as Tavi ."`` is in their documents) that names them in some mentions
+    after a fact's first; each relation has five training paraphrases instead of three; and every fact has
+    0-2 *decoy* sentences in its person's documents that name the person and, more often than not, the
+    fact's object without stating the relation, reusing the words of the relation's queries (``"Kobari
+    Telomar met a native of Varnholm ."``). Gold labels are unchanged in meaning (documents stating the
+    triple, under the full name or the alias), so each fact keeps its frequency bucket; a document may hold
+    decoys only (no facts). Pretraining sees every template, decoy template and the alias sentence. The
+    corpus then also has ``world`` (``"hard"``), ``aliases`` (person -> alias) and the relations' ``decoy_templates``.
     """
+    if settings.world not in WORLDS:
+        raise SimfluenceError(f"facts world must be one of {list(WORLDS)}, got {settings.world!r}")
+    hard = settings.world == "hard"
     rng = np.random.default_rng([data_seed, 7])
     taken: set[str] = set()
     pools = _object_pools(rng, settings.objects_per_relation, taken)
     n_total = settings.n_people + settings.n_distractor_people + settings.n_background_people
-    names = _people(rng, n_total, taken)
+    names = (_people_sharing_names if hard else _people)(rng, n_total, taken)
+    aliases = dict(zip(names, _unique_words(rng, n_total, 2, taken), strict=True)) if hard else {}
     targets = names[:settings.n_people]
     distractors = names[settings.n_people:settings.n_people + settings.n_distractor_people]
     background = names[settings.n_people + settings.n_distractor_people:]
+    train_templates = {relation: train + (HARD_PARAPHRASES[relation] if hard else ())
+                       for relation, (train, _) in RELATIONS.items()}
 
     facts: list[dict] = []
     for kind, people in (("target", targets), ("distractor", distractors)):
@@ -216,24 +321,35 @@ def build_corpus(settings: FactsSettings, data_seed: int = 0) -> dict:
     documents: list[dict] = []
     for kind, people in (("fact", targets), ("distractor", distractors)):
         for subject in people:
-            mentions = []
+            mentions = [(-1, ALIAS_TEMPLATE.format(s=subject, a=aliases[subject]))] if hard else []
             for fact in facts:
-                if fact["subject"] == subject:
-                    mentions += _fact_mentions(rng, fact["id"], subject, fact["relation"], fact["object"],
-                                               fact["frequency"], RELATIONS[fact["relation"]][0])
+                if fact["subject"] != subject:
+                    continue
+                relation, obj = fact["relation"], fact["object"]
+                if hard:
+                    mentions += _aliased_mentions(rng, fact["id"], subject, aliases[subject], relation, obj,
+                                                  fact["frequency"], train_templates[relation])
+                    mentions += _decoy_mentions(rng, -len(mentions) - 2, subject, relation, obj, pools[relation])
+                else:
+                    mentions += _fact_mentions(rng, fact["id"], subject, relation, obj, fact["frequency"],
+                                               train_templates[relation])
             for fact_ids, sentences in _documents(rng, mentions):
-                documents.append({"id": len(documents), "kind": kind, "facts": fact_ids, "text": " ".join(sentences)})
+                documents.append({"id": len(documents), "kind": kind, "facts": [f for f in fact_ids if f >= 0],
+                                  "text": " ".join(sentences)})
     order = rng.permutation(len(documents))
     documents = [{**documents[i], "id": new_id} for new_id, i in enumerate(order)]
 
-    doc_facts = [[facts[f] for f in doc["facts"]] for doc in documents]
+    label_keys = (("subject", "relation", "object"), ("subject",), ("relation",), ("object",))
+    stating: dict[tuple, set[int]] = {}  # (keys, their values) -> ids of the documents stating such a fact
+    for doc in documents:
+        for keys, fact_id in ((keys, f) for f in doc["facts"] for keys in label_keys):
+            stating.setdefault((keys, tuple(facts[fact_id][key] for key in keys)), set()).add(doc["id"])
     queries = []
     for fact in target_facts:
         template = str(rng.choice(RELATIONS[fact["relation"]][1]))
 
         def sharing(*keys, fact=fact):
-            return [doc["id"] for doc, stated in zip(documents, doc_facts, strict=True)
-                    if any(all(other[key] == fact[key] for key in keys) for other in stated)]
+            return stating.get((keys, tuple(fact[key] for key in keys)), set())
 
         gold = set(sharing("subject", "relation", "object"))
         queries.append({
@@ -245,25 +361,37 @@ def build_corpus(settings: FactsSettings, data_seed: int = 0) -> dict:
 
     background_mentions = []
     for subject in background:
-        mentions = []
-        for relation, (train_templates, query_templates) in RELATIONS.items():
-            every = train_templates + tuple(t + " {o} ." for t in query_templates)
-            mentions += _fact_mentions(rng, len(mentions), subject, relation, str(rng.choice(pools[relation])),
-                                       settings.background_mentions, every)
+        mentions = [(-1, ALIAS_TEMPLATE.format(s=subject, a=aliases[subject]))] if hard else []
+        for relation, (_, query_templates) in RELATIONS.items():
+            every = train_templates[relation] + tuple(t + " {o} ." for t in query_templates)
+            obj = str(rng.choice(pools[relation]))
+            if hard:
+                mentions += _aliased_mentions(rng, len(mentions), subject, aliases[subject], relation, obj,
+                                              settings.background_mentions, every)
+                mentions += _decoy_mentions(rng, -len(mentions) - 2, subject, relation, obj, pools[relation])
+            else:
+                mentions += _fact_mentions(rng, len(mentions), subject, relation, obj, settings.background_mentions,
+                                           every)
         background_mentions += [" ".join(sentences) for _, sentences in _documents(rng, mentions)]
 
     words = {word for text in [d["text"] for d in documents] + background_mentions for word in text.split()}
     words |= {word for q in queries for word in (q["prompt"] + " " + q["target"]).split()}
-    return {
+    corpus = {
         "vocabulary": list(SPECIAL_TOKENS) + sorted(words),
-        "relations": {name: {"train_templates": list(train), "query_templates": list(query)}
-                      for name, (train, query) in RELATIONS.items()},
+        "relations": {name: {"train_templates": list(train_templates[name]), "query_templates": list(query)}
+                      for name, (_, query) in RELATIONS.items()},
         "frequency_buckets": list(FREQUENCY_BUCKETS),
         "facts": facts,
         "documents": documents,
         "queries": queries,
         "background_documents": background_mentions,
     }
+    if hard:  # the simple world's corpus (and so its SHA-256) is the one recorded before worlds existed
+        corpus["world"] = settings.world
+        corpus["aliases"] = aliases
+        for name, relation in corpus["relations"].items():
+            relation["decoy_templates"] = list(DECOY_TEMPLATES[name])
+    return corpus
 
 
 def corpus_sha256(corpus: dict) -> str:
@@ -312,6 +440,10 @@ def _adamw(params, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=0.0, weight_decay=weight_decay)
 
 
+def _adamw_root(params, weight_decay: float, eps_root: float) -> torch.optim.Optimizer:
+    return AdamW(params, lr=0.0, eps=0.0, eps_root=eps_root, weight_decay=weight_decay)
+
+
 _BASES: dict[str, dict[str, torch.Tensor]] = {}  # per-process memo: key -> pretrained state_dict
 
 
@@ -345,7 +477,7 @@ def pretrained_base(seed: int, settings: FactsSettings, data_seed: int, pretrain
     and, with ``cache`` (a ``.pt`` path), loaded from / saved to that file, checked by its settings key.
     """
     del seed
-    key = json.dumps({"settings": asdict(settings), "data_seed": data_seed, "pretrain_seed": pretrain_seed},
+    key = json.dumps({"settings": _recorded_settings(settings), "data_seed": data_seed, "pretrain_seed": pretrain_seed},
                      sort_keys=True)
     corpus = build_corpus(settings, data_seed)
     model = TinyLM(_model_config(settings, corpus))
@@ -387,7 +519,8 @@ def facts_task(tier: str | FactsSettings = "default", data_seed: int = 0, pretra
 
     Parameters
     ----------
-    tier : ``"default"``, ``"mini"`` or a :class:`FactsSettings`.
+    tier : ``"default"``, ``"mini"``, ``"hard"`` (the default sizes in the hard world), each also as
+        ``"<tier>-smooth"`` (fine-tuned with the smooth recipe :data:`SMOOTH`), or a :class:`FactsSettings`.
     data_seed : seed of the world and corpus.
     pretrain_seed : seed of the base model's initial weights and pretraining batches.
     base_cache : ``.pt`` file the pretrained base is loaded from / saved to (default: pretrain in memory).
@@ -409,11 +542,12 @@ def facts_task(tier: str | FactsSettings = "default", data_seed: int = 0, pretra
     metadata = {
         "workload": "facts",
         "tier": tier_name,
-        "settings": asdict(settings),
+        "settings": _recorded_settings(settings),
         "data_seed": data_seed,
         "pretrain_seed": pretrain_seed,
         "model": config.describe(),
-        "optimizer": {"kind": "adamw", "weight_decay": settings.weight_decay},
+        "optimizer": {"kind": "adamw", "weight_decay": settings.weight_decay,
+                      **({"eps": 0.0, "eps_root": settings.eps_root} if settings.eps_root > 0 else {})},
         "lr_schedule": schedule.describe(),
         "loss": {"pool": "mean token NLL of the document", "test": "NLL of the object token(s) given the prompt"},
         "corpus_file": CORPUS_FILE,
@@ -430,7 +564,8 @@ def facts_task(tier: str | FactsSettings = "default", data_seed: int = 0, pretra
         pool_inputs=pool_inputs, pool_targets=pool_targets,
         test_inputs=test_inputs, test_targets=test_targets,
         loss_fn=token_nll,
-        make_optimizer=functools.partial(_adamw, weight_decay=settings.weight_decay),
+        make_optimizer=(functools.partial(_adamw_root, weight_decay=settings.weight_decay, eps_root=settings.eps_root)
+                        if settings.eps_root > 0 else functools.partial(_adamw, weight_decay=settings.weight_decay)),
         lr_at=schedule,
         metadata=metadata,
     )
@@ -489,6 +624,7 @@ def generate_facts(
     overwrite: bool = False,
     backend: str = "local",
     ray_address: str | None = None,
+    smooth: bool = False,
 ) -> RunSet:
     """Pretrain the base once, then fine-tune ``n_runs`` runs on random document subsets and log them to ``out``.
 
@@ -497,8 +633,12 @@ def generate_facts(
     is cached in ``out/base.pt`` and the corpus written to ``out/facts_corpus.json``. Re-running over an
     existing folder resumes it (see :func:`~simfluence.training.generate_runs`, which also describes
     ``backend="ray"`` and ``ray_address``; Ray workers without a shared file system pretrain the base once each).
+    ``smooth``: fine-tune with the smooth recipe :data:`SMOOTH` (tier ``"<tier>-smooth"``: AdamW with eps inside
+    the square root; the world, the base and the batches stay the tier's).
     """
     out = Path(out)
+    if smooth:
+        tier = replace(tier, **SMOOTH) if isinstance(tier, FactsSettings) else f"{tier.removesuffix('-smooth')}-smooth"
     tier_name, settings = _settings(tier)
     n_runs = settings.n_runs if n_runs is None else int(n_runs)
     tier_or_settings = settings if tier_name == "custom" else tier_name
