@@ -31,6 +31,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import threading
@@ -294,6 +295,13 @@ def _run_in_worker(job: _Job) -> str:
     return _WORKER_TRAINER(job)
 
 
+def _task_files_used(task_bytes: bytes) -> dict[str, str]:
+    """The task files (module name -> path) that the pickled task refers to: what a worker must import to unpickle
+    it. Not every file this process loaded: another task's file may import helpers a worker cannot find."""
+    return {name: path for name, path in loaded_task_files().items()
+            if re.search(re.escape(name.encode()) + rb"(?![A-Za-z0-9_])", task_bytes)}
+
+
 def _task_bytes(task: Task) -> bytes:
     """The pickled task for worker processes or Ray tasks; one clear error when it cannot be pickled."""
     try:
@@ -354,7 +362,8 @@ def _train_on_ray(task: Task, jobs: list[_Job], runset: RunSet, trainer_args: tu
     out = trainer_args[0]
     manifest = {"n_pool": runset.n_pool, "pool_ids": runset.pool_ids, "test_ids": runset.test_ids,
                 "metadata": runset.metadata}
-    shared = (loaded_task_files(), _task_bytes(task), manifest, trainer_args[1:])
+    task_bytes = _task_bytes(task)
+    shared = (_task_files_used(task_bytes), task_bytes, manifest, trainer_args[1:])
     with ray_session(address):
         for index, files in run_tasks(_train_elsewhere, [(*shared, job) for job in jobs]):
             _install_trained(out, jobs[index].name, files)
@@ -572,7 +581,7 @@ def _train_in_processes(task: Task, jobs: list[_Job], trainer_args: tuple, n_wor
     """Train ``jobs`` in ``n_workers`` spawned worker processes; a worker's error is raised here."""
     task_bytes = _task_bytes(task)
     context = multiprocessing.get_context("spawn")
-    initargs = (os.getpid(), loaded_task_files(), task_bytes, *trainer_args)
+    initargs = (os.getpid(), _task_files_used(task_bytes), task_bytes, *trainer_args)
     try:
         with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker,
                                  initargs=initargs) as pool:

@@ -357,3 +357,21 @@ def test_moving_the_schedule_class_keeps_recorded_task_fingerprints(task):
     before_the_move = replace(task, lr_at=former(**dataclasses.asdict(task.lr_at)))
     assert isinstance(task.lr_at, WarmupCosine)
     assert task_fingerprint_parts(task) == task_fingerprint_parts(before_the_move)
+
+
+def test_workers_import_only_the_task_file_their_task_comes_from(tmp_path):
+    """Workers unpickle the task, so they import its task file; a file loaded earlier in the same process for
+    another task is not theirs to import (its helpers may be unimportable there: an error that is not the task's)."""
+    import pickle
+
+    from simfluence.task import load_task
+    from simfluence.training import _task_files_used
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "wine_task.py"
+    other = tmp_path / "other" / "wine_task.py"
+    other.parent.mkdir()
+    other.write_text(example.read_text())
+    load_task(f"{other}:make_task")  # loaded first, for another task
+    task = load_task(f"{example}:make_task")
+    used = _task_files_used(pickle.dumps(task))
+    assert list(used.values()) == [str(example)]

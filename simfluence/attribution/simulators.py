@@ -91,7 +91,10 @@ class _GradientMethod(FixedEffectsSimulator):
         if self.check_linearity:  # two replays of the first training run: a real small removal vs the prediction
             from simfluence.attribution.smoothness import replayed_removal_check
 
-            self.linearity_ = replayed_removal_check(self, runset, runs[0], task=task)
+            try:
+                self.linearity_ = replayed_removal_check(self, runset, runs[0], task=task)
+            except SimfluenceError as err:  # a task the exact replay does not support (e.g. a Trainer's loop)
+                self.linearity_ = {"ok": None, "skipped": str(err)}
         return self
 
     def compute_scores(self, runset: RunSet, run: int | str = 0, task=None) -> tuple[np.ndarray, list[int]]:
@@ -158,7 +161,8 @@ class TracInSimulator(_GradientMethod):
     check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
         replays) and compare the real change of the final test losses with this method's prediction
         (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
-        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`. Tasks that the exact replay does
+        not support (a Hugging Face Trainer's loop) skip it, and ``linearity_["skipped"]`` says why.
     """
 
     kind = "tracin"
@@ -212,7 +216,8 @@ class InfluenceSimulator(_GradientMethod):
     check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
         replays) and compare the real change of the final test losses with this method's prediction
         (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
-        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`. Tasks that the exact replay does
+        not support (a Hugging Face Trainer's loop) skip it, and ``linearity_["skipped"]`` says why.
     """
 
     kind = "influence"
@@ -272,7 +277,8 @@ class TrackStarSimulator(_GradientMethod):
     check_linearity : after the fit, remove 5% of the examples of the first training run, retrain it (two exact
         replays) and compare the real change of the final test losses with this method's prediction
         (:func:`~simfluence.attribution.smoothness.replayed_removal_check`, kept in ``linearity_``); a bad
-        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`.
+        disagreement issues a :class:`~simfluence.errors.NonlinearityWarning`. Tasks that the exact replay does
+        not support (a Hugging Face Trainer's loop) skip it, and ``linearity_["skipped"]`` says why.
     """
 
     kind = "trackstar"
