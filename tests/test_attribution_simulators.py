@@ -215,3 +215,15 @@ def test_gradient_methods_give_the_same_scores_on_every_device(tiny_digits, meth
 def test_a_device_that_torch_does_not_know_is_one_clear_error(tiny_digits):
     with pytest.raises(SimfluenceError, match="device 'gpu0' is not a torch device"):
         TracInSimulator(device="gpu0").fit(tiny_digits)
+
+
+def test_gradient_methods_record_their_replayed_removal_check_and_keep_it_when_saved(tiny_digits, tmp_path):
+    """fit retrains one small removal of its first training run and compares it with its own prediction; the
+    result (real and predicted mean change, ok) is kept in ``linearity_`` and in the model file."""
+    checked = TracInSimulator().fit(tiny_digits, runs=range(4))
+    check = checked.linearity_
+    assert check["removed"] and np.isfinite(check["replayed_mean"]) and np.isfinite(check["predicted_mean"])
+    assert check["replayed_mean"] != 0 and isinstance(check["ok"], bool)
+    checked.save(tmp_path / "tracin")
+    assert load_simulator(tmp_path / "tracin").linearity_ == check
+    assert TracInSimulator(check_linearity=False).fit(tiny_digits, runs=range(4)).linearity_ is None
