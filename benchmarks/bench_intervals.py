@@ -1,9 +1,9 @@
 """Benchmark: are the prediction intervals calibrated against real retraining?
 
 Reuses the LDS draws that ``bench_lds.py`` retrained for real (nothing is trained here): on the digits run set
-(or the facts one with ``--workload facts``), each method is fitted on the first runs (all but the last 8, as
-in ``bench_lds.py``), a :class:`simfluence.uncertainty.Bootstrap` of it (20 members, 80% intervals, seed 0) is
-fitted on the same runs, both with members on random halves of the runs (``half``, the default) and on runs
+(or the facts one with ``--workload facts`` or ``facts-smooth``), each method is fitted on the first runs (all but
+the last 8, as in ``bench_lds.py``), a :class:`simfluence.uncertainty.Bootstrap` of it (20 members, 80% intervals,
+seed 0) is fitted on the same runs, both with members on random halves of the runs (``half``, the default) and on runs
 drawn with replacement (``runs``), and every retrained draw of every held-out base run is predicted by the
 point simulator and by every member. Per method and protocol, over all (draw, test example) changes of the
 final loss against the retrained base:
@@ -20,7 +20,7 @@ final loss against the retrained base:
 
 Prints markdown and records it in ``benchmarks/RESULTS.md``.
 
-    python benchmarks/bench_intervals.py [--workload digits|facts] [--members 20] [--level 0.8]
+    python benchmarks/bench_intervals.py [--workload digits|facts|facts-smooth] [--members 20] [--level 0.8]
 """
 from __future__ import annotations
 
@@ -39,11 +39,14 @@ from results import write_section  # noqa: E402
 
 SECTION = "## Prediction intervals against real retraining (digits)"
 SECTION_FACTS = "## Prediction intervals against real retraining (facts language model)"
+SECTION_FACTS_SMOOTH = "## Prediction intervals against real retraining (facts language model, smooth recipe)"
+SECTIONS = {"digits": SECTION, "facts": SECTION_FACTS, "facts-smooth": SECTION_FACTS_SMOOTH}
 METHODS = ("linear_mom", "additive")
 RESAMPLINGS = ("half", "runs")
 DEFAULTS = {
     "digits": {"cache": "/tmp/simfluence-bench-digits-ckpt", "lds": "/tmp/simfluence-bench-lds"},
     "facts": {"cache": "/tmp/facts-ckpt", "lds": "/tmp/simfluence-bench-lds-facts"},
+    "facts-smooth": {"cache": "/tmp/facts-smooth-ckpt", "lds": "/tmp/simfluence-bench-lds-facts-smooth"},
 }
 
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     lds_dir = Path(args.lds or DEFAULTS[args.workload]["lds"])
     if not (lds_dir / "retrained").is_dir():
         parser.error(f"{lds_dir}/retrained does not exist: run bench_lds.py"
-                     + (" --workload facts" if args.workload == "facts" else "") + " first")
+                     + (f" --workload {args.workload}" if args.workload != "digits" else "") + " first")
     runset = RunSet.load(cache)
     train = list(range(len(runset) - 8))
     bases = sorted(path.name for path in (lds_dir / "retrained").iterdir() if path.is_dir())
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/bench_intervals.py", *arguments])
     n_draws = ", ".join(f"{row['protocol']} {row['n_draws']}" for row in rows if row["method"] == rows[0]["method"])
     lines = [
-        SECTION if args.workload == "digits" else SECTION_FACTS,
+        SECTIONS[args.workload],
         "",
         f"Recorded {now} by `{command}` on {os.cpu_count()} cores in {wall:.0f} s. Run set `{cache}` "
         f"({len(runset)} runs, pool {runset.n_pool}, {runset.n_test} tests); methods and their bootstraps fitted on "
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     section = "\n".join(lines)
     print(section)
-    write_section(args.results, SECTION if args.workload == "digits" else SECTION_FACTS, section)
+    write_section(args.results, SECTIONS[args.workload], section)
     return 0
 
 

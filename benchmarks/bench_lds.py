@@ -29,6 +29,9 @@ LEARNED = ("mean_curve", "additive", "linear", "linear_step", "linear_mom", "lin
 OPTIONAL = ("tracin", "tracin_offset", "tracin_cos_offset", "influence_offset", "trackstar_offset", "unrolled",
             "blend", "blend_influence")
 SECTION_FACTS = "## LDS: counterfactual predictions against real retraining (facts language model)"
+SECTION_FACTS_SMOOTH = ("## LDS: counterfactual predictions against real retraining (facts language model, smooth "
+                        "recipe)")
+FACTS_CACHES = {"facts": "/tmp/facts-ckpt", "facts-smooth": "/tmp/facts-smooth-ckpt"}
 PROTOCOLS = ("remove-1", "remove-5", "remove-10", "move-end", "half")
 CHECKPOINT_STEPS = (0, 50, 100, 150, 200)
 
@@ -45,23 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bases", nargs="+", default=["run-040", "run-043", "run-047"])
     parser.add_argument("--draws", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--workload", choices=["digits", "facts"], default="digits",
+    parser.add_argument("--workload", choices=["digits", "facts", "facts-smooth"], default="digits",
                         help="facts: the language-model workload (default tier, checkpoints 0/100/200; cache "
-                        "/tmp/facts-ckpt, the one bench_factbench.py uses), with --protocols and --methods")
+                        "/tmp/facts-ckpt, the one bench_factbench.py uses), with --protocols and --methods; "
+                        "facts-smooth: the same fine-tuned with the smooth recipe (tier default-smooth, cache "
+                        "/tmp/facts-smooth-ckpt)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
     parser.add_argument("--methods", nargs="+", default=None, help="default: every learned and gradient method")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = parser.parse_args(argv)
-    if args.workload == "facts":
-        cache = args.cache if args.cache != parser.get_default("cache") else "/tmp/facts-ckpt"
-        generate_facts(cache, checkpoint_steps=(0, 100, 200), progress=False)
+    facts = args.workload.startswith("facts")
+    if facts:
+        cache = args.cache if args.cache != parser.get_default("cache") else FACTS_CACHES[args.workload]
+        generate_facts(cache, checkpoint_steps=(0, 100, 200), progress=False, workers=args.workers,
+                       smooth=args.workload == "facts-smooth")
         if args.out == parser.get_default("out"):
-            args.out = "/tmp/simfluence-bench-lds-facts"
+            args.out = f"/tmp/simfluence-bench-lds-{args.workload}"
     else:
         cache = args.cache
         generate_digits(cache, checkpoint_steps=CHECKPOINT_STEPS, progress=False)
     runset = RunSet.load(cache)
-    if args.bases == parser.get_default("bases") and args.workload == "facts":
+    if args.bases == parser.get_default("bases") and facts:
         args.bases = runset.run_names[-3:]
     methods = args.methods or list(LEARNED) + [name for name in OPTIONAL if name in METHODS]
     protocols = tuple(args.protocols)
@@ -78,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     described = (f"Default digits run set ({len(runset)} runs x {runset[0].n_steps} steps, pool {runset.n_pool}, "
                  f"{runset.n_test} tests, SGD momentum 0.9, warm-up + cosine; checkpoints at steps 0/50/100/150/200)"
                  if args.workload == "digits" else
-                 f"Facts language-model run set (default tier: {len(runset)} runs x {runset[0].n_steps} steps of a "
-                 f"tiny transformer fine-tuned with AdamW, {runset.n_pool} documents, {runset.n_test} fact queries; "
-                 "checkpoints at steps 0/100/200)")
+                 f"Facts language-model run set ({'smooth recipe: ' if args.workload == 'facts-smooth' else ''}default "
+                 f"tier: {len(runset)} runs x {runset[0].n_steps} steps of a tiny transformer fine-tuned with AdamW"
+                 + (" with eps 1e-6 inside the square root" if args.workload == "facts-smooth" else "")
+                 + f", {runset.n_pool} documents, {runset.n_test} fact queries; checkpoints at steps 0/100/200)")
+    section_title = {"digits": SECTION, "facts": SECTION_FACTS, "facts-smooth": SECTION_FACTS_SMOOTH}[args.workload]
     lines = [
-        SECTION if args.workload == "digits" else SECTION_FACTS,
+        section_title,
         "",
         f"Recorded {now} by `{command}` on {os.cpu_count()} cores. {described}. Methods fitted on the first "
         f"{len(result.train_runs)} runs" + (f" ({', '.join(per_base)}: around each base run)" if per_base else "")
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     section = "\n".join(lines)
     print(section)
-    write_section(args.results, SECTION if args.workload == "digits" else SECTION_FACTS, section)
+    write_section(args.results, section_title, section)
     return 0
 
 

@@ -153,6 +153,11 @@ def _ray_option(what: str):
     )
 
 
+_device_option = click.option(
+    "--device", default=None, help="Torch device to train on, e.g. cuda (default: the CPU); a run trained off the "
+    "CPU records it, since a CPU replay differs in the last bits.")
+
+
 @generate_group.command("digits")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run-set folder (resumed if present).")
 @_digits_option("--runs", "n_runs", type=int, help="Number of runs (curricula).")
@@ -176,6 +181,7 @@ def _ray_option(what: str):
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
+@_device_option
 def generate_digits_command(out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Digits MLP runs: scikit-learn's bundled digits, random pool subsets in random order."""
     from simfluence.workloads import generate_digits
@@ -202,6 +208,7 @@ def generate_digits_command(out: str, checkpoint_steps: tuple[int, ...], ray: di
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
+@_device_option
 def generate_facts_command(out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Tiny transformer LM fine-tuned on synthetic fact documents; test examples are fact queries."""
     from simfluence.workloads import generate_facts
@@ -227,6 +234,7 @@ def generate_facts_command(out: str, checkpoint_steps: tuple[int, ...], ray: dic
 @click.option("--overwrite", is_flag=True,
               help="Replace the run set at --out: the new one is built aside and swapped in when complete.")
 @_ray_option("Train the runs")
+@_device_option
 def generate_task_command(task_spec: str, out: str, checkpoint_steps: tuple[int, ...], ray: dict, **options) -> None:
     """Runs of your own task: random pool subsets in random order, all from the task's initial weights."""
     from simfluence.task import load_task

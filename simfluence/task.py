@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["REPLAY_TOLERANCE", "ReplayWarning", "Task", "check_checkpoint_losses", "check_recorded_settings",
            "check_replay", "check_schedule", "fingerprint_change", "fingerprint_digest", "initial_model", "load_task",
-           "probe_losses", "recorded_init_seed", "task_fingerprint", "task_fingerprint_parts"]
+           "probe_losses", "recorded_init_seed", "task_fingerprint", "task_fingerprint_parts", "torch_device"]
 
 TASK_HINT = "pass --task path/to/file.py:function (Python: task=...)"
 
@@ -282,6 +282,25 @@ def check_schedule(task: Task, run: Run) -> None:
 FINGERPRINT_SCHEDULE_STEPS = 1024  # learning rates of steps 1..this enter the fingerprint (cheap to evaluate)
 FINGERPRINT_PARTS = ("initial weights", "model", "pool data", "test data", "loss function", "optimizer",
                      "learning-rate schedule")
+
+
+def torch_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device` (None: the CPU), refused in one line when torch cannot name it or this
+    machine does not have it (``"cuda"`` without a GPU, say)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise TaskError(f"device {device!r} is not a torch device ({one_line(err)})") from None
+    available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+    if not available.get(resolved.type, True):
+        raise TaskError(f"device {str(resolved)!r} is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise TaskError(f"device {str(resolved)!r} is not available: this machine has {torch.cuda.device_count()} "
+                        "CUDA device(s)")
+    return resolved
 
 
 def initial_model(task: Task, init_seed: int | None = None) -> nn.Module:
@@ -551,12 +570,15 @@ def check_replay(runset: RunSet, run: Run, replayed: np.ndarray, tolerance: floa
     if np.any(np.isfinite(logged) & ~np.isfinite(replayed)):
         difference = float("inf")
     tolerance = REPLAY_TOLERANCE if tolerance is None else float(tolerance)
+    trained_on = run.metadata.get("device")  # recorded by the generator for runs trained off the CPU
     if not difference <= tolerance * scale:
         raise TaskError(
             f"{what} {_run_where(runset, run)} with the task does not reproduce its log: test losses differ by "
-            f"up to {difference:.3g} (mean loss {scale:.3g}, tolerance {tolerance:g} of it); the task differs from "
-            f"the one that trained the run (initial weights or seed, optimizer, data rows, loss?); to go on anyway "
-            f"raise the tolerance (--replay-tolerance / replay_tolerance=)")
+            f"up to {difference:.3g} (mean loss {scale:.3g}, tolerance {tolerance:g} of it); " + (
+                f"the run was trained on {trained_on!r}, whose rounding a CPU replay does not reproduce (replay it on "
+                "that device, or raise the tolerance)" if trained_on not in (None, "cpu") else
+                "the task differs from the one that trained the run (initial weights or seed, optimizer, data rows, "
+                "loss?)") + "; to go on anyway raise the tolerance (--replay-tolerance / replay_tolerance=)")
     if difference > REPLAY_TOLERANCE * scale:
         warnings.warn(f"NOT REPRODUCED: {what} {_run_where(runset, run)} reproduces its log only to "
                       f"{difference:.3g} ({difference / scale:.2g} of its mean loss, beyond the default tolerance "

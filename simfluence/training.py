@@ -68,6 +68,7 @@ from simfluence.task import (
     loaded_task_files,
     recorded_init_seed,
     task_fingerprint_parts,
+    torch_device,
 )
 
 __all__ = ["CHECKPOINTS_DIR", "WarmupCosine", "default_run_names", "generate_random_runs", "generate_runs",
@@ -168,24 +169,31 @@ class _Trainer:
     """Trains and logs runs of one task; one instance per worker process (or one in-process)."""
 
     def __init__(self, task: Task, runset_path: Path, init_seed: int, log_every: int,
-                 checkpoint_steps: tuple[int, ...]) -> None:
+                 checkpoint_steps: tuple[int, ...], device: str | None = None) -> None:
         self.task = task
         self.runset_path = runset_path
         self.init_seed = init_seed
         self.log_every = log_every
         self.checkpoint_steps = frozenset(checkpoint_steps)
+        self.device = torch_device(device)
+        if self.device.type == "cuda":  # deterministic cuBLAS needs a fixed workspace, set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(init_seed)
         with _task_code("make_model"):
-            self.model = task.make_model(init_seed)
+            self.model = task.make_model(init_seed).to(self.device)
         self.initial_state = copy.deepcopy(self.model.state_dict())
+        # the data lives where the model does (moved once; on the CPU these are the task's own tensors)
+        self.pool_inputs, self.pool_targets, self.test_inputs, self.test_targets = (
+            _on_device(data, self.device) for data in (task.pool_inputs, task.pool_targets, task.test_inputs,
+                                                       task.test_targets))
 
     def test_losses(self) -> np.ndarray:
         """(n_test,) float64 loss of every test example, one forward pass."""
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), _task_code("model or loss_fn (on the test examples)"):
-            losses = self.task.loss_fn(self.model(self.task.test_inputs), self.task.test_targets)
-            losses = losses.detach().to(torch.float64).numpy().reshape(-1)
+            losses = self.task.loss_fn(self.model(self.test_inputs), self.test_targets)
+            losses = losses.detach().to(torch.float64).cpu().numpy().reshape(-1)
         self.model.train(was_training)
         return losses
 
@@ -196,8 +204,9 @@ class _Trainer:
     def save_checkpoint(self, name: str, step: int, optimizer: torch.optim.Optimizer) -> str:
         relative = f"{CHECKPOINTS_DIR}/{name}/step-{step}.pt"
         buffer = io.BytesIO()
-        torch.save({"step": step, "learning_rate": self.learning_rate(max(step, 1)),
-                    "model": self.model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        torch.save({"step": step, "learning_rate": self.learning_rate(max(step, 1)),  # saved on the CPU, any device
+                    "model": _on_device(self.model.state_dict(), CPU),
+                    "optimizer": _on_device(optimizer.state_dict(), CPU)}, buffer)
         atomic_write_bytes(self.runset_path / relative, buffer.getvalue())
         return relative
 
@@ -215,6 +224,8 @@ class _Trainer:
         with _task_code("make_optimizer"):
             optimizer = task.make_optimizer(self.model.parameters())
         metadata = {"seed": job.seed, "init_seed": self.init_seed, "checkpoints": []}
+        if self.device.type != "cpu":  # the losses of another device differ in the last bits: a replay must know
+            metadata["device"] = str(self.device)
         with RunLogger(self.runset_path, job.name, metadata=metadata, overwrite=True) as logger:
             # the run's lock is held from here: the checkpoints of a run another writer trains are never touched
             if checkpoint_dir.exists():
@@ -234,11 +245,11 @@ class _Trainer:
                 if batch.size:  # an empty batch has no data: no update at all
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    index = torch.tensor(batch)
+                    index = torch.tensor(batch, device=self.device)
                     optimizer.zero_grad(set_to_none=True)
                     with _task_code("model, loss_fn or optimizer (on a training batch)"):
-                        outputs = self.model(task.pool_inputs[index])
-                        task.loss_fn(outputs, task.pool_targets[index]).mean().backward()
+                        outputs = self.model(self.pool_inputs[index])
+                        task.loss_fn(outputs, self.pool_targets[index]).mean().backward()
                         optimizer.step()
                 log_now = step % self.log_every == 0 or step == n_steps
                 logger.log_step(positions=batch, losses=self.test_losses() if log_now else None,
@@ -248,6 +259,21 @@ class _Trainer:
                     checkpoints.append(
                         {"step": step, "path": self.save_checkpoint(job.name, step, optimizer)})
         return job.name
+
+
+CPU = torch.device("cpu")
+
+
+def _on_device(value, device: torch.device):
+    """``value`` (a tensor, or dicts / lists / tuples of them, as in a state_dict) with its tensors on ``device``;
+    tensors already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_on_device(item, device) for item in value)
+    return value
 
 
 _WORKER_TRAINER: _Trainer | None = None
@@ -405,6 +431,7 @@ def generate_runs(
     seeds: Sequence[int] | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    device: str | None = None,
 ) -> RunSet:
     """Train one run of ``task`` per curriculum, all from the same initial weights, and log them to ``out``.
 
@@ -440,13 +467,18 @@ def generate_runs(
         gives each task one CPU). Needs ``pip install 'simfluence[ray]'``, and simfluence on every node.
     ray_address : the Ray cluster (:func:`simfluence.cluster.ray_session`): None or ``"local"`` starts one on
         this machine, ``"auto"`` joins the cluster this machine is part of, ``"ray://host:10001"`` a remote one.
+    device : torch device to train on (default: the CPU), e.g. ``"cuda"``; the model and the task's tensors are
+        moved there once per worker, checkpoints are saved on the CPU, and a run trained elsewhere than on the CPU
+        records its device in ``metadata["device"]`` (its losses differ from a CPU replay's in the last bits).
+        Local backend only.
 
     Returns
     -------
     RunSet loaded from ``out`` (losses memory-mapped).
     """
     out = Path(out)
-    request = check_request(task, curricula, names, init_seed, log_every, checkpoint_steps, seeds, backend)
+    request = check_request(task, curricula, names, init_seed, log_every, checkpoint_steps, seeds, backend,
+                            device=device)
     final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
     with runset_destination(out, overwrite) as target:  # refuses a folder that is not a run set, creating nothing
         train_into(target, request, workers, progress, backend, ray_address)
@@ -470,11 +502,12 @@ class TrainingRequest:
     log_every: int
     checkpoint_steps: tuple[int, ...]
     metadata: dict
+    device: str | None = None
 
 
 def check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[str] | None, init_seed: int | None,
                    log_every: int, checkpoint_steps: Iterable[int], seeds: Sequence[int] | None,
-                   backend: str) -> TrainingRequest:
+                   backend: str, device: str | None = None) -> TrainingRequest:
     """Every check of the arguments of :func:`generate_runs` that needs no disk: done before anything is written."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # a spawned worker importing the script
         raise TaskError(f"generate_runs was called while a worker process imported the script that started it: "
@@ -483,6 +516,11 @@ def check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[s
         raise SimfluenceError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(task, Task):
         raise TaskError(f"task must be a simfluence.task.Task, got a {type(task).__name__}")
+    device = None if device is None else str(torch_device(device))
+    if device not in (None, "cpu") and (backend == "ray" or getattr(task, "train_logged_run", None) is not None):
+        raise TaskError(f"device {device!r}: " + ("Ray workers train on the CPU; use backend='local'"
+                                                  if backend == "ray" else
+                                                  "this task trains with its own loop, which chooses its device"))
     init_seed = int(task.init_seed if init_seed is None else init_seed)
     curricula = list(curricula)
     names = default_run_names(len(curricula)) if names is None else list(names)
@@ -514,7 +552,7 @@ def check_request(task: Task, curricula: Sequence[Curriculum], names: Sequence[s
         **task.metadata,
         "generator": {"init_seed": init_seed, "log_every": log_every, "checkpoint_steps": list(checkpoint_steps)},
     })
-    return TrainingRequest(task, curricula, names, seeds, init_seed, log_every, checkpoint_steps, metadata)
+    return TrainingRequest(task, curricula, names, seeds, init_seed, log_every, checkpoint_steps, metadata, device)
 
 
 def check_resumable(out: Path, request: TrainingRequest) -> None:
@@ -558,7 +596,7 @@ def _train_pending(out: Path, runset: RunSet, request: TrainingRequest, workers:
     """Train the runs of ``request`` that ``out`` does not hold complete, locally or on Ray."""
     task, curricula = request.task, request.curricula
     jobs = _pending_jobs(out, request.names, curricula, request.seeds)
-    trainer_args = (out, request.init_seed, request.log_every, request.checkpoint_steps)
+    trainer_args = (out, request.init_seed, request.log_every, request.checkpoint_steps, request.device)
     bar = tqdm(total=len(curricula), initial=len(curricula) - len(jobs), desc=f"training {out.name}",
                unit="run", disable=not progress)
     n_workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else min(int(workers), max(len(jobs), 1))
@@ -618,6 +656,7 @@ def generate_random_runs(
     overwrite: bool = False,
     backend: str = "local",
     ray_address: str | None = None,
+    device: str | None = None,
 ) -> RunSet:
     """Train ``n_runs`` runs of ``task``, each on a random subset of its pool in random order, and log them.
 
@@ -634,7 +673,7 @@ def generate_random_runs(
     subset_fraction : share of the pool each run trains on, in (0, 1].
     seed : seed of the curricula.
     init_seed : seed of the initial weights (default ``task.init_seed``).
-    log_every, checkpoint_steps, workers, progress, overwrite, backend, ray_address : as for
+    log_every, checkpoint_steps, workers, progress, overwrite, backend, ray_address, device : as for
         :func:`generate_runs`.
 
     Returns
@@ -644,7 +683,7 @@ def generate_random_runs(
     task, curricula = random_runs_plan(task, n_runs, n_steps, batch_size, subset_fraction, seed)
     return generate_runs(task, curricula, out, init_seed=init_seed, log_every=log_every,
                          checkpoint_steps=checkpoint_steps, workers=workers, progress=progress, overwrite=overwrite,
-                         backend=backend, ray_address=ray_address)
+                         backend=backend, ray_address=ray_address, device=device)
 
 
 def random_runs_plan(task: Task, n_runs: int, n_steps: int, batch_size: int, subset_fraction: float,

@@ -336,6 +336,9 @@ def test_a_replay_beyond_the_tolerance_is_an_error_and_a_raised_tolerance_warns(
         assert check_replay(runset, run, wrong, tolerance=1.0) == pytest.approx(2 * REPLAY_TOLERANCE * scale)
     with pytest.raises(TaskError, match="differ by up to inf"):
         check_replay(runset, run, np.where(np.isfinite(logged), np.nan, 0.0), tolerance=1.0)
+    run.metadata = {**run.metadata, "device": "cuda:0"}  # a run trained on a GPU: the message says why it differs
+    with pytest.raises(TaskError, match="trained on 'cuda:0', whose rounding a CPU replay does not reproduce"):
+        check_replay(runset, run, wrong)
 
 
 def test_checkpoints_of_another_model_or_test_rows_are_refused(tmp_path):

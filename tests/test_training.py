@@ -375,3 +375,33 @@ def test_workers_import_only_the_task_file_their_task_comes_from(tmp_path):
     task = load_task(f"{example}:make_task")
     used = _task_files_used(pickle.dumps(task))
     assert list(used.values()) == [str(example)]
+
+
+def test_training_on_the_cpu_device_is_training_as_before(tmp_path, task, curricula):
+    plain = generate_runs(task, curricula, tmp_path / "plain", checkpoint_steps=(STEPS,), workers=1, progress=False)
+    on_cpu = generate_runs(task, curricula, tmp_path / "cpu", checkpoint_steps=(STEPS,), workers=1, progress=False,
+                           device="cpu")
+    for a, b in zip(plain, on_cpu, strict=True):
+        assert np.array_equal(a.losses, b.losses)
+        assert "device" not in b.metadata  # only a run trained off the CPU records where
+        saved = [torch.load(folder / run.metadata["checkpoints"][0]["path"], weights_only=True)
+                 for folder, run in ((tmp_path / "plain", a), (tmp_path / "cpu", b))]
+        assert all(torch.equal(saved[0]["model"][key], saved[1]["model"][key]) for key in saved[0]["model"])
+
+
+@pytest.mark.parametrize("device, message", [("gpu7", "is not a torch device"),
+                                             ("cuda:64", "not available")])
+def test_a_device_this_machine_lacks_is_one_task_error_before_anything_is_written(tmp_path, task, curricula,
+                                                                                  device, message):
+    with pytest.raises(TaskError, match=message) as error:
+        generate_runs(task, curricula, tmp_path / "rs", workers=1, progress=False, device=device)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "rs").exists()
+
+
+def test_ray_training_refuses_a_device_it_would_ignore(tmp_path, task, curricula, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TaskError, match="Ray workers train on the CPU"):
+        generate_runs(task, curricula, tmp_path / "rs", progress=False, backend="ray", device="cuda")
+    assert not (tmp_path / "rs").exists()

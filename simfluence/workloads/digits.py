@@ -230,6 +230,7 @@ def generate_digits(
     ray_address: str | None = None,
     eps_root: float = 0.0,
     smooth: bool = False,
+    device: str | None = None,
 ) -> RunSet:
     """Train ``n_runs`` digits MLPs, each on a random subset of the pool in random order, and log them to ``out``.
 
@@ -239,7 +240,8 @@ def generate_digits(
     :func:`~simfluence.training.generate_runs`, which also describes ``backend="ray"`` and
     ``ray_address``). ``eps_root``: see :func:`digits_task`. ``smooth``: the smooth training recipe
     :data:`SMOOTH` (larger batches) sets ``optimizer``, ``eps_root`` and ``batch_size``; giving one of them
-    another value than its default is an error.
+    another value than its default is an error. ``device``: the torch device to train on (default the CPU; see
+    :func:`~simfluence.training.generate_runs`).
 
     Returns
     -------
@@ -258,4 +260,4 @@ def generate_digits(
     return generate_random_runs(task, out, n_runs=n_runs, n_steps=n_steps, batch_size=batch_size,
                                 subset_fraction=subset_fraction, seed=seed, init_seed=seed, log_every=log_every,
                                 checkpoint_steps=checkpoint_steps, workers=workers, progress=progress,
-                                overwrite=overwrite, backend=backend, ray_address=ray_address)
+                                overwrite=overwrite, backend=backend, ray_address=ray_address, device=device)

@@ -625,6 +625,7 @@ def generate_facts(
     backend: str = "local",
     ray_address: str | None = None,
     smooth: bool = False,
+    device: str | None = None,
 ) -> RunSet:
     """Pretrain the base once, then fine-tune ``n_runs`` runs on random document subsets and log them to ``out``.
 
@@ -634,7 +635,9 @@ def generate_facts(
     existing folder resumes it (see :func:`~simfluence.training.generate_runs`, which also describes
     ``backend="ray"`` and ``ray_address``; Ray workers without a shared file system pretrain the base once each).
     ``smooth``: fine-tune with the smooth recipe :data:`SMOOTH` (tier ``"<tier>-smooth"``: AdamW with eps inside
-    the square root; the world, the base and the batches stay the tier's).
+    the square root; the world, the base and the batches stay the tier's). ``device``: the torch device the
+    fine-tuning runs train on (default the CPU; the base is pretrained on the CPU; see
+    :func:`~simfluence.training.generate_runs`).
     """
     out = Path(out)
     if smooth:
@@ -646,7 +649,7 @@ def generate_facts(
     corpus = task.metadata.pop("corpus")
     task, curricula = random_runs_plan(task, n_runs, settings.n_steps, settings.batch_size, settings.subset_fraction,
                                        seed)
-    request = check_request(task, curricula, None, seed, log_every, checkpoint_steps, None, backend)
+    request = check_request(task, curricula, None, seed, log_every, checkpoint_steps, None, backend, device=device)
     # One rule for every writer: a folder that is not a run set is refused before anything is written; a run set
     # is resumed (with the same settings only) or, with overwrite, rebuilt aside and swapped in when complete.
     final = out if out.name not in ("", "..") else Path(os.path.abspath(out))  # "." is replaced by its real name
