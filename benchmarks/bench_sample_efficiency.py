@@ -17,8 +17,13 @@ other 64. The reference is today's default, ``linear_mom`` fitted on run-000 .. 
 Facts (``--workload facts``): the 32-run language-model set of ``bench_lds.py --workload facts``; held out: the
 last 8 (bases: the last 3); k up to the 24 training runs.
 
+Digits, hybrid set (``--workload digits-hybrid``, issue 19): the 24-run set of ``bench_hybrid.py`` (checkpoints at
+0/50/100/150/200) and its retrained draws (remove-5, move-end; run that script first); held out: run-016 ..
+run-023 (bases: run-016, run-017, run-018); k up to its 16 training runs (32 would need a larger set and new
+retrains); methods: ``linear_mom_prior`` next to ``linear_mom`` and ``blend_influence``; the issue-19 targets.
+
 Prints markdown, records it in ``benchmarks/RESULTS.md``, keeps every number in ``--out``/results.json and draws
-``docs/sample-efficiency.png`` from the results of every workload run so far.
+``docs/sample-efficiency.png`` from the results of the digits and facts workloads run so far.
 
     python benchmarks/bench_sample_efficiency.py [--workload digits|facts] [--sizes 4 8 16 32 64] [--subsets 3]
 """
@@ -76,7 +81,27 @@ WORKLOADS = {
         "draws": 20,
         "sizes": (4, 8, 16, 24),
     },
+    "digits-hybrid": {
+        "section": "## Sample efficiency of the effect-level hybrid (digits, bench_hybrid.py's run set)",
+        "cache": "/tmp/simfluence-bench-hybrid-digits",
+        "same_as": None,
+        "n_runs": 24,
+        "heldout": [f"run-{i:03d}" for i in range(16, 24)],
+        "bases": ["run-016", "run-017", "run-018"],
+        "reference_runs": [f"run-{i:03d}" for i in range(16)],
+        "lds_out": "/tmp/simfluence-bench-hybrid/retrained",
+        "protocols": ("remove-5", "move-end"),
+        "draws": 40,
+        "sizes": (4, 8, 16),
+        "methods": ("mean_curve", "linear_mom", "blend_influence", "linear_mom_prior"),
+        "figure": False,  # not part of docs/sample-efficiency.png (a different run set)
+        "issue": 19,
+        "script": "bench_hybrid.py",
+    },
 }
+# issue 19's targets on digits with <= 16 training runs: (metric, lower is better, threshold)
+HYBRID_TARGETS = (("lds:remove-5", False, 0.8), ("lds:move-end", False, 0.8), ("mse_ratio", True, 0.4),
+                  ("rho_runs", False, 0.7))
 
 
 def make_runset(workload: str, cache: str):
@@ -93,7 +118,9 @@ def make_runset(workload: str, cache: str):
     runset = generate_digits(cache, n_runs=config["n_runs"], checkpoint_steps=(0, 50, 100, 150, 200),
                              progress=False)
     same_as = config["same_as"]
-    if not same_as or not Path(same_as, "manifest.json").is_file():
+    if not same_as:
+        return runset, "the cache as it is"
+    if not Path(same_as, "manifest.json").is_file():
         return runset, f"no {same_as} to compare with"
     smaller = RunSet.load(same_as)
     for index, run in enumerate(smaller):
@@ -164,21 +191,20 @@ def run(workload: str, args) -> dict:
     from simfluence.workloads import task_for_runset
 
     config = WORKLOADS[workload]
+    overrides = {"lds_out": args.lds_out, "bases": args.bases, "draws": args.draws}
+    config.update({key: value for key, value in overrides.items() if value is not None})
     runset, check = make_runset(workload, args.cache or config["cache"])
     names = runset.run_names
     heldout = [names.index(name) for name in config["heldout"]]
     pool = [index for index, run in enumerate(runset) if index not in heldout and run.complete]
     sizes = [k for k in (args.sizes or config["sizes"]) if k <= len(pool)]
     task = task_for_runset(runset)
-    methods = list(args.methods or METHODS)
+    methods = list(args.methods or config.get("methods", METHODS))
     mean_curve = make_simulator("mean_curve").fit(runset, runs=pool)
     mean_mse = score({"mean_curve": mean_curve}, runset, heldout).metrics["mean_curve"]["all_mse"]
 
     start = time.perf_counter()
     reference_runs = [names.index(name) for name in config["reference_runs"]]
-    reference = score_subset(runset, [REFERENCE], reference_runs, heldout, config["bases"], config, task,
-                             mean_mse)[REFERENCE]
-    print(f"reference {REFERENCE} on {len(reference_runs)} runs: {reference}", flush=True)
     results = []
     for k in sizes:
         for subset_index, train in enumerate(subsets(pool, k, args.subsets)):
@@ -187,6 +213,12 @@ def run(workload: str, args) -> dict:
                             "scores": scores})
             summary = ", ".join(f"{name} {s['mse_ratio']:.2f}/{s['rho_runs']:.2f}" for name, s in scores.items())
             print(f"k={k} subset {subset_index}: {summary}", flush=True)
+    # the reference's runs may be a subset already scored (the hybrid set: all 16 training runs): not fitted twice
+    same = [entry["scores"][REFERENCE] for entry in results
+            if sorted(entry["train_runs"]) == sorted(config["reference_runs"]) and REFERENCE in entry["scores"]]
+    reference = same[0] if same else score_subset(runset, [REFERENCE], reference_runs, heldout, config["bases"],
+                                                  config, task, mean_mse)[REFERENCE]
+    print(f"reference {REFERENCE} on {len(reference_runs)} runs: {reference}", flush=True)
     return {
         "workload": workload, "runset": args.cache or config["cache"], "n_runs": len(runset),
         "n_steps": runset[0].n_steps, "n_pool": runset.n_pool, "n_test": runset.n_test, "check": check,
@@ -236,8 +268,26 @@ def format_tables(data: dict) -> str:
     return "\n\n".join(blocks)
 
 
+def hybrid_target_lines(data: dict) -> list[str]:
+    """Issue 19's targets, met or missed, by each method's median at the largest k (<= 16 training runs)."""
+    k = max(size for size in data["sizes"] if size <= 16)
+    lines = []
+    for key, lower, threshold in HYBRID_TARGETS:
+        title = next(title for name, title, _ in TABLE_METRICS if name == key).split(" (")[0]
+        cells = []
+        for method in data["methods"]:
+            value = summarise(data, method, k, key)[0]
+            if method != "mean_curve" and np.isfinite(value):
+                met = value <= threshold if lower else value >= threshold
+                cells.append(f"`{method}` {value:.2f} ({'met' if met else 'missed'})")
+        lines.append(f"- {title} {'<=' if lower else '>='} {threshold} with {k} runs: " + "; ".join(cells))
+    return lines
+
+
 def target_lines(data: dict) -> list[str]:
     """The issue's target, met or missed: with 8 runs, does the best method beat linear_mom fitted on 40?"""
+    if WORKLOADS[data["workload"]].get("issue") == 19:
+        return hybrid_target_lines(data)
     if 8 not in data["sizes"]:
         return []
     ref = data["reference"]
@@ -284,13 +334,17 @@ def section(data: dict, command: str) -> str:
         f"Cells: median [smallest, largest] over the subsets. MSE is relative to the mean curve of all "
         f"{data['n_pool_runs']} training runs (all-steps MSE {data['mean_curve_mse']:.4f}); the mean_curve row "
         f"is the mean curve of the k runs. Reference: today's default `{data['reference']['method']}` fitted on "
-        f"{data['reference']['n_runs']} runs (as in `bench_lds.py`). {unconverged} of {fits} fits hit the "
-        "conjugate-gradient iteration cap at some lam candidate (ConvergenceWarning; small k, weak lam).",
+        f"{data['reference']['n_runs']} runs (as in `{config.get('script', 'bench_lds.py')}`). {unconverged} of "
+        f"{fits} fits hit the conjugate-gradient iteration cap at some lam candidate (ConvergenceWarning; small k, "
+        "weak lam).",
         "",
         format_tables(data),
         "",
-        "Target of issue 11 (with 8 training runs the best method beats today's linear_mom fitted on "
-        f"{data['reference']['n_runs']}):",
+        ("Targets of issue 19 (remove-5 and move-end LDS >= 0.8, held-out MSE <= 0.4x the mean curve's, "
+         "rho_runs >= 0.7, with <= 16 training runs and no replay):"
+         if config.get("issue") == 19 else
+         "Target of issue 11 (with 8 training runs the best method beats today's linear_mom fitted on "
+         f"{data['reference']['n_runs']}):"),
         "",
         *target_lines(data),
         "",
@@ -355,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="numbers of training runs")
     parser.add_argument("--subsets", type=int, default=3, help="random subsets per number of runs")
     parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--lds-out", default=None, help="retrained LDS draws (default: the workload's)")
+    parser.add_argument("--bases", nargs="+", default=None, help="LDS base runs (names; default: the workload's)")
+    parser.add_argument("--draws", type=int, default=None, help="LDS draws per protocol and base")
     parser.add_argument("--out", type=Path, default=Path("/tmp/simfluence-bench-sample-efficiency"),
                         help="results.json per workload (<out>/<workload>.json)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -374,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     text = section(data, data.get("command", "python benchmarks/bench_sample_efficiency.py"))
     print(text)
     write_section(args.results, WORKLOADS[args.workload]["section"], text)
-    datasets = [json.loads((args.out / f"{name}.json").read_text()) for name in WORKLOADS
-                if (args.out / f"{name}.json").is_file()]
+    if not WORKLOADS[args.workload].get("figure", True):
+        return 0
+    datasets = [json.loads((args.out / f"{name}.json").read_text()) for name, config in WORKLOADS.items()
+                if config.get("figure", True) and (args.out / f"{name}.json").is_file()]
     draw(datasets, args.figure)
     print(f"figure: {args.figure} ({args.figure.stat().st_size // 1024} KB)")
     return 0

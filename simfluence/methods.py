@@ -155,6 +155,9 @@ METHODS: dict[str, Method] = _registry(
            "TrackStar without unit normalisation (inner products, not cosines)", {"unit_normalize": False}),
     Method("unrolled", "simfluence.attribution.unrolled_simulator:UnrolledSimulator",
            "exact first-order effects by differentiating through a replay of one base run (fit on that run only)"),
+    Method("unrolled_anchored", "simfluence.attribution.anchored:AnchoredSimulator",
+           "unrolled's exact effects of one base run as the impulses of a momentum rollout: any curriculum, any "
+           "length; unrolled's final losses for the base's length (fit on that run only)"),
     Method("blend", "simfluence.blend:BlendSimulator",
            "convex blend of linear_mom_log's and tracin_offset's trajectories, one weight chosen on validation runs "
            "carved from the training runs"),

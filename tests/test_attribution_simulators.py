@@ -101,6 +101,18 @@ def test_tracin_with_unit_scale_predicts_the_first_sgd_step(tiny_digits):
     np.testing.assert_allclose(predicted, actual, atol=0.05 * np.abs(actual).max())  # up to second order
 
 
+def test_gradient_methods_on_a_run_set_of_chosen_tests_answer_those_columns(tiny_digits):
+    chosen = tiny_digits.select_tests([5, 1])  # in memory, still beside its checkpoints
+    assert task_from_runset(chosen).n_test == 2
+    run = tiny_digits[5]
+    # one scale per test example: a global scale is fitted over the test columns there are
+    for make in (lambda: TracInSimulator(scale="per_test", check_linearity=False),
+                 lambda: InfluenceSimulator(scale="per_test", check_linearity=False)):
+        full = make().fit(tiny_digits, runs=range(4)).simulate(run.curriculum, run.initial_losses)
+        some = make().fit(chosen, runs=range(4)).simulate(run.curriculum, run.initial_losses[[5, 1]])
+        np.testing.assert_allclose(some, full[..., [5, 1]], rtol=1e-6, atol=1e-9)
+
+
 def test_gradient_simulators_save_and_load_without_pickle(tiny_digits, tmp_path):
     for sim in (TracInSimulator(variant="cosine", params="last_layer"), InfluenceSimulator(params="last_layer"),
                 TrackStarSimulator(projection_dim=64)):

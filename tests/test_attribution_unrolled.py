@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch.nn import functional
 from simfluence.attribution.unrolled import replay_losses, unrolled_effects
 from simfluence.attribution.unrolled_simulator import UnrolledSimulator
 from simfluence.curriculum import Curriculum, random_curricula
-from simfluence.errors import SimfluenceError, TaskError
+from simfluence.errors import SimfluenceError, SimfluenceWarning, TaskError
 from simfluence.methods import METHODS, load_simulator, make_simulator
 from simfluence.simulators.base import Simulator
 from simfluence.task import Task, check_replay
@@ -228,6 +229,40 @@ def test_transformer_effects_equal_finite_differences_of_real_retraining():
             assert relative_error(effects.occurrence[entry, 0], difference[4]) < 1e-6
 
 
+def test_a_low_rank_cotangent_is_exact_at_the_rank_of_the_test_gradients():
+    task = tiny_lm_task(n_test=6)
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 0, 3])  # eight tests, two of them copies: the gradients have rank <= 6
+    task = dataclasses.replace(task, test_inputs=task.test_inputs[rows], test_targets=task.test_targets[rows])
+    curriculum = random_curricula(1, 16, 3, 8, seed=4)[0]
+    exact = unrolled_effects(task, curriculum, target_steps=[4], insertion_steps=[2, 8])  # torch's AdamW
+    assert exact.captured_energy is None
+    for rank in (6, 20):  # the rank, and more than the tests (as many as there are)
+        low = unrolled_effects(task, curriculum, target_steps=[4], insertion_steps=[2, 8], cotangent_rank=rank)
+        assert relative_error(low.occurrence, exact.occurrence) < 1e-8
+        assert relative_error(low.insertion, exact.insertion) < 1e-5  # stored in float32
+        np.testing.assert_allclose(low.captured_energy, 1.0, rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(low.losses, exact.losses)
+    with pytest.raises(SimfluenceError, match="cotangent_rank must be None"):
+        unrolled_effects(task, curriculum, cotangent_rank=0)
+
+
+def test_low_rank_errors_shrink_as_the_rank_grows():
+    task = wine_task(adamw, lr=0.01, n_pool=24, n_test=12)
+    curriculum = random_curricula(1, 24, 4, 12, seed=5)[0]
+    exact = unrolled_effects(task, curriculum, target_steps=[6])
+    errors, energies = [], []
+    for rank in (1, 2, 4, 8, 12):
+        low = unrolled_effects(task, curriculum, target_steps=[6], cotangent_rank=rank)
+        errors.append(relative_error(low.occurrence, exact.occurrence))
+        energies.append(low.captured_energy)
+    # measured: 0.83, 0.46, 0.30, 0.20, 2e-15 (largest error relative to the largest effect)
+    assert errors[0] > 0.5 and all(later < earlier for earlier, later in zip(errors[:-1], errors[1:], strict=True))
+    assert errors[-1] < 1e-8
+    energies = np.stack(energies)  # nested subspaces: every test keeps more of its gradient as the rank grows
+    assert np.all(np.diff(energies, axis=0) >= -1e-12) and energies[0].min() < 0.1
+    np.testing.assert_allclose(energies[-1], 1.0, rtol=0, atol=1e-10)
+
+
 def test_recomputed_segments_give_the_same_effects_as_a_kept_forward_pass():
     task = wine_task(adam, lr=0.01, n_pool=24, n_test=5)
     curriculum = random_curricula(1, 24, 4, 12, seed=5)[0]
@@ -348,6 +383,40 @@ def test_save_and_load_round_trip(fitted, wine_runs, tmp_path):
     np.testing.assert_array_equal(loaded.simulate(edited, runset[0].initial_losses),
                                   fitted.simulate(edited, runset[0].initial_losses))
     assert path.stat().st_size < 2_000_000
+
+
+def test_the_simulator_differentiates_only_its_run_sets_tests_matched_by_id(fitted, wine_runs):
+    task, runset = wine_runs  # the task has all 6 probes; the run set keeps two, in another order
+    sim = make_simulator("unrolled", target_steps=3, insertion_steps="all").fit(runset.select_tests([4, 1]),
+                                                                                 runs=[0], task=task)
+    assert sim.test_ids_ == [runset.test_ids[4], runset.test_ids[1]]
+    np.testing.assert_allclose(sim.occurrence_effects_, fitted.occurrence_effects_[..., [4, 1]], rtol=1e-10,
+                               atol=1e-14)
+    np.testing.assert_allclose(sim.insertion_effects_, fitted.insertion_effects_[..., [4, 1]], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(sim.base_losses_, fitted.base_losses_[:, [4, 1]])
+    renamed = dataclasses.replace(task, test_ids=[f"q{i}" for i in range(task.n_test)])
+    with pytest.raises(TaskError, match="has test id 4, which the task does not have"):
+        UnrolledSimulator(insertion_steps="none").fit(runset.select_tests([4, 1]), runs=[0], task=renamed)
+
+
+@pytest.mark.filterwarnings("ignore::simfluence.errors.NonlinearityWarning")  # rank 1: the removal check fails too
+def test_a_low_rank_fit_records_the_captured_energy_and_warns_when_a_test_loses_it(wine_runs, tmp_path):
+    task, runset = wine_runs
+    with pytest.warns(SimfluenceWarning, match=r"cotangent_rank=1: [1-6] of 6 tests keep less than 90% of their"):
+        low = UnrolledSimulator(insertion_steps="none", cotangent_rank=1).fit(runset, runs=[0], task=task)
+    assert low.captured_energy_.shape == (1, 6) and low.captured_energy_.min() < 0.9
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = UnrolledSimulator(insertion_steps="none", cotangent_rank=6).fit(runset, runs=[0], task=task)
+    assert not [w for w in caught if "cotangent_rank" in str(w.message)]
+    exact = UnrolledSimulator(insertion_steps="none").fit(runset, runs=[0], task=task)
+    assert exact.captured_energy_ is None
+    np.testing.assert_allclose(full.occurrence_effects_, exact.occurrence_effects_, rtol=0,
+                               atol=1e-10 * np.abs(exact.occurrence_effects_).max())
+    loaded = load_simulator(low.save(tmp_path / "low.npz"))
+    np.testing.assert_array_equal(loaded.captured_energy_, low.captured_energy_)
+    assert loaded.get_params()["cotangent_rank"] == 1
+    assert load_simulator(exact.save(tmp_path / "exact.npz")).captured_energy_ is None
 
 
 def test_fitting_needs_exactly_one_run_of_the_right_task(wine_runs):

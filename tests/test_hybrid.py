@@ -28,10 +28,12 @@ def prior_runset(scales, n_pool=40, n_test=4, n_runs=4, n_steps=20, noise=0.002,
     return RunSet(runs, n_pool=n_pool), prior, truth
 
 
-def dense_hybrid_fit(runset, runs, prior, prior_steps, lam, momentum, shared_scale):
+def dense_hybrid_fit(runset, runs, prior, prior_steps, lam, momentum, shared_scale, delta_ratio=1.0, scale_lam=0.0,
+                     center=0.0, mult_ratio=1.0):
     """The hybrid's objective solved by brute force: every test's dense design built step by step from the curricula
-    (alpha_center 1, step terms, plain counts), the prior's phase columns appended with no penalty, one dense solve
-    (all tests in one system when the scales are shared)."""
+    (alpha_center 1, step terms, plain counts), the prior's phase columns appended with no penalty (or
+    ``scale_lam * |column|^2 (s - center)^2``), one dense solve (all tests in one system when the scales are shared);
+    the additive pool effects' penalty is ``lam * delta_ratio``, the multiplicative ones' ``lam * mult_ratio``."""
     n_pool, n_test = runset.n_pool, runset.n_test
     horizon = max(runset[i].n_steps for i in runs)
     n_phases = len(prior_steps)
@@ -50,6 +52,9 @@ def dense_hybrid_fit(runset, runs, prior, prior_steps, lam, momentum, shared_sca
     features = np.array([row[0] for row in rows])
     prevs, targets = np.array(prevs), np.array(targets)
     n_params = 2 * features.shape[1]
+    theta_penalty = np.full(n_params, lam)
+    theta_penalty[features.shape[1]:features.shape[1] + n_pool] *= delta_ratio  # the rows of delta
+    theta_penalty[:n_pool] *= mult_ratio  # the rows of A
     blocks, columns = [], []
     for z in range(n_test):
         blocks.append(np.hstack([prevs[:, z:z + 1] * features, features]))
@@ -62,15 +67,19 @@ def dense_hybrid_fit(runset, runs, prior, prior_steps, lam, momentum, shared_sca
         for z in range(n_test):
             design[z * len(rows):(z + 1) * len(rows), z * n_params:(z + 1) * n_params] = blocks[z]
             design[z * len(rows):(z + 1) * len(rows), n_params * n_test:] = columns[z]
-        penalty = np.concatenate([np.full(n_params * n_test, lam), np.zeros(n_phases)])
-        solution = np.linalg.solve(design.T @ design + np.diag(penalty), design.T @ targets.T.ravel())
+        weight = scale_lam * sum((column ** 2).sum(axis=0) for column in columns)
+        penalty = np.concatenate([np.tile(theta_penalty, n_test), weight])
+        rhs = design.T @ targets.T.ravel() + np.concatenate([np.zeros(n_params * n_test), weight * center])
+        solution = np.linalg.solve(design.T @ design + np.diag(penalty), rhs)
         thetas = solution[:n_params * n_test].reshape(n_test, n_params).T
         return thetas, np.repeat(solution[n_params * n_test:, None], n_test, axis=1)
     thetas, scales = [], []
     for z in range(n_test):
         design = np.hstack([blocks[z], columns[z]])
-        penalty = np.concatenate([np.full(n_params, lam), np.zeros(n_phases)])
-        solution = np.linalg.solve(design.T @ design + np.diag(penalty), design.T @ targets[:, z])
+        weight = scale_lam * (columns[z] ** 2).sum(axis=0)
+        penalty = np.concatenate([theta_penalty, weight])
+        rhs = design.T @ targets[:, z] + np.concatenate([np.zeros(n_params), weight * center])
+        solution = np.linalg.solve(design.T @ design + np.diag(penalty), rhs)
         thetas.append(solution[:n_params])
         scales.append(solution[n_params:])
     return np.array(thetas).T, np.array(scales).T
@@ -91,6 +100,41 @@ def test_the_fit_equals_a_dense_solve_with_unpenalised_prior_scales(solver, prio
     assert np.allclose(sim.step_beta_, theta[n_features + 6:], atol=1e-8)
     assert np.allclose(sim.prior_scale_, scales, atol=1e-7)
     assert np.allclose(sim.effects(step=5), sim.B_ + sim.prior_scale_[1] * prior[1])  # step 5 starts at 4: phase 1
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+@pytest.mark.parametrize("prior_scale", ["per_test", "global"])
+def test_the_penalties_on_delta_and_on_the_scales_equal_a_dense_solve(solver, prior_scale):
+    runset, _, _ = known_linear_runset(n_pool=6, n_test=3, n_runs=3, n_steps=6, batch_size=2, noise=0.01, seed=2)
+    prior, steps = np.random.default_rng(1).normal(scale=0.05, size=(2, 6, 3)), [0, 3]
+    options = {"delta_lam_ratio": 5.0, "mult_lam_ratio": 3.0, "scale_lam": 0.5, "scale_center": 0.7}
+    sim = LinearPrior(lam=0.3, momentum=0.4, alpha_center=1.0, step_terms=True, solver=solver, precision="float64",
+                      tol=1e-12, prior_scale=prior_scale, **options).set_prior(prior, steps).fit(runset)
+    theta, scales = dense_hybrid_fit(runset, range(3), prior, steps, 0.3, 0.4, prior_scale == "global",
+                                     delta_ratio=5.0, scale_lam=0.5, center=0.7, mult_ratio=3.0)
+    assert np.allclose(sim.A_, theta[:6], atol=1e-8) and np.allclose(sim.B_, theta[12:18], atol=1e-8)
+    assert np.allclose(sim.prior_scale_, scales, atol=1e-7)
+    free = dense_hybrid_fit(runset, range(3), prior, steps, 0.3, 0.4, prior_scale == "global", delta_ratio=5.0,
+                            mult_ratio=3.0)[1]
+    assert np.abs(scales - 0.7).max() < np.abs(free - 0.7).max()  # the penalty pulls the scales to the centre
+    strong = LinearPrior(lam=0.3, momentum=0.4, alpha_center=1.0, step_terms=True, precision="float64",
+                         prior_scale=prior_scale, scale_lam=1e9).set_prior(prior, steps).fit(runset)
+    assert np.allclose(strong.prior_scale_, 1.0, atol=1e-6)  # the default centre: s = 1, first-order theory
+
+
+def test_the_momentum_search_with_penalised_scales_matches_fixed_momentum_fits(small_runset):
+    """The search solves once for every momentum (the fit is linear in the previous change); with a centre on the
+    scales the fit is affine in the first-order target only, so each candidate must equal a fit at its momentum."""
+    from simfluence.simulators.linear import validation_mse
+
+    prior = np.random.default_rng(0).normal(scale=0.05, size=(2, 10, 3))
+    options = {"lam": 1.0, "scale_lam": 0.3, "scale_center": 2.0, "precision": "float64", "tol": 1e-12}
+    searched = make_simulator("linear_mom_prior", momentum_grid=(0.0, 0.6), **options).set_prior(prior, [0, 4])
+    searched.fit(small_runset, runs=range(4))
+    for entry in searched.validation_:
+        fixed = make_simulator("linear_mom_prior", momentum=entry["momentum"], **options).set_prior(prior, [0, 4])
+        fixed.fit(small_runset, runs=range(3))  # the search fits on the first 3 of 4 runs, validates on the last
+        assert np.isclose(entry["mse"], validation_mse(fixed, small_runset, [3]), rtol=1e-6), entry
 
 
 def test_a_prior_of_zeros_reproduces_linear_mom_exactly(small_runset):
@@ -144,9 +188,11 @@ def test_nearest_checkpoint_uses_the_weights_a_step_starts_from():
     assert nearest_checkpoint(np.arange(1, 9), np.array([0, 3, 7])).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
 
 
-def test_leave_one_out_is_exact_with_one_table_per_phase(small_runset):
+@pytest.mark.parametrize("options", [{}, {"scale_lam": 0.5, "delta_lam_ratio": 3.0, "mult_lam_ratio": 2.0}])
+def test_leave_one_out_is_exact_with_one_table_per_phase(small_runset, options):
     prior = np.random.default_rng(0).normal(scale=0.05, size=(2, 10, 3))
-    sim = make_simulator("linear_mom_prior", momentum=0.5).set_prior(prior, [0, 4]).fit(small_runset, runs=range(3))
+    sim = make_simulator("linear_mom_prior", momentum=0.5, **options).set_prior(prior, [0, 4])
+    sim.fit(small_runset, runs=range(3))
     assert sim.prior_scale_.shape == (2, 3) and np.abs(sim.prior_scale_).max() > 0
     run = small_runset[3]
     effects = sim.leave_one_out(run.curriculum, run.initial_losses)
@@ -158,9 +204,11 @@ def test_leave_one_out_is_exact_with_one_table_per_phase(small_runset):
         assert np.allclose(effects[example], expected, atol=1e-10)
 
 
-def test_a_saved_hybrid_loads_back_without_pickle_and_simulates_the_same(tmp_path, small_runset):
+@pytest.mark.parametrize("options", [{}, {"scale_lam": 0.5, "scale_center": 2.0, "delta_lam_ratio": 3.0,
+                                      "mult_lam_ratio": 2.0}])
+def test_a_saved_hybrid_loads_back_without_pickle_and_simulates_the_same(tmp_path, small_runset, options):
     prior = np.random.default_rng(0).normal(scale=0.05, size=(2, 10, 3))
-    sim = make_simulator("linear_mom_prior").set_prior(prior, [0, 4]).fit(small_runset, runs=range(4))
+    sim = make_simulator("linear_mom_prior", **options).set_prior(prior, [0, 4]).fit(small_runset, runs=range(4))
     loaded = load_simulator(sim.save(tmp_path / "hybrid.npz"))
     assert type(loaded) is LinearPrior and loaded.get_params() == sim.get_params()
     run = small_runset[0]
@@ -176,6 +224,10 @@ def test_bad_options_and_priors_are_one_error_naming_them(small_runset):
         LinearPrior().set_prior(np.zeros((9, 3))).fit(small_runset)
     with pytest.raises(SimfluenceError, match="need 2 increasing checkpoint steps"):
         LinearPrior().set_prior(np.zeros((2, 10, 3)), [3, 3])
+    for name, value in (("delta_lam_ratio", -1.0), ("mult_lam_ratio", np.inf), ("scale_lam", "1"),
+                        ("scale_center", np.nan)):
+        with pytest.raises(SimfluenceError, match=f"LinearPrior: {name} must be a finite number"):
+            LinearPrior(**{name: value}).set_prior(np.zeros((10, 3))).fit(small_runset)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +249,17 @@ def test_the_gradient_prior_is_tracin_per_checkpoint_in_effect_units(tiny_digits
     batch = np.mean([tiny_digits[i].curriculum.batch_sizes.mean() for i in range(2)])
     assert np.allclose(sim.prior_, -sim.lr_reference_ / batch * scores)  # s = 1: a plain SGD step on the batch
     assert np.isfinite(sim.prior_scale_).all() and sim.prior_scale_.shape == (3, 6)
+
+
+def test_the_influence_prior_is_the_influence_method_at_the_final_checkpoint_in_effect_units(tiny_digits):
+    from simfluence.attribution.simulators import InfluenceSimulator
+
+    sim = make_simulator("linear_mom_prior", prior="influence", lam=1.0, momentum=0.0).fit(tiny_digits, runs=range(2))
+    scores, steps = InfluenceSimulator().compute_scores(tiny_digits, 0)
+    assert sim.prior_steps_.tolist() == steps == [8] and scores.shape == (1, 20, 6)
+    batch = np.mean([tiny_digits[i].curriculum.batch_sizes.mean() for i in range(2)])
+    assert np.allclose(sim.prior_, -sim.lr_reference_ / batch * scores)  # FixedEffectsSimulator's effect at s = 1
+    assert sim.prior_scale_.shape == (1, 6) and np.isfinite(sim.prior_scale_).all()
 
 
 def test_a_single_phase_pools_the_priors_weighted_by_the_steps_they_cover(small_runset):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from simfluence.apps.lds import format_lds_table, lds_draws, run_lds, write_lds_report
+from simfluence.apps.lds import format_lds_table, lds_draws, lds_scores, run_lds, write_lds_report
 from simfluence.cli import main
 from simfluence.curriculum import Curriculum, shuffled_epochs
 from simfluence.errors import SimfluenceError, TaskError
@@ -343,3 +343,26 @@ def test_cli_lds_resumed_with_another_task_file_is_one_line_and_trains_nothing(f
     assert len(err.strip().splitlines()) == 1
     assert "holds runs retrained with another task (its test data differ); pass a fresh --out" in err
     assert sorted(path.name for path in (retrained / "run-005" / "runs").iterdir()) == before
+
+
+def test_lds_on_some_tests_equals_the_full_lds_restricted_to_them_and_retrains_nothing(first_lds):
+    retrained, runset, _ = first_lds
+    full = run_lds(runset, ["additive"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained, workers=1,
+                   progress=False, n_boot=0)
+    chosen = [runset.test_ids[7], runset.test_ids[2], runset.test_ids[5]]  # not in column order: matched by id
+    subset = run_lds(runset, ["additive"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained, workers=1,
+                     progress=False, n_boot=0, tests=chosen)
+    assert subset.n_trained == 0  # the draws retrained with every probe serve any subset of the tests
+    assert subset.test_ids == chosen and subset.settings["n_tests"] == 3
+    for protocol in PROTOCOLS:
+        np.testing.assert_allclose(subset.actual[protocol], full.actual[protocol][..., [7, 2, 5]], rtol=0, atol=0)
+        np.testing.assert_allclose(subset.predicted["additive"][protocol],
+                                   full.predicted["additive"][protocol][..., [7, 2, 5]], rtol=1e-9, atol=1e-12)
+    # additive is order-free: its move-end predictions are rounding noise, so only remove-10 has ranks to compare
+    restricted = lds_scores(full.predicted["additive"]["remove-10"][..., [7, 2, 5]],
+                            full.actual["remove-10"][..., [7, 2, 5]], n_boot=0)["lds"]
+    scored = subset.table[subset.table["protocol"] == "remove-10"]["lds"].item()
+    assert np.isfinite(scored) and scored == pytest.approx(restricted, abs=1e-12)
+    with pytest.raises(SimfluenceError, match="tests: unknown test id 'nope'"):
+        run_lds(runset, ["additive"], holdout=3, protocols=PROTOCOLS, n_draws=6, out=retrained, progress=False,
+                tests=[chosen[0], "nope"])

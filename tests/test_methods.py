@@ -41,7 +41,7 @@ def test_every_simulator_takes_one_fit_protocol_and_declares_its_needs_in_tags()
         assert parameters["runs"].default is None, name
         assert parameters["task"].kind is inspect.Parameter.KEYWORD_ONLY and parameters["task"].default is None, name
         assert entry.needs == fit_needs(cls) == cls.tags["needs"], name
-        assert entry.per_base == is_per_base(cls) == (name == "unrolled"), name
+        assert entry.per_base == is_per_base(cls) == (name in ("unrolled", "unrolled_anchored")), name
     assert METHODS["fixed_effects"].needs == {"scores"} and METHODS["blend_influence"].needs == {"task", "checkpoints"}
 
 

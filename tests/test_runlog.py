@@ -1214,7 +1214,9 @@ def test_a_run_being_logged_is_never_replaced_by_an_install(tmp_runset, tmp_path
 def test_select_tests_keeps_runs_and_takes_only_the_chosen_loss_columns(tmp_runset):
     subset = tmp_runset.select_tests([2, 0])
     assert subset.test_ids == [tmp_runset.test_ids[2], tmp_runset.test_ids[0]]
-    assert subset.run_names == tmp_runset.run_names and subset.path is None
+    # the losses are copied; the folder is kept for the files of whole runs (checkpoints, a workload's corpus)
+    assert subset.run_names == tmp_runset.run_names and subset.path == tmp_runset.path
+    assert all(isinstance(run.losses, np.ndarray) and not isinstance(run.losses, np.memmap) for run in subset)
     for mine, theirs in zip(subset, tmp_runset, strict=True):
         np.testing.assert_array_equal(mine.losses, np.asarray(theirs.losses)[:, [2, 0]])
         assert mine.curriculum == theirs.curriculum

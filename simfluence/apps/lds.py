@@ -47,7 +47,7 @@ from tqdm import tqdm
 from simfluence._io import atomic_write_bytes, atomic_write_json
 from simfluence.counterfactual import move_all
 from simfluence.curriculum import Curriculum
-from simfluence.errors import SimfluenceError, TaskError
+from simfluence.errors import SimfluenceError, TaskError, UnknownIdError
 from simfluence.evaluation import complete_positions, split_runs
 from simfluence.methods import METHODS
 from simfluence.metrics import lds_scores
@@ -361,6 +361,7 @@ def run_lds(
     n_boot: int = 1000,
     replay_tolerance: float | None = None,
     n_seeds: int = 1,
+    tests: Sequence | None = None,
 ) -> LDSResult:
     """Score every method's counterfactual predictions against real retraining (LDS).
 
@@ -391,6 +392,11 @@ def run_lds(
     n_seeds : retrain the base and every draw with this many seeds and average the real changes (TRAK's
         averaging over training randomness): seed s > 0 starts from ``make_model(init_seed + s)`` with run seed
         ``run seed + s``, into ``out / <base name>.seed-<s>``; 1 (default) retrains as the base was logged.
+    tests : external test ids to score on (default: every test of the run set). Every method is fitted and scored
+        on those only (:meth:`~simfluence.runlog.RunSet.select_tests`: per-test methods such as ``unrolled`` cost
+        less), while the draws are retrained with the task's every probe, so the retrained runs in ``out`` are
+        those of a call on all tests. Real changes are matched to predictions by test id, so ``runset`` may
+        itself be restricted to some of the task's tests.
 
     Returns
     -------
@@ -418,6 +424,7 @@ def run_lds(
         raise SimfluenceError(f"an LDS correlates over draws: n_draws must be >= 2, got {n_draws}")
     simulators = _simulators(methods)
     task = task_for_runset(runset, task)  # before any work: a missing task is one error, nothing written
+    scored = runset if tests is None else runset.select_tests(_test_columns(runset, tests))
     train, bases = _choose_runs(runset, base_runs, train_runs, holdout)
     base_list = [runset[position] for position in bases]
     seeds = {base.name: retraining_seeds(runset, task, base) for base in base_list}
@@ -433,7 +440,7 @@ def run_lds(
         draws = {base.name: [curriculum for protocol in protocols
                              for curriculum in lds_draws(base.curriculum, protocol, n_draws, seed, runset.n_pool, k)]
                  for base in base_list}
-        predicted_changes, seconds = _predict(simulators, runset, train, bases, draws, task, progress)
+        predicted_changes, seconds = _predict(simulators, scored, train, bases, draws, task, progress)
 
         names = [BASE_NAME] + [f"{protocol}-{draw:03d}" for protocol in protocols for draw in range(n_draws)]
         n_trained = sum(run_status(root / folder, name) != "complete"
@@ -455,11 +462,13 @@ def run_lds(
                                           init_seed=init_seed + offset, seeds=[run_seed + offset] * len(names),
                                           workers=workers, progress=progress)
                 state.record(folder, names)
-                finals = np.stack([np.asarray(retrained[name].losses[-1], dtype=np.float64) for name in names])
+                columns = retrained.test_positions(scored.test_ids)  # the retrained runs log the task's probes
+                finals = np.stack([np.asarray(retrained[name].losses[-1], dtype=np.float64)[columns]
+                                   for name in names])
                 changes.append(finals[1:] - finals[:1])
             actual_changes[base.name] = np.mean(changes, axis=0)
 
-    n_test = runset.n_test
+    n_test = scored.n_test
     shape = (len(bases), len(protocols), n_draws, n_test)
     actual = np.stack([actual_changes[base.name] for base in base_list]).reshape(shape)
     rows, per_base_rows, predicted_by_method = [], [], {}
@@ -481,14 +490,28 @@ def run_lds(
         per_base=pd.DataFrame(per_base_rows, columns=["method", "protocol", "base", "lds"]),
         bases=[base.name for base in base_list],
         train_runs=[runset[position].name for position in train],
-        test_ids=list(runset.test_ids),
+        test_ids=list(scored.test_ids),
         reproduction=reproduction,
         n_trained=int(n_trained),
         settings={"n_draws": n_draws, "protocols": protocols, "seed": seed, "k": k, "n_boot": n_boot,
-                  "n_seeds": n_seeds,
+                  "n_seeds": n_seeds, "n_tests": scored.n_test, "n_tests_logged": runset.n_test,
                   "per_base_methods": [name for name, sim in simulators.items() if _per_base(name, sim)],
                   "out": None if out is None else str(out)},
     )
+
+
+def _test_columns(runset: RunSet, tests: Sequence) -> np.ndarray:
+    """Loss columns of the external test ids ``tests`` (distinct, at least one; an unknown id is an error naming
+    it)."""
+    try:
+        columns = runset.test_positions(tests)
+    except UnknownIdError as err:
+        raise SimfluenceError(f"tests: {err} (the run set has {runset.n_test} test ids)") from None
+    if columns.size == 0:
+        raise SimfluenceError("tests: no test ids to score on")
+    if np.unique(columns).size != columns.size:
+        raise SimfluenceError("tests: a test id is named twice")
+    return columns
 
 
 def _simulators(methods: Sequence[str] | Mapping[str, Simulator]) -> dict[str, Simulator | None]:

@@ -42,10 +42,21 @@ training runs saved (averaged over those runs), in the units of ``B``: ``p_k = -
 ``s = 1`` is plain SGD's first-order theory (momentum SGD gives about ``1 / (1 - mu_opt)`` less the simulator's own
 velocity). Step t uses the checkpoint nearest to the weights it starts from (step t - 1), as TracIn does.
 ``prior_phases="single"`` pools the checkpoints into one learning-rate-weighted prior (one column, TracIn-CP);
-``prior_scale="global"`` fits one scale per phase shared by all tests. :meth:`LinearPrior.set_prior` takes any
-precomputed effects instead.
+``prior_scale="global"`` fits one scale per phase shared by all tests. ``prior="influence"`` uses the influence
+functions of :class:`~simfluence.attribution.simulators.InfluenceSimulator` (its defaults: the final checkpoint,
+Gauss-Newton Hessian, damping) as one prior for every step, in the same units (the scores of the gradient
+simulators all enter :class:`~simfluence.simulators.fixed_effects.FixedEffectsSimulator` as ``-lr_t score / |c_t|``
+at ``s = 1``). :meth:`LinearPrior.set_prior` takes any precomputed effects instead.
 
-``lam`` and ``momentum`` are chosen on validation runs as for the family; the scales have no penalty. Exact
+**Penalties (options).** ``delta_lam_ratio`` multiplies ``lam`` on the rows of ``delta`` only (large: trust the
+scaled prior more than the logs; the multiplicative effects and step terms keep ``lam``), ``mult_lam_ratio`` on the
+rows of ``A`` (large: the per-example effects proportional to the loss, which the prior has no term for, pushed
+towards 0; the multiplicative step terms stay). ``scale_lam > 0`` adds
+``scale_lam |U_k|^2 (s_k - scale_center)^2`` per test (``|U_k|^2``: the prior column's own energy, so
+``scale_lam`` is unit-free); the fit solves for ``s - scale_center`` with the prior at ``scale_center`` moved into the
+first-order target, which keeps it linear in the previous change (the momentum basis) and exact.
+
+``lam`` and ``momentum`` are chosen on validation runs as for the family; by default the scales have no penalty. Exact
 leave-one-out works (the effects are K tables, one per phase); intervals and sharded fits do not (see the class).
 """
 from __future__ import annotations
@@ -65,7 +76,7 @@ from simfluence.simulators.linear import SimfluenceLinear, family_init
 
 __all__ = ["LinearPrior", "nearest_checkpoint"]
 
-PRIORS = ("tracin", "none")
+PRIORS = ("tracin", "influence", "none")
 PRIOR_PHASES = ("checkpoints", "single")
 PRIOR_SCALES = ("per_test", "global")
 SINGULAR_RCOND = 1e-10  # relative size below which a direction of a test's scale system counts as absent
@@ -75,6 +86,10 @@ PRIOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "prior": ("str", "tracin"),
     "prior_phases": ("str", "checkpoints"),
     "prior_scale": ("str", "per_test"),
+    "delta_lam_ratio": ("float", 1.0),
+    "mult_lam_ratio": ("float", 1.0),
+    "scale_lam": ("float", 0.0),
+    "scale_center": ("float", 1.0),
     "params": ("str | Sequence[str]", "all"),
     "checkpoint_runs": ("int", 1),
     "chunk_size": ("int | None", None),
@@ -113,12 +128,17 @@ class LinearPrior(SimfluenceLinear):
     Parameters are those of :class:`SimfluenceLinear` (the registry's ``linear_mom_prior`` presets them as
     ``linear_mom``), plus
 
-    prior : ``"tracin"`` (gradient dot products per checkpoint, from a task and the runs' checkpoints) or ``"none"``
-        (zeros: ``linear_mom`` exactly). Ignored once :meth:`set_prior` gave one.
+    prior : ``"tracin"`` (gradient dot products per checkpoint, from a task and the runs' checkpoints),
+        ``"influence"`` (influence functions at the final checkpoint: one phase) or ``"none"`` (zeros: ``linear_mom``
+        exactly). Ignored once :meth:`set_prior` gave one.
     prior_phases : ``"checkpoints"`` (one prior and one scale per checkpoint phase) or ``"single"`` (the phases'
         priors pooled, weighted by the learning rate summed over their steps: one column).
     prior_scale : ``"per_test"`` (the scales of each test example fitted separately) or ``"global"`` (one per phase
         for all tests).
+    delta_lam_ratio : the penalty on ``delta`` is ``lam * delta_lam_ratio`` (the shrinkage towards the scaled prior).
+    mult_lam_ratio : the penalty on the multiplicative effects ``A`` is ``lam * mult_lam_ratio``.
+    scale_lam : penalty ``scale_lam |U_k|^2 (s_k - scale_center)^2`` on the scales (0: none).
+    scale_center : where ``scale_lam`` pulls the scales (1: plain SGD's first-order theory).
     params : parameters the gradients are taken over: ``"all"``, ``"last_layer"`` or a list of names.
     checkpoint_runs : training runs whose checkpoint scores are averaged (the first ones).
     chunk_size : examples per vectorised gradient pass (default: about 64 MiB of gradients).
@@ -180,13 +200,17 @@ class LinearPrior(SimfluenceLinear):
         if self.prior == "none":
             self.checkpoint_run_names_ = []
             return np.zeros((1, runset.n_pool, runset.n_test)), np.zeros(1, np.int64), False
-        from simfluence.attribution.simulators import TracInSimulator
+        from simfluence.attribution.simulators import InfluenceSimulator, TracInSimulator
 
-        tracin = TracInSimulator(params=self.params, chunk_size=self.chunk_size)
+        if self.prior == "influence":  # its defaults (final checkpoint, Gauss-Newton, damping), as ``influence``
+            method = InfluenceSimulator(params=self.params, **({} if self.chunk_size is None else
+                                                                 {"chunk_size": self.chunk_size}))
+        else:
+            method = TracInSimulator(params=self.params, chunk_size=self.chunk_size)
         used = runs[: int(self.checkpoint_runs)]
         total, steps = None, None
         for position in used:
-            scores, run_steps = tracin.compute_scores(runset, position, task)
+            scores, run_steps = method.compute_scores(runset, position, task)
             if steps is not None and list(run_steps) != list(steps):
                 raise SimfluenceError(f"run {runset[position].name!r} saved checkpoints at {list(run_steps)}, "
                                       f"run {runset[used[0]].name!r} at {list(steps)}")
@@ -241,6 +265,12 @@ class LinearPrior(SimfluenceLinear):
         runs = self.checkpoint_runs
         if isinstance(runs, bool) or not isinstance(runs, int | np.integer) or runs < 1:
             raise SimfluenceError(f"{type(self).__name__}: checkpoint_runs must be an integer >= 1, got {runs!r}")
+        for name, low in (("delta_lam_ratio", 0.0), ("mult_lam_ratio", 0.0), ("scale_lam", 0.0),
+                          ("scale_center", -np.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not low <= value < np.inf:
+                raise SimfluenceError(f"{type(self).__name__}: {name} must be a finite number"
+                                      f"{' >= 0' if low == 0 else ''}, got {value!r}")
 
     def _prepare(self, runset: RunSet, runs: list[int]) -> None:
         super()._prepare(runset, runs)
@@ -259,6 +289,29 @@ class LinearPrior(SimfluenceLinear):
         if previous is not None:  # the scales' rows have no penalty: the change of lam leaves them no residual
             previous = (previous[0], previous[1][: -len(self.prior_steps_)])
         return super()._candidate_tol(lam, previous, scale)
+
+    def _penalty(self, lam: float) -> np.ndarray:
+        """The family's penalty with the additive pool rows (``delta``) at ``lam * delta_lam_ratio`` and the
+        multiplicative ones (``A``) at ``lam * mult_lam_ratio``."""
+        penalty = super()._penalty(lam)
+        start = self._spec().n_features if self.multiplicative else 0
+        penalty[start: start + self.n_pool_] *= float(self.delta_lam_ratio)
+        if self.multiplicative:
+            penalty[: self.n_pool_] *= float(self.mult_lam_ratio)
+        return penalty
+
+    def _shifted_center(self) -> float:
+        """The scales' penalty centre, solved for as an offset (0 when the scales have no penalty)."""
+        return float(self.scale_center) if self.scale_lam > 0 else 0.0
+
+    def _first_order_target(self, transitions: Transitions) -> np.ndarray:
+        # with a penalty on the scales towards c the unknowns are s - c: the prior at scale c moves to the target
+        # (only the first-order target: the fit stays linear in the previous change, as the momentum basis needs)
+        target = super()._first_order_target(transitions)
+        center = self._shifted_center()
+        if center and isinstance(transitions, PriorTransitions):
+            target = target - center * transitions.columns.sum(axis=1).astype(target.dtype, copy=False)
+        return target
 
     def _transitions(self, runset: RunSet, runs: Sequence[int]) -> PriorTransitions:
         """The family's transitions with the prior's columns ``U``: phase k's effects summed over each transition."""
@@ -328,6 +381,10 @@ class LinearPrior(SimfluenceLinear):
             gram = np.einsum("tjz,tkz->zjk", residual, residual) + np.einsum("pjz,pkz->zjk", b, penalty * b)
             moment = (np.einsum("tjz,tbz->zjb", residual, y - self._design_product(transitions, a))
                       + np.einsum("pjz,pbz->zjb", b, penalty * a))
+            if self.scale_lam > 0:  # scale_lam * |U_k|^2 (s_k - c)^2: solved for s - c, from its start
+                weight = float(self.scale_lam) * np.einsum("tjz,tjz->zj", prior, prior)
+                gram = gram + weight[:, :, None] * np.eye(active.size)[None]
+                moment = moment - weight[:, :, None] * start_scale[active].transpose(2, 0, 1)
             if self.prior_scale == "global":
                 gram, moment = gram.sum(axis=0, keepdims=True), moment.sum(axis=0, keepdims=True)
             change = np.linalg.pinv(gram, rtol=SINGULAR_RCOND, hermitian=True) @ moment  # (n_test or 1, J, n_targets)
@@ -339,7 +396,7 @@ class LinearPrior(SimfluenceLinear):
     def _set_theta(self, theta: np.ndarray) -> None:
         n_phases = len(self.prior_steps_)
         super()._set_theta(theta[:-n_phases])
-        self.prior_scale_ = np.ascontiguousarray(theta[-n_phases:])
+        self.prior_scale_ = np.ascontiguousarray(theta[-n_phases:]) + self._shifted_center()
 
     # ----------------------------------------------------------------------------------- dynamics
     def _effect_tables(self) -> tuple[np.ndarray | None, np.ndarray]:

@@ -39,6 +39,12 @@ vector-Jacobian product for all K * M rows (each about a Hessian-vector product 
 that grows with the number of tests); insertion effects add per-example gradients of the whole pool and an
 (n_pool x n_params) @ (n_params x K * M) product per insertion step. Memory: the K * M adjoint rows (each the
 size of the parameters and optimizer state) and the kept graphs. Measured in benchmarks/RESULTS.md.
+
+Many tests (``cotangent_rank=k``, opt-in): the backward pass is linear in the cotangent it starts from (each step's
+vector-Jacobian product is taken at the fixed base trajectory, Adam's state included), so pulling back an
+orthonormal basis U of the top-k singular subspace of the test-gradient matrix G (n_params x M) and mapping the
+results with ``U^T G`` gives exactly the effects of the projected gradients ``U U^T g_z``: k rows instead of M,
+exact when k >= rank G, and as good as the fraction of each ``g_z`` the subspace captures otherwise.
 """
 from __future__ import annotations
 
@@ -82,6 +88,9 @@ class UnrolledEffects:
         u (in ``(1 / |c_t|) * u * loss_i``), at u = 0.
     losses : (T + 1, n_test) float64 test losses of the replay at every step (step 0 first).
     optimizer : JSON description of the optimizer that was replayed.
+    captured_energy : (K, n_test) with a ``cotangent_rank``: the fraction ``||U^T g_z||^2 / ||g_z||^2`` of each test
+        gradient at each target step inside the differentiated subspace U (1: its effects are exact); None when
+        every test gradient was differentiated itself.
     """
 
     curriculum: Curriculum
@@ -91,6 +100,7 @@ class UnrolledEffects:
     insertion: np.ndarray
     losses: np.ndarray
     optimizer: dict = field(default_factory=dict)
+    captured_energy: np.ndarray | None = None
 
     def per_example(self) -> np.ndarray:
         """(n_pool, K, n_test) derivative of each test loss w.r.t. one weight shared by all occurrences of i."""
@@ -467,13 +477,33 @@ class _Replay:
                                   "statistics?); unrolled differentiation does not support such models")
         self.buffers_checked = True
 
-    def test_cotangents(self, state: _State) -> tuple[Tree, Tree]:
-        """Cotangents of the n_test test losses at ``state``: their parameter gradients, zero optimizer state."""
+    def test_cotangents(self, state: _State,
+                        rank: int | None = None) -> tuple[Tree, Tree, tuple[np.ndarray, np.ndarray] | None]:
+        """Cotangents of the test losses at ``state``: their parameter gradients, zero optimizer state.
+
+        With ``rank``: instead of the n_test gradients (the rows of G, (n_test, n_params)), the top ``rank`` right
+        singular vectors of G (orthonormal rows U^T spanning what G's rows mostly span), and as third value the
+        coefficients ``G U`` (n_test, rank) that map their effects back to the tests' (the backward pass is linear
+        in its cotangent: exact where ``g_z`` lies in the span, always when ``rank >= rank(G)``) with the captured
+        energy ``||U^T g_z||^2 / ||g_z||^2`` (n_test,) (1 for a zero gradient). Without: None.
+        """
         flat = torch.cat([grads for _, grads in self.per_example_grads(state.params, self.test_inputs,
                                                                        self.test_targets, training=False)])
-        n_test = len(self.test_inputs)
-        zeros = _tree_map(lambda value: value.new_zeros((n_test, *value.shape)), state.opt_state)
-        return _unflatten(flat, state.params), zeros
+        low_rank = None
+        if rank is not None:
+            # G^T = Q R (reduced QR of a tall matrix), then the small SVD R^T = U S W^T: G = U S (Q W)^T, so Q W
+            # holds G's right singular vectors (an SVD of the wide G directly costs ~20x more here)
+            orthonormal, triangular = torch.linalg.qr(flat.T)
+            _, _, right = torch.linalg.svd(triangular.T)
+            basis = (orthonormal @ right[:rank].T).T
+            coefficients = (flat @ basis.T).to(torch.float64)
+            total = flat.to(torch.float64).square().sum(dim=1)
+            kept = coefficients.square().sum(dim=1)
+            energy = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 1.0).clamp(max=1.0)
+            low_rank = (coefficients.cpu().numpy(), energy.cpu().numpy())
+            flat = basis
+        zeros = _tree_map(lambda value: value.new_zeros((len(flat), *value.shape)), state.opt_state)
+        return _unflatten(flat, state.params), zeros, low_rank
 
     def insertion_effects(self, state: _State, mu: Tree, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, (chunk, R))`` blocks of ``mu . grad loss_i / batch_size`` for every pool example i."""
@@ -609,6 +639,7 @@ def unrolled_effects(
     replay_check: Callable[[np.ndarray], object] | None = None,
     device: str | torch.device | None = None,
     memory: int = MEMORY_BYTES,
+    cotangent_rank: int | None = None,
 ) -> UnrolledEffects:
     """Exact derivatives of every test loss with respect to every data weight of one run (reverse mode).
 
@@ -639,11 +670,18 @@ def unrolled_effects(
         (dropout) draw from the run's seed on the CPU only.
     memory : bytes of kept linearisations (graphs of the batch gradients and updates) allowed when
         ``checkpoint_every`` is None.
+    cotangent_rank : None (exact: every test gradient is pulled back itself, n_test rows per target step), or
+        k: pull back an orthonormal basis U of the top-k singular subspace of each target step's test-gradient
+        matrix G (n_params x n_test) instead, k rows, and map the results back with ``U^T G``. The backward
+        pass is linear in its cotangent, so this gives exactly the effects of the projected gradients
+        ``U U^T g_z`` (exact for every test when k >= rank G); ``captured_energy`` says how much of each
+        ``g_z`` that keeps. The pullback's cost falls from n_test to k rows per step.
 
     Returns
     -------
     UnrolledEffects with occurrence effects (n_entries, K, n_test), insertion effects
-    (n_ins, n_pool, K, n_test; float32) and the replayed losses (T + 1, n_test).
+    (n_ins, n_pool, K, n_test; float32), the replayed losses (T + 1, n_test) and, with a ``cotangent_rank``, the
+    captured energy (K, n_test).
 
     Raises
     ------
@@ -663,6 +701,9 @@ def unrolled_effects(
         raise SimfluenceError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if task.n_test == 0:
         raise SimfluenceError("the task has no test examples to differentiate")
+    if cotangent_rank is not None and (isinstance(cotangent_rank, bool) or int(cotangent_rank) != cotangent_rank
+                                       or cotangent_rank < 1):
+        raise SimfluenceError(f"cotangent_rank must be None (exact) or an int >= 1, got {cotangent_rank!r}")
     with single_thread_deterministic() if deterministic else contextlib.nullcontext(), _twice_differentiable():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
                          chunk_size, device)
@@ -671,10 +712,12 @@ def unrolled_effects(
         states, linears, losses = _forward(replay, every, keep)
         if replay_check is not None:
             replay_check(losses)
-        occurrence, insertion = _backward(replay, states, linears, every, targets, insertions, progress)
+        occurrence, insertion, energy = _backward(replay, states, linears, every, targets, insertions, progress,
+                                                  None if cotangent_rank is None else int(cotangent_rank))
     return UnrolledEffects(curriculum=curriculum, target_steps=np.asarray(targets, dtype=np.int64),
                            occurrence=occurrence, insertion_steps=np.asarray(insertions, dtype=np.int64),
-                           insertion=insertion, losses=losses, optimizer=replay.optimizer.describe())
+                           insertion=insertion, losses=losses, optimizer=replay.optimizer.describe(),
+                           captured_energy=energy)
 
 
 def _twice_differentiable() -> contextlib.AbstractContextManager:
@@ -763,17 +806,24 @@ def _forward(replay: _Replay, every: int,
 
 
 def _backward(replay: _Replay, states: dict[int, _State], linears: dict[int, _Linearization], every: int,
-              targets: list[int], insertions: list[int], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+              targets: list[int], insertions: list[int], progress: bool,
+              rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Adjoint pass, one segment of ``every`` steps at a time (its linearisations recomputed from its first
     state unless the forward pass kept them), last first.
 
-    The adjoint's rows are blocks of n_test rows, one block per target step at or after the current step
-    (``active``, increasing); a target's block starts as its test-loss gradients when the pass reaches it.
+    The adjoint's rows are blocks of ``width`` rows, one block per target step at or after the current step
+    (``active``, increasing); a target's block starts as its test-loss gradients when the pass reaches it (n_test
+    rows), or with a ``rank`` as an orthonormal basis of their top singular subspace (``min(rank, n_test)`` rows),
+    whose effects are mapped back to the tests' at the end. Returns the occurrence and insertion effects and,
+    with a ``rank``, the captured energy (K, n_test).
     """
     curriculum, n_test, n_pool = replay.curriculum, replay.task.n_test, replay.task.n_pool
     offsets, sizes = curriculum.offsets, curriculum.batch_sizes
-    occurrence = np.zeros((curriculum.n_entries, len(targets), n_test))
-    insertion = np.zeros((len(insertions), n_pool, len(targets), n_test), dtype=np.float32)
+    width = n_test if rank is None else min(rank, n_test, replay.n_params)
+    occurrence = np.zeros((curriculum.n_entries, len(targets), width))
+    insertion = np.zeros((len(insertions), n_pool, len(targets), width), dtype=np.float32)
+    coefficients = np.zeros((len(targets), n_test, width))  # test gradients in each target block's basis
+    energy = np.ones((len(targets), n_test))
     insertion_row = {step: row for row, step in enumerate(insertions)}
     target_index = {step: k for k, step in enumerate(targets)}
     active: list[int] = []
@@ -794,7 +844,9 @@ def _backward(replay: _Replay, states: dict[int, _State], linears: dict[int, _Li
                         linears[step] = linear
             for step in range(segment_stop, segment_start, -1):
                 if step in target_index:
-                    block, zeros = replay.test_cotangents(states[step])
+                    block, zeros, low_rank = replay.test_cotangents(states[step], None if rank is None else width)
+                    if low_rank is not None:
+                        coefficients[target_index[step]], energy[target_index[step]] = low_rank
                     if active:
                         lam_params = _tree_map(lambda new, old: torch.cat([new, old]), block, lam_params)
                         lam_state = _tree_map(lambda new, old: torch.cat([new, old]), zeros, lam_state)
@@ -806,15 +858,19 @@ def _backward(replay: _Replay, states: dict[int, _State], linears: dict[int, _Li
                         linears.pop(step), lam_params, lam_state, step in insertion_row, replay.rows_per_pass)
                     rows = d_weights.detach().to(torch.float64).cpu().numpy()  # (R, batch)
                     occurrence[offsets[step - 1]:offsets[step], active[0]:, :] = \
-                        rows.reshape(len(active), n_test, -1).transpose(2, 0, 1)
+                        rows.reshape(len(active), width, -1).transpose(2, 0, 1)
                     if mu is not None:
                         out = insertion[insertion_row[step]]
                         for start, block in replay.insertion_effects(states[step - 1], mu, int(sizes[step - 1])):
                             out[start:start + len(block), active[0]:, :] = block.reshape(len(block), len(active),
-                                                                                          n_test)
+                                                                                          width)
                 states.pop(step, None)  # no longer needed
                 bar.update()
-    return occurrence, insertion
+    if rank is None:
+        return occurrence, insertion, None
+    occurrence = np.einsum("ekb,kzb->ekz", occurrence, coefficients)
+    insertion = np.einsum("ipkb,kzb->ipkz", insertion, coefficients.astype(np.float32)).astype(np.float32)
+    return occurrence, insertion, energy
 
 
 def _unflatten(flat: torch.Tensor, like: Tree) -> Tree:

@@ -30,6 +30,17 @@ correlation across test examples below 0.5) ``fit`` issues a :class:`~simfluence
 is not smooth enough here for first-order answers (docs/smoothness.md). Cost: one replay, about one training
 run.
 
+**Tests.** The tests differentiated are the run set's: a run set restricted to some tests
+(:meth:`~simfluence.runlog.RunSet.select_tests`) with a task that has more probes differentiates only those (the
+task's rows are matched by test id; an id the task does not have is a ``TaskError`` naming it). The cost of the
+backward pass grows with the number of tests; ``cotangent_rank=k`` bounds it
+(:func:`~simfluence.attribution.unrolled.unrolled_effects`: k rows pulled back instead of n_test, an orthonormal basis
+of the top-k singular subspace of the final test gradients, exact for the part of each test gradient inside it).
+``captured_energy_`` records that part per test, and ``fit`` issues a :class:`~simfluence.errors.SimfluenceWarning`
+when a test keeps less than :data:`MIN_CAPTURED_ENERGY` of its gradient's squared norm: its effects are then those of
+a gradient at more than ~18 degrees from its own (cosine below sqrt(0.9) = 0.95), off by about sqrt(1 - 0.9) = 0.3
+of their size.
+
 **Limits.** Curricula must have the base run's number of steps; learning rates are those of the task's
 schedule (the ``learning_rates`` argument is ignored); a step that is empty in the base run cannot gain
 examples. Far from the base (another random subset, a different order) a first-order prediction says little.
@@ -44,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from simfluence.curriculum import Curriculum
-from simfluence.errors import NonlinearityWarning, SimfluenceError
+from simfluence.errors import NonlinearityWarning, SimfluenceError, SimfluenceWarning
 from simfluence.runlog import RunSet
 from simfluence.simulators.base import Simulator, as_curricula, as_initial, training_runs
 
@@ -53,6 +64,9 @@ __all__ = ["UnrolledSimulator"]
 PRECISIONS = ("float64", "float32", "task")
 # the replay must reproduce the logged step-0 losses at least this well, else the task is not the run's
 INITIAL_RTOL, INITIAL_ATOL = 1e-3, 1e-4
+MIN_CAPTURED_ENERGY = 0.9
+"""With ``cotangent_rank``, the least fraction of a test gradient's squared norm the differentiated subspace must keep
+before ``fit`` warns (see the module docstring)."""
 
 
 class UnrolledSimulator(Simulator):
@@ -80,6 +94,10 @@ class UnrolledSimulator(Simulator):
         ``deterministic=False``); the linearity check replays on the CPU.
     check_linearity : after the fit, replay one random removal of a few examples and compare it with the
         first-order prediction (one more replay); a bad disagreement issues a ``NonlinearityWarning``.
+    cotangent_rank : None (exact: every test differentiated itself), or k: differentiate the top-k singular
+        subspace of the test gradients at each target step (k rows in the backward pass instead of n_test; exact
+        when k >= their rank, else the effects of the projected gradients; a ``SimfluenceWarning`` when a test keeps
+        less than :data:`MIN_CAPTURED_ENERGY` of its gradient).
 
     Attributes
     ----------
@@ -91,6 +109,8 @@ class UnrolledSimulator(Simulator):
     insertion_effects_ : (n_ins, n_pool, K, n_test) float32 dL_s / du of example i entering step t.
     base_run_ : name of the base run; ``optimizer_`` the replayed optimizer; ``replay_error_`` the largest
         absolute difference between replayed and logged losses.
+    captured_energy_ : (K, n_test) with a ``cotangent_rank``: the fraction ``||U^T g_z||^2 / ||g_z||^2`` of each
+        test gradient inside the differentiated subspace at each target step (1: exact); None when exact.
     linearity_ : the linearity check (None when not run): ``removed`` (pool ids), ``predicted_mean`` /
         ``replayed_mean`` (mean change of the final test losses), ``magnitude_ratio`` (mean |predicted| / mean
         |replayed|), ``correlation`` (across test examples) and ``ok``.
@@ -103,7 +123,9 @@ class UnrolledSimulator(Simulator):
                     "base_losses_": ("float", ("n_steps+1", "n_test_")), "target_steps_": ("int", ("n_targets",)),
                     "occurrence_effects_": ("float", ("n_entries", "n_targets", "n_test_")),
                     "insertion_steps_": ("int", ("n_insertions",)),
-                    "insertion_effects_": ("float", ("n_insertions", "n_pool_", "n_targets", "n_test_"))}
+                    "insertion_effects_": ("float", ("n_insertions", "n_pool_", "n_targets", "n_test_")),
+                    "captured_energy_": ("float", ("n_targets", "n_test_"))}
+    _optional_arrays = ("captured_energy_",)  # saved with a cotangent_rank only
     _state_specs = {"base_run_": "str", "replay_error_": "number|null"}
     tags = {**Simulator.tags, "exact_loo": True, "needs": frozenset({"task"}), "per_base": True}  # see fit
 
@@ -111,7 +133,7 @@ class UnrolledSimulator(Simulator):
                  insertion_steps: str | Sequence[int] = "ends", precision: str = "float64",
                  checkpoint_every: int | None = None, chunk_size: int | None = None, deterministic: bool = True,
                  progress: bool = False, replay_tolerance: float | None = None, check_linearity: bool = True,
-                 device: str | None = None) -> None:
+                 device: str | None = None, cotangent_rank: int | None = None) -> None:
         self.target_steps = target_steps
         self.insertion_steps = insertion_steps
         self.precision = precision
@@ -122,6 +144,7 @@ class UnrolledSimulator(Simulator):
         self.replay_tolerance = replay_tolerance
         self.check_linearity = check_linearity
         self.device = device
+        self.cotangent_rank = cotangent_rank
 
     # --------------------------------------------------------------------- fit
     def fit(self, runset: RunSet, runs: Sequence[int] | None = None, *, task: Any = None) -> UnrolledSimulator:
@@ -166,7 +189,8 @@ class UnrolledSimulator(Simulator):
             task, run.curriculum, target_steps=self.target_steps, insertion_steps=self.insertion_steps,
             init_seed=init_seed, seed=seed, dtype=dtype, checkpoint_every=self.checkpoint_every,
             chunk_size=self.chunk_size, deterministic=self.deterministic, progress=self.progress, device=self.device,
-            replay_check=lambda losses: check_replay(runset, run, losses, self.replay_tolerance))
+            replay_check=lambda losses: check_replay(runset, run, losses, self.replay_tolerance),
+            cotangent_rank=self.cotangent_rank)
         self.replay_error_ = self._replay_error(run, effects.losses)
 
         self._remember_ids(runset, runs)
@@ -179,6 +203,9 @@ class UnrolledSimulator(Simulator):
         self.insertion_effects_ = effects.insertion.astype(np.float32, copy=False)
         self.base_run_ = run.name
         self.optimizer_ = effects.optimizer
+        self.captured_energy_ = effects.captured_energy
+        if self.captured_energy_ is not None:
+            self._check_captured_energy(run)
         self.init_seed_, self.seed_ = init_seed, seed
         self.linearity_ = self._linearity(task, run, dtype) if self.check_linearity else None
         self.fit_seconds_ = time.perf_counter() - start  # not saved: a model file does not depend on timing
@@ -208,6 +235,19 @@ class UnrolledSimulator(Simulator):
                 f"{check['correlation']:.2f}): training is not smooth enough here for first-order answers; "
                 "see docs/smoothness.md and `simfluence smoothness`"), stacklevel=3)
         return check
+
+    def _check_captured_energy(self, run) -> None:
+        """Warn when a test keeps less than MIN_CAPTURED_ENERGY of its gradient in the differentiated subspace."""
+        worst = self.captured_energy_.min(axis=0)  # (n_test,) over target steps
+        low = np.flatnonzero(worst < MIN_CAPTURED_ENERGY)
+        if low.size:
+            lowest = int(low[np.argmin(worst[low])])
+            warnings.warn(SimfluenceWarning(
+                f"unrolled around run {run.name!r} with cotangent_rank={self.cotangent_rank}: {low.size} of "
+                f"{self.n_test_} tests keep less than {MIN_CAPTURED_ENERGY:.0%} of their gradient in the "
+                f"differentiated subspace (lowest {worst[lowest]:.2f}, test id {self.test_ids_[lowest]!r}); their "
+                "effects are those of a projected gradient and may be far from exact: raise cotangent_rank (exact at "
+                f"{self.n_test_}) or differentiate fewer tests (RunSet.select_tests)"), stacklevel=3)
 
     @staticmethod
     def _check_initial_losses(runset: RunSet, run, replayed: np.ndarray) -> None:
@@ -321,6 +361,10 @@ class UnrolledSimulator(Simulator):
                                       f"{f' ending at {n_steps}' if last else ''}, got {steps.tolist()}")
         if self.target_steps_.size == 0:
             raise SimfluenceError("target_steps_ is empty")
+        energy = getattr(self, "captured_energy_", None)  # absent from the files of exact fits
+        self.captured_energy_ = energy
+        if energy is not None and not np.all((energy >= 0) & (energy <= 1)):
+            raise SimfluenceError("captured_energy_ must lie in [0, 1]")
         self.simulate(self._base(), self.base_losses_[0])
 
     # --------------------------------------------------------------------- internals

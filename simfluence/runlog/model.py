@@ -364,13 +364,14 @@ class RunSet:
         """A run set with only some test examples (loss columns, by position or slice), in memory.
 
         The runs keep their curricula, learning rates and metadata; their losses are copied (only the chosen
-        columns), so the result holds no file and can be sent to another process or machine.
+        columns), so the result holds no open file and can be sent to another process or machine. It keeps the
+        folder's ``path``, where the files of whole runs stay valid (checkpoints, a workload's corpus and base).
         """
         columns = np.arange(self.n_test)[tests]
         runs = [Run(run.name, run.curriculum, run.logged_steps, np.ascontiguousarray(run.losses[:, columns]),
                     run.learning_rates, run.metadata, run.complete) for run in self.runs]
         subset = RunSet(runs, self.n_pool, self.pool_ids, [self.test_ids[i] for i in columns], self.metadata,
-                        validate=False)
+                        self.path, validate=False)
         subset.skipped = list(self.skipped)
         return subset
 

@@ -25,8 +25,10 @@ TASK_FROM_RUNSET = {"digits": digits_task_from_runset, "facts": facts_task_from_
 def task_from_runset(runset: RunSet) -> Task:
     """The :class:`~simfluence.task.Task` (model, data, loss) a built-in workload's run set was generated with.
 
-    Its ``init_seed`` is the one the run set records (``metadata["generator"]["init_seed"]``) when there is one.
-    For any run set, with or without a task of your own, use :func:`task_for_runset`.
+    Its test rows are the run set's (a run set of some of the tests, :meth:`~simfluence.runlog.RunSet.select_tests`,
+    gets those rows, in its order). Its ``init_seed`` is the one the run set records
+    (``metadata["generator"]["init_seed"]``) when there is one. For any run set, with or without a task of your own,
+    use :func:`task_for_runset`.
     """
     workload = runset.metadata.get("workload")
     if workload not in TASK_FROM_RUNSET:
@@ -38,7 +40,7 @@ def task_from_runset(runset: RunSet) -> Task:
     recorded = (runset.metadata.get("generator") or {}).get("init_seed")
     if recorded is not None:
         task.init_seed = int(recorded)
-    return task
+    return task.aligned_to(runset)  # itself, unless the run set holds some of the tests (RunSet.select_tests)
 
 
 def task_for_runset(runset: RunSet, task: Task | str | None = None) -> Task:

@@ -592,7 +592,7 @@ def facts_task_from_runset(runset: RunSet) -> Task:
         raise SimfluenceError(f"{where}: facts metadata is incomplete ({err!r} missing or malformed)") from None
     if task.metadata["corpus_sha256"] != recorded_hash:
         raise SimfluenceError(f"{where}: the rebuilt facts corpus does not match the recorded corpus_sha256")
-    if task.n_pool != runset.n_pool or task.n_test != runset.n_test:
+    if task.n_pool != runset.n_pool or task.n_test < runset.n_test:  # fewer tests: a run set of chosen tests
         raise SimfluenceError(f"{where}: rebuilt task has {task.n_pool} pool / {task.n_test} test examples, "
                               f"the run set {runset.n_pool} / {runset.n_test}")
     del task.metadata["corpus"]
