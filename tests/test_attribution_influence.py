@@ -183,3 +183,42 @@ def test_a_dense_hessian_too_large_for_memory_is_refused_before_it_is_allocated(
         with pytest.raises(SimfluenceError, match=r"a dense Hessian of 99330 parameters needs 73.5 GiB \(more than 4 "
                                                   r"GiB\): use solver='cg' or 'auto'"):
             call()  # (an attempt to allocate 73.5 GiB would have failed with the allocator's error instead)
+
+
+@pytest.mark.parametrize("kind", ["exact", "gauss_newton"])
+def test_hessian_products_through_attention_without_forward_mode_match_finite_differences(kind):
+    """torch's fused CPU attention has no forward-mode or second derivative: the products use its math kernel
+    (checked against central differences of the gradient; Gauss-Newton: symmetric, positive semi-definite)."""
+    from simfluence.workloads.tinylm import TinyLM, TinyLMConfig, token_nll
+
+    torch.manual_seed(0)
+    model = TinyLM(TinyLMConfig(vocab_size=11, max_len=6, d_model=8, n_layers=1, n_heads=2, d_ff=16)).double()
+    tokens = torch.randint(3, 11, (5, 6))
+    targets = torch.roll(tokens, -1, dims=1)
+    matvec, n_params = hvp_function(model, token_nll, tokens, targets, kind=kind, chunk_size=2)
+    directions = torch.randn(n_params, 2, dtype=torch.float64)
+    products = matvec(directions)
+    assert products.shape == (n_params, 2)
+    theta = torch.cat([parameter.detach().reshape(-1) for parameter in model.parameters()])
+
+    def unflatten(flat):
+        out, start = {}, 0
+        for name, parameter in model.named_parameters():
+            out[name] = flat[start:start + parameter.numel()].reshape(parameter.shape)
+            start += parameter.numel()
+        return out
+
+    def gradient(flat):
+        flat = flat.detach().requires_grad_(True)
+        loss = token_nll(torch.func.functional_call(model, unflatten(flat), (tokens,)), targets).mean()
+        return torch.autograd.grad(loss, flat)[0]
+
+    if kind == "exact":
+        step = 1e-5
+        for column in range(2):
+            v = directions[:, column]
+            expected = (gradient(theta + step * v) - gradient(theta - step * v)) / (2 * step)
+            np.testing.assert_allclose(products[:, column].numpy(), expected.numpy(), rtol=1e-3, atol=1e-5)
+    else:  # Gauss-Newton is symmetric positive semi-definite: v^T G v >= 0, G symmetric
+        gram = directions.T @ products
+        assert torch.allclose(gram, gram.T, atol=1e-10) and (torch.diagonal(gram) >= -1e-12).all()

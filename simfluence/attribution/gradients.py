@@ -27,6 +27,7 @@ product with test gradients) never needs the full matrix.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -160,6 +161,16 @@ def example_loss_function(
         return loss_fn(outputs, y.unsqueeze(0)).sum()
 
     return loss_of_one
+
+
+def twice_differentiable() -> contextlib.AbstractContextManager:
+    """Attention computed by its math kernel: torch's fused CPU attention kernels have neither a second derivative
+    nor a forward-mode one, which Hessian products (unrolled, influence functions) need."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class _EvalMode:

@@ -38,6 +38,7 @@ from simfluence.attribution.gradients import (
     _functional_state,
     per_example_gradients,
     select_parameters,
+    twice_differentiable,
 )
 from simfluence.errors import SimfluenceError
 
@@ -106,7 +107,7 @@ def hessian_matrix(
     """
     if kind not in HESSIANS:
         raise SimfluenceError(f"hessian must be one of {HESSIANS}, got {kind!r}")
-    with _EvalMode(model):
+    with _EvalMode(model), twice_differentiable():
         objective = _Objective(model, loss_fn, inputs, targets, params, dtype, chunk_size)
         n_params = objective.theta.numel()
         _check_dense_size(n_params, objective.theta.dtype)
@@ -196,7 +197,7 @@ def hvp_function(
         index = None
         if batch_size is not None:
             index = torch.randperm(objective.n, generator=generator)[:batch_size]
-        with _EvalMode(model):
+        with _EvalMode(model), twice_differentiable():
             total = torch.zeros_like(columns)
             for x, y, weight in objective.chunks(index):
                 total += weight * product(columns, x, y)

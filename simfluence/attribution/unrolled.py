@@ -62,7 +62,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 import simfluence.optim
-from simfluence.attribution.gradients import auto_chunk_size
+from simfluence.attribution.gradients import auto_chunk_size, twice_differentiable
 from simfluence.curriculum import Curriculum
 from simfluence.errors import SimfluenceError
 from simfluence.task import Task
@@ -704,7 +704,7 @@ def unrolled_effects(
     if cotangent_rank is not None and (isinstance(cotangent_rank, bool) or int(cotangent_rank) != cotangent_rank
                                        or cotangent_rank < 1):
         raise SimfluenceError(f"cotangent_rank must be None (exact) or an int >= 1, got {cotangent_rank!r}")
-    with single_thread_deterministic() if deterministic else contextlib.nullcontext(), _twice_differentiable():
+    with single_thread_deterministic() if deterministic else contextlib.nullcontext(), twice_differentiable():
         replay = _Replay(task, curriculum, task.init_seed if init_seed is None else int(init_seed), seed, dtype,
                          chunk_size, device)
         every = _segment_length(replay, checkpoint_every, memory)
@@ -718,15 +718,6 @@ def unrolled_effects(
                            occurrence=occurrence, insertion_steps=np.asarray(insertions, dtype=np.int64),
                            insertion=insertion, losses=losses, optimizer=replay.optimizer.describe(),
                            captured_energy=energy)
-
-
-def _twice_differentiable() -> contextlib.AbstractContextManager:
-    """Attention computed by its math kernel: the fused CPU kernels have no second derivative."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _segment_length(replay: _Replay, checkpoint_every: int | None, memory: int) -> int:
