@@ -51,11 +51,12 @@ DEFAULTS = {
 
 
 def retrained_draws(folder: Path) -> dict[str, list[str]]:
-    """{protocol: run names of its draws, in order} of one base run's retrained run set."""
+    """{protocol: run names of its draws, in order} of one base run's retrained run set (complete runs only: a
+    retraining stopped midway leaves a run of fewer steps, retrained when bench_lds.py resumes)."""
     from simfluence.runlog import RunSet
 
     protocols: dict[str, list[str]] = {}
-    for name in RunSet.load(folder).run_names:
+    for name in RunSet.load(folder).complete_only().run_names:
         match = re.fullmatch(r"(.+)-(\d{3})", name)
         if match:
             protocols.setdefault(match.group(1), []).append(name)
